@@ -1,0 +1,276 @@
+"""Raw detector frames: identification from headers and band-wise preparation.
+
+A :class:`RawFrame` is cheap: it reads the header at once and the pixels only when asked for a
+band of prepared rows.  "Prepared" means rotated to the common orientation, trimmed of
+prescan/overscan and converted to electrons, exactly as every static table expects.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from .errors import InputError
+from .fitsio import ScratchDir, image_hdu_index, open_fits, read_scaled
+from .instruments import Arm, arm_from_header
+from .quality import Qual
+
+__all__ = ["RawFrame", "rotated_rows", "FRAME_TYPES", "frame_type_from_dpr"]
+
+log = logging.getLogger(__name__)
+
+#: ``(DPR TYPE, DPR TECH)`` patterns mapped to the frame-type stem of the SOF tag.  The first
+#: match wins; a ``None`` TECH matches anything.
+FRAME_TYPES: tuple[tuple[str, str | None, str], ...] = (
+    ("BIAS", None, "BIAS"),
+    ("DARK", None, "DARK"),
+    ("LAMP,FLAT", "IMAGE", "FLAT_OFF"),
+    ("FLAT,LAMP", "IMAGE", "FLAT_OFF"),
+    ("LAMP,FLAT", None, "FLAT"),
+    ("FLAT,LAMP", None, "FLAT"),
+    ("LAMP,DFLAT", None, "DFLAT"),
+    ("LAMP,QFLAT", None, "QFLAT"),
+    ("LAMP,ORDERDEF", None, "ORDERDEF"),
+    ("LAMP,DORDERDEF", None, "DORDERDEF"),
+    ("LAMP,QORDERDEF", None, "QORDERDEF"),
+    ("LAMP,FMTCHK", None, "FMTCHK"),
+    ("LAMP,WAVE", "ECHELLE,MULTI-PINHOLE", "WAVE_MULTIPIN"),
+    ("LAMP,WAVE", None, "WAVE"),
+    ("STD,FLUX", None, "STD_FLUX"),
+    ("STD", None, "STD_FLUX"),
+    ("STD,TELLURIC", None, "STD_TELL"),
+    ("OBJECT", None, "OBJECT"),
+    ("OBJECT,ASYNC", None, "OBJECT"),
+)
+
+
+def frame_type_from_dpr(dpr_type: str, dpr_tech: str) -> str | None:
+    """Frame-type stem (``BIAS``, ``DARK``...) of a raw frame, or None when unknown."""
+    dpr_type = dpr_type.strip().upper()
+    dpr_tech = dpr_tech.strip().upper()
+    for ftype, ftech, stem in FRAME_TYPES:
+        if dpr_type == ftype and (ftech is None or dpr_tech == ftech):
+            return stem
+    return None
+
+
+def rotated_rows(raw: np.ndarray, rotation: int, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``np.rot90(raw, rotation)`` without rotating the whole array.
+
+    ``raw`` may be a memory map; only the needed part is touched.
+    """
+    rotation %= 4
+    height, width = raw.shape
+    if rotation == 0:
+        return raw[start:stop]
+    if rotation == 2:
+        return raw[height - stop:height - start][::-1, ::-1]
+    if rotation == 1:
+        return np.rot90(raw[:, width - stop:width - start], 1)
+    return np.rot90(raw[height - stop:height - start, :], 3)
+
+
+@dataclass
+class RawFrame:
+    """One raw exposure of one arm.
+
+    Use :meth:`open`; the constructor only stores what it is given.
+    """
+
+    path: Path
+    header: fits.Header
+    arm: Arm
+    binx: int
+    biny: int
+    exptime: float
+    dpr_catg: str
+    dpr_type: str
+    dpr_tech: str
+    readout: str
+    gain: float
+    gain_source: str
+    read_noise: float
+    read_noise_source: str
+    saturation_adu: float
+    _hdul: fits.HDUList = field(repr=False, default=None)
+    _hdu_index: int = field(repr=False, default=0)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def open(cls, path: str | os.PathLike, scratch: ScratchDir | None = None) -> "RawFrame":
+        """Open a raw frame and read everything needed from its header.
+
+        Raises
+        ------
+        InputError
+            When the file is unreadable or its header lacks what identifies the frame.
+        """
+        path = Path(path)
+        hdul = open_fits(path, scratch)
+        index = image_hdu_index(hdul)
+        header = hdul[0].header.copy()
+        if index:
+            for card in hdul[index].header.cards:
+                if card.keyword not in header and card.keyword not in ("XTENSION", "PCOUNT",
+                                                                       "GCOUNT"):
+                    header.append(card)
+        arm = arm_from_header(header, str(path))
+        missing = [k for k in ("ESO DPR TYPE", "ESO DPR TECH", "EXPTIME") if k not in header]
+        if missing:
+            raise InputError(f"{path}: missing header keyword(s) {', '.join(missing)}")
+        if "ESO PRO CATG" in header:
+            raise InputError(f"{path}: is a pipeline product "
+                             f"({header['ESO PRO CATG']}), not a raw frame")
+        binx, biny = _binning(header, arm)
+        if f"{binx}x{biny}" not in arm.binnings:
+            raise InputError(f"{path}: binning {binx}x{biny} is not supported for "
+                             f"{arm.instrument} {arm.name}")
+        keys = arm.keywords
+        gain, gain_src = _positive(header, keys.get("gain"), arm.gain)
+        ron, ron_src = _positive(header, keys.get("ron"), arm.read_noise)
+        if gain_src != "header":
+            log.warning("%s: no %s in header, using the %s %s default gain %.3f e-/ADU",
+                        path.name, keys.get("gain"), arm.instrument, arm.name, gain)
+        if ron_src != "header":
+            log.info("%s: no %s in header, using the %s %s default read noise %.2f e-",
+                     path.name, keys.get("ron"), arm.instrument, arm.name, ron)
+        saturation, _ = _positive(header, keys.get("saturation"), arm.saturation_adu)
+        shape = hdul[index].shape if not isinstance(hdul[index], fits.CompImageHDU) else (
+            hdul[index].header["ZNAXIS2"], hdul[index].header["ZNAXIS1"])
+        expected = arm.raw_shape_binned(binx, biny)
+        if tuple(shape) != expected:
+            raise InputError(f"{path}: image is {shape[1]}x{shape[0]} pixels, expected "
+                             f"{expected[1]}x{expected[0]} for {arm.instrument} {arm.name} "
+                             f"{binx}x{biny}")
+        try:
+            exptime = float(header["EXPTIME"])
+        except (TypeError, ValueError):
+            raise InputError(f"{path}: EXPTIME={header['EXPTIME']!r} is not a number") from None
+        return cls(
+            path=path, header=header, arm=arm, binx=binx, biny=biny, exptime=exptime,
+            dpr_catg=str(header.get("ESO DPR CATG", "")).strip(),
+            dpr_type=str(header["ESO DPR TYPE"]).strip(),
+            dpr_tech=str(header["ESO DPR TECH"]).strip(),
+            readout=str(header.get(keys.get("readout", ""), "")).strip() if keys.get("readout")
+            else "",
+            gain=gain, gain_source=gain_src, read_noise=ron, read_noise_source=ron_src,
+            saturation_adu=saturation, _hdul=hdul, _hdu_index=index,
+        )
+
+    def close(self) -> None:
+        if self._hdul is not None:
+            self._hdul.close()
+            self._hdul = None
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def binning(self) -> str:
+        return f"{self.binx}x{self.biny}"
+
+    @property
+    def frame_type(self) -> str | None:
+        """Frame-type stem from DPR TYPE/TECH (``BIAS``, ``DARK``, ...)."""
+        return frame_type_from_dpr(self.dpr_type, self.dpr_tech)
+
+    @property
+    def tag(self) -> str | None:
+        """The SOF tag this frame should carry, e.g. ``BIAS_VIS``."""
+        stem = self.frame_type
+        return f"{stem}_{self.arm.name}" if stem else None
+
+    @property
+    def prepared_shape(self) -> tuple[int, int]:
+        return self.arm.prepared_shape(self.binx, self.biny)
+
+    @property
+    def setup(self) -> dict:
+        """Values that must agree between frames that are combined."""
+        return {"instrument": self.arm.instrument, "arm": self.arm.name,
+                "binning": self.binning, "readout mode": self.readout,
+                "gain": round(self.gain, 4), "read noise": round(self.read_noise, 3)}
+
+    # ------------------------------------------------------------------ pixels
+    def read_adu(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Prepared rows ``start:stop`` in ADU (float32, rotated and trimmed)."""
+        rows, cols = self.arm.science_slices(self.binx, self.biny)
+        height = rows.stop - rows.start
+        stop = height if stop is None else min(stop, height)
+        hdu = self._hdul[self._hdu_index]
+        if isinstance(hdu, fits.CompImageHDU):
+            raw = _LazyScaled(hdu)
+        else:
+            raw = hdu.data
+        block = rotated_rows(raw, self.arm.rotation, rows.start + start, rows.start + stop)
+        block = block[:, cols]
+        if isinstance(hdu, fits.CompImageHDU):
+            return np.ascontiguousarray(block, dtype=np.float32)
+        out = block.astype(np.float32)
+        bscale = float(hdu.header.get("BSCALE", 1.0))
+        bzero = float(hdu.header.get("BZERO", 0.0))
+        if bscale != 1.0:
+            out *= np.float32(bscale)
+        if bzero != 0.0:
+            out += np.float32(bzero)
+        return out
+
+    def read_band(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Prepared rows in electrons and their QUAL bits (saturation, non-finite).
+
+        Returns
+        -------
+        electrons : ndarray of float32
+        qual : ndarray of uint8
+        """
+        adu = self.read_adu(start, stop)
+        qual = np.zeros(adu.shape, dtype=np.uint8)
+        qual[adu >= np.float32(self.saturation_adu)] |= Qual.SATURATED
+        bad = ~np.isfinite(adu)
+        if bad.any():
+            qual[bad] |= Qual.NON_FINITE
+        adu *= np.float32(self.gain)
+        return adu, qual
+
+
+class _LazyScaled:
+    """Adapter that lets :func:`rotated_rows` slice a tile-compressed HDU."""
+
+    def __init__(self, hdu: fits.CompImageHDU) -> None:
+        self.hdu = hdu
+        self.shape = (hdu.header["ZNAXIS2"], hdu.header["ZNAXIS1"])
+
+    def __getitem__(self, key):
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        return read_scaled(self.hdu, rows, cols)
+
+
+def _binning(header: fits.Header, arm: Arm) -> tuple[int, int]:
+    if not arm.is_ccd:
+        return 1, 1
+    values = []
+    for axis in ("binx", "biny"):
+        key = arm.keywords[axis]
+        value = header.get(key, header.get("CDELT1" if axis == "binx" else "CDELT2", 1))
+        try:
+            values.append(int(round(float(value))))
+        except (TypeError, ValueError):
+            raise InputError(f"{header.get('ORIGFILE', 'frame')}: {key}={value!r} is not an "
+                             "integer binning") from None
+    return values[0], values[1]
+
+
+def _positive(header: fits.Header, key: str | None, default: float) -> tuple[float, str]:
+    """A positive finite header number, or the default with the reason it was used."""
+    if key and key in header:
+        try:
+            value = float(header[key])
+        except (TypeError, ValueError):
+            return default, "default"
+        if math.isfinite(value) and value > 0:
+            return value, "header"
+    return default, "default"

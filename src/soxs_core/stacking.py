@@ -1,0 +1,256 @@
+"""Sigma-clipped stacking of detector frames (``clip_and_stack``).
+
+The pixel loop is the Cython kernel :mod:`soxs_core._stacking`; this module feeds it row bands
+so that memory does not grow with (frame count x frame size), and keeps the pure-numpy
+reference implementation that the tests compare the kernel with.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from . import _stacking
+from .quality import REJECT_FOR_STACKING, Qual
+
+__all__ = [
+    "ClipSettings",
+    "StackResult",
+    "clip_and_stack",
+    "clip_and_stack_arrays",
+    "clip_and_stack_reference",
+    "band_rows_for",
+]
+
+MAD_TO_STD = 1.482602218505602
+SQRT_HALF_PI = 1.2533141373155001
+_SCALES = {"mad_std": 0, "std": 1}
+_COMBINES = {"mean": 0, "median": 1}
+
+#: A band reader returns (electrons, 1-sigma errors, QUAL) for prepared rows start:stop.
+BandReader = Callable[[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """How to clip and combine a stack.
+
+    Attributes
+    ----------
+    sigma_lower, sigma_upper : float
+        Rejection thresholds in units of the scale, below/above the centre (median).
+    max_iters : int
+        Maximum number of clipping iterations (0 = no clipping).
+    scale : {"mad_std", "std"}
+        Robust scale (1.4826 x median absolute deviation) or population standard deviation.
+    combine : {"mean", "median"}
+        How the surviving values are combined.
+    reject_bits : int
+        QUAL bits that exclude an input pixel.
+    """
+
+    sigma_lower: float = 5.0
+    sigma_upper: float = 5.0
+    max_iters: int = 3
+    scale: str = "mad_std"
+    combine: str = "mean"
+    reject_bits: int = REJECT_FOR_STACKING
+
+    def __post_init__(self) -> None:
+        if self.scale not in _SCALES:
+            raise ValueError(f"scale must be one of {sorted(_SCALES)}, not {self.scale!r}")
+        if self.combine not in _COMBINES:
+            raise ValueError(f"combine must be one of {sorted(_COMBINES)}, not {self.combine!r}")
+        if not (self.sigma_lower > 0 and self.sigma_upper > 0):
+            raise ValueError("clipping sigmas must be positive")
+        if self.max_iters < 0:
+            raise ValueError("max_iters must be >= 0")
+
+
+@dataclass
+class StackResult:
+    """Combined image, its 1-sigma error, frames used per pixel and QUAL."""
+
+    value: np.ndarray
+    error: np.ndarray
+    count: np.ndarray
+    qual: np.ndarray
+
+
+def _threads(threads: int | None) -> int:
+    if threads:
+        return int(threads)
+    env = os.environ.get("SOXS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def band_rows_for(nframes: int, ncols: int, budget_bytes: int = 96 << 20) -> int:
+    """Rows per band so that one band of the stack (data, error, QUAL) fits the budget."""
+    per_row = max(1, nframes) * ncols * (4 + 4 + 1)
+    return max(1, budget_bytes // per_row)
+
+
+def clip_and_stack_arrays(
+    data: np.ndarray,
+    errors: np.ndarray,
+    qual: np.ndarray,
+    settings: ClipSettings = ClipSettings(),
+    threads: int | None = None,
+) -> StackResult:
+    """Stack a cube ``(nframes, rows, cols)`` held in memory with the Cython kernel."""
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    errors = np.ascontiguousarray(errors, dtype=np.float32)
+    qual = np.ascontiguousarray(qual, dtype=np.uint8)
+    if data.ndim != 3 or errors.shape != data.shape or qual.shape != data.shape:
+        raise ValueError("data, errors and qual must be 3-D arrays of one shape")
+    rows, cols = data.shape[1:]
+    out = StackResult(
+        value=np.empty((rows, cols), np.float32),
+        error=np.empty((rows, cols), np.float32),
+        count=np.empty((rows, cols), np.int16),
+        qual=np.empty((rows, cols), np.uint8),
+    )
+    _stacking.clip_and_stack_band(
+        data, errors, qual, settings.reject_bits & 0xFF, float(settings.sigma_lower),
+        float(settings.sigma_upper), int(settings.max_iters), _SCALES[settings.scale],
+        _COMBINES[settings.combine], out.value, out.error, out.count, out.qual,
+        _threads(threads),
+    )
+    return out
+
+
+def clip_and_stack(
+    readers: Sequence[BandReader],
+    shape: tuple[int, int],
+    settings: ClipSettings = ClipSettings(),
+    band_rows: int | None = None,
+    threads: int | None = None,
+    on_band: Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+) -> StackResult:
+    """Stack frames delivered in row bands.
+
+    Parameters
+    ----------
+    readers : sequence of callables
+        ``reader(start, stop)`` returns ``(electrons, errors, qual)`` for rows start:stop of
+        one frame.
+    shape : (rows, cols)
+        Shape of every prepared frame.
+    settings : ClipSettings
+    band_rows : int, optional
+        Rows per band; by default about 96 MB of stack is held at once.
+    threads : int, optional
+        Kernel threads (default: all cores this process may use).
+    on_band : callable, optional
+        Called as ``on_band(start, stop, data, errors, qual)`` with each band cube before it
+        is stacked, so that per-frame statistics can be gathered in the same single pass.
+
+    Returns
+    -------
+    StackResult
+    """
+    nframes = len(readers)
+    if nframes == 0:
+        raise ValueError("no frames to stack")
+    rows, cols = shape
+    band_rows = band_rows or band_rows_for(nframes, cols)
+    band_rows = min(band_rows, rows)
+    result = StackResult(
+        value=np.empty((rows, cols), np.float32),
+        error=np.empty((rows, cols), np.float32),
+        count=np.empty((rows, cols), np.int16),
+        qual=np.empty((rows, cols), np.uint8),
+    )
+    cube = np.empty((nframes, band_rows, cols), np.float32)
+    ecube = np.empty((nframes, band_rows, cols), np.float32)
+    qcube = np.empty((nframes, band_rows, cols), np.uint8)
+    nthreads = _threads(threads)
+    for start in range(0, rows, band_rows):
+        stop = min(rows, start + band_rows)
+        height = stop - start
+        d, e, q = cube[:, :height], ecube[:, :height], qcube[:, :height]
+        for k, reader in enumerate(readers):
+            d[k], e[k], q[k] = reader(start, stop)
+        if height != band_rows:
+            d, e, q = (np.ascontiguousarray(a) for a in (d, e, q))
+        if on_band is not None:
+            on_band(start, stop, d, e, q)
+        _stacking.clip_and_stack_band(
+            d, e, q, settings.reject_bits & 0xFF, float(settings.sigma_lower),
+            float(settings.sigma_upper), int(settings.max_iters), _SCALES[settings.scale],
+            _COMBINES[settings.combine], result.value[start:stop], result.error[start:stop],
+            result.count[start:stop], result.qual[start:stop], nthreads,
+        )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure-numpy reference: same algorithm, vectorised over pixels.  Slow; for tests only.
+# ---------------------------------------------------------------------------------------------
+def _sorted_median(x: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Median along axis 0 of ``x`` whose valid values are not NaN (NaN sorts last)."""
+    s = np.sort(x, axis=0)
+    n = counts.astype(np.intp)
+    upper = np.clip(n // 2, 0, x.shape[0] - 1)
+    lower = np.clip(n // 2 - 1, 0, x.shape[0] - 1)
+    hi = np.take_along_axis(s, upper[None], 0)[0]
+    lo = np.take_along_axis(s, lower[None], 0)[0]
+    return np.where(n % 2 == 1, hi, (lo + hi) / 2.0)
+
+
+def clip_and_stack_reference(
+    data: np.ndarray, errors: np.ndarray, qual: np.ndarray,
+    settings: ClipSettings = ClipSettings(),
+) -> StackResult:
+    """Pure-numpy implementation of the kernel's algorithm (see ``cython/stacking.pyx``)."""
+    vals64 = np.asarray(data, np.float32).astype(np.float64)
+    errs64 = np.asarray(errors, np.float32).astype(np.float64)
+    qual = np.asarray(qual, np.uint8)
+    good = ((qual & np.uint8(settings.reject_bits & 0xFF)) == 0) & np.isfinite(vals64) \
+        & np.isfinite(errs64)
+    vals = np.where(good, vals64, np.nan)
+    active = good.copy()
+    running = good.any(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for _ in range(settings.max_iters):
+            if not running.any():
+                break
+            x = np.where(active, vals, np.nan)
+            m = active.sum(axis=0)
+            centre = _sorted_median(x, m)
+            if settings.scale == "mad_std":
+                scale = MAD_TO_STD * _sorted_median(np.abs(x - centre), m)
+            else:
+                total = np.sum(np.where(active, vals, 0.0), axis=0)
+                mean = total / m
+                dev = np.where(active, vals - mean, 0.0)
+                scale = np.sqrt(np.sum(dev * dev, axis=0) / m)
+            usable = running & (scale > 0)
+            lower = centre - settings.sigma_lower * scale
+            upper = centre + settings.sigma_upper * scale
+            keep = active & (vals >= lower) & (vals <= upper)
+            kept = keep.sum(axis=0)
+            update = usable & (kept != m)
+            active = np.where(update, keep, active)
+            running = update & (kept > 0)
+        n = active.sum(axis=0)
+        total = np.sum(np.where(active, vals, 0.0), axis=0)
+        sumsq = np.sum(np.where(active, errs64 * errs64, 0.0), axis=0)
+        if settings.combine == "mean":
+            value = total / n
+            error = np.sqrt(sumsq) / n
+        else:
+            value = _sorted_median(np.where(active, vals, np.nan), n)
+            error = np.where(n > 2, SQRT_HALF_PI * np.sqrt(sumsq) / n, np.sqrt(sumsq) / n)
+    empty = n == 0
+    value = np.where(empty, np.nan, value).astype(np.float32)
+    error = np.where(empty, np.nan, error).astype(np.float32)
+    qout = np.bitwise_and.reduce(qual, axis=0) | np.where(empty, np.uint8(Qual.NO_DATA),
+                                                           np.uint8(0))
+    return StackResult(value=value, error=error, count=n.astype(np.int16),
+                       qual=qout.astype(np.uint8))
