@@ -229,10 +229,10 @@ class RawFrame:
         """
         adu = self.read_adu(start, stop)
         qual = np.zeros(adu.shape, dtype=np.uint8)
-        qual[adu >= np.float32(self.saturation_adu)] |= Qual.SATURATED
+        qual[adu >= np.float32(self.saturation_adu)] |= np.uint8(Qual.SATURATED)
         bad = ~np.isfinite(adu)
         if bad.any():
-            qual[bad] |= Qual.NON_FINITE
+            qual[bad] |= np.uint8(Qual.NON_FINITE)
         adu *= np.float32(self.gain)
         return adu, qual
 

@@ -1,0 +1,362 @@
+"""Master bias and master dark frames from raw exposures.
+
+Both masters are one streaming pass over the raw frames in row bands: each band is prepared
+(rotated, trimmed, converted to electrons, given errors and QUAL), stacked with the
+``clip_and_stack`` kernel, and sampled for the per-frame statistics (level, read noise,
+periodic-pattern noise).  Memory therefore stays flat however many frames are combined.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .calib import load_bad_pixel_map
+from .errors import InputError
+from .image import DetectorImage
+from .products import QcValue
+from .qc import (
+    block_mean,
+    clipped_stats,
+    periodic_pattern_metric,
+    read_noise_from_pair,
+    robust_std,
+    smooth_background,
+    structure_slopes,
+)
+from .quality import Qual
+from .rawframe import RawFrame
+from .stacking import ClipSettings, band_rows_for, clip_and_stack
+
+__all__ = [
+    "MasterSettings",
+    "MasterResult",
+    "verify_frames",
+    "make_master_bias",
+    "make_master_dark",
+]
+
+log = logging.getLogger(__name__)
+
+#: Every SAMPLE_STEP-th prepared row is kept for the per-frame statistics.
+SAMPLE_STEP = 16
+#: Block size of the periodic-pattern-noise FFT.
+FPN_BLOCK = 5
+
+
+@dataclass(frozen=True)
+class MasterSettings:
+    """Parameters of mbias/mdark (names as on the seed pages).
+
+    Attributes
+    ----------
+    frame_clipping_sigma : float
+        A pixel of the master is added to the bad-pixel mask when it lies more than this many
+        single-frame sigmas from the local median frame level; the same sigma clips the
+        per-frame level and noise statistics.
+    frame_clipping_iterations : int
+        Iterations of those clips.
+    stacked_clipping_sigma : float
+        Per-pixel rejection threshold across the stack (median centre, MAD scale).
+    stacked_clipping_iterations : int
+        Iterations of the per-pixel clip.
+    stacking_method : {"mean", "median"}
+        How the surviving values are combined.
+    """
+
+    frame_clipping_sigma: float = 3.0
+    frame_clipping_iterations: int = 3
+    stacked_clipping_sigma: float = 3.0
+    stacked_clipping_iterations: int = 3
+    stacking_method: str = "mean"
+
+    @property
+    def clip(self) -> ClipSettings:
+        return ClipSettings(
+            sigma_lower=self.stacked_clipping_sigma, sigma_upper=self.stacked_clipping_sigma,
+            max_iters=self.stacked_clipping_iterations, scale="mad_std",
+            combine=self.stacking_method,
+        )
+
+
+@dataclass
+class MasterResult:
+    """A master frame with its QC values and the statistics behind them."""
+
+    image: DetectorImage
+    qc: dict[str, QcValue] = field(default_factory=dict)
+    frame_levels: list[float] = field(default_factory=list)
+    raw_read_noise: float = float("nan")
+
+
+def verify_frames(frames: Sequence[RawFrame], frame_type: str, min_frames: int,
+                  same_exptime: bool = True) -> None:
+    """Check that raw frames can be combined into one master.
+
+    Raises
+    ------
+    InputError
+        Naming the first offending file: wrong frame type, mixed instrument/arm/binning/
+        readout/gain/read noise/exposure time, or too few frames.
+    """
+    if not frames:
+        raise InputError(f"no {frame_type} frames given")
+    for frame in frames:
+        if frame.frame_type != frame_type:
+            raise InputError(f"{frame.path}: is a {frame.dpr_type} frame "
+                             f"(DPR TECH {frame.dpr_tech}), expected {frame_type}")
+    first = frames[0]
+    for frame in frames[1:]:
+        for key, value in first.setup.items():
+            if frame.setup[key] != value:
+                raise InputError(f"{frame.path}: {key} {frame.setup[key]!r} differs from "
+                                 f"{value!r} of {first.path.name}")
+        if same_exptime and abs(frame.exptime - first.exptime) > 0.01:
+            raise InputError(f"{frame.path}: EXPTIME {frame.exptime:g} s differs from "
+                             f"{first.exptime:g} s of {first.path.name}")
+    if len(frames) < min_frames:
+        raise InputError(f"{len(frames)} {frame_type} frame(s) given, at least {min_frames} "
+                         f"are needed ({first.path.name} ...)")
+
+
+@dataclass
+class _PassStatistics:
+    """Per-frame samples gathered while stacking."""
+
+    nframes: int
+    samples: list[list[np.ndarray]] = field(default_factory=list)
+    binned: list[list[np.ndarray]] = field(default_factory=list)
+    finite: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.samples = [[] for _ in range(self.nframes)]
+        self.binned = [[] for _ in range(self.nframes)]
+        self.finite = np.zeros(self.nframes, dtype=np.int64)
+
+    def __call__(self, start: int, stop: int, data, errors, qual) -> None:
+        first = (-start) % SAMPLE_STEP
+        rows = slice(first, stop - start, SAMPLE_STEP)
+        for k in range(self.nframes):
+            usable = qual[k, rows] == 0
+            self.samples[k].append(np.where(usable, data[k, rows], np.nan))
+            self.finite[k] += int(np.isfinite(data[k, ::SAMPLE_STEP]).sum())
+            self.binned[k].append(block_mean(data[k], FPN_BLOCK))
+
+    def frame_sample(self, k: int) -> np.ndarray:
+        return np.concatenate(self.samples[k], axis=0)
+
+    def frame_binned(self, k: int) -> np.ndarray:
+        return np.concatenate(self.binned[k], axis=0)
+
+
+def _band_rows(nframes: int, ncols: int) -> int:
+    unit = SAMPLE_STEP * FPN_BLOCK
+    return max(unit, band_rows_for(nframes, ncols) // unit * unit)
+
+
+def _stack(frames: Sequence[RawFrame], settings: MasterSettings,
+           bias_level: Sequence[np.ndarray | float] | None, threads: int | None):
+    """Stream the frames through the stacking kernel, gathering statistics on the way."""
+    first = frames[0]
+    shape = first.prepared_shape
+    bpm = load_bad_pixel_map(first.arm, first.binning)
+    bpm_bits = (bpm * np.uint8(Qual.STATIC_BAD)).astype(np.uint8)
+    ron2 = np.float32(first.read_noise) ** 2
+
+    def make_reader(k: int, frame: RawFrame):
+        level = None if bias_level is None else bias_level[k]
+
+        def read(start: int, stop: int):
+            electrons, qual = frame.read_band(start, stop)
+            qual |= bpm_bits[start:stop]
+            if level is None:
+                var = np.full_like(electrons, ron2)
+            else:
+                base = level[start:stop] if isinstance(level, np.ndarray) else level
+                var = electrons - base
+                np.maximum(var, 0, out=var)
+                var += ron2
+            return electrons, np.sqrt(var, out=var), qual
+        return read
+
+    readers = [make_reader(k, f) for k, f in enumerate(frames)]
+    stats = _PassStatistics(len(frames))
+    result = clip_and_stack(readers, shape, settings.clip,
+                            band_rows=_band_rows(len(frames), shape[1]), threads=threads,
+                            on_band=stats)
+    for k, frame in enumerate(frames):
+        if stats.finite[k] == 0:
+            raise InputError(f"{frame.path}: no finite pixel value (all NaN)")
+    return result, stats
+
+
+def _frame_statistics(stats: _PassStatistics, settings: MasterSettings):
+    """Per-frame clipped levels and the raw read noise from consecutive frame pairs."""
+    levels = []
+    for k in range(stats.nframes):
+        mean, _, _ = clipped_stats(stats.frame_sample(k), settings.frame_clipping_sigma,
+                                   settings.frame_clipping_iterations)
+        levels.append(mean)
+    noises = [read_noise_from_pair(stats.frame_sample(k), stats.frame_sample(k + 1))
+              for k in range(stats.nframes - 1)]
+    return levels, float(np.mean(noises)) if noises else float("nan")
+
+
+def _finish_master(result, raw_noise: float, settings: MasterSettings,
+                   flag_cold: bool) -> tuple[DetectorImage, np.ndarray, float]:
+    """Flag outliers against the smooth level, fill pixels without data, measure master noise.
+
+    A pixel is flagged when it lies more than ``frame_clipping_sigma`` single-frame sigmas
+    (the raw read noise) from the local level: a defect that large matters in every single
+    exposure, while pure noise in a master of N frames reaches it with probability of order
+    erfc(sigma * sqrt(N / 2)), below 1e-6 for the defaults.
+    """
+    value, error, qual = result.value, result.error, result.qual
+    good = qual == 0
+    model = smooth_background(value, good, iterations=max(1, settings.frame_clipping_iterations))
+    resid = value - model
+    threshold = settings.frame_clipping_sigma * raw_noise
+    hot = good & (resid > threshold)
+    qual[hot] |= np.uint8(Qual.HOT)
+    if flag_cold:
+        cold = good & (resid < -threshold)
+        qual[cold] |= np.uint8(Qual.COLD)
+    nodata = (qual & np.uint8(Qual.NO_DATA)) != 0
+    value[nodata] = model[nodata]
+    error[nodata] = np.float32(raw_noise)
+    # every 3rd row is plenty for a noise figure and keeps this cheap
+    master_noise = robust_std(resid[::3][qual[::3] == 0])
+    return DetectorImage(data=value, error=error, qual=qual), model, master_noise
+
+
+def _qc(name: str, value, comment: str, ranges: dict) -> tuple[str, QcValue]:
+    return name, QcValue(value=value, comment=comment, valid_range=ranges.get(name))
+
+
+def _report(qc: dict[str, QcValue], what: str) -> None:
+    for name, item in qc.items():
+        if not item.in_range:
+            low, high = item.valid_range
+            log.warning("QC %s = %.4g of the %s is outside the acceptable range (%g, %g)",
+                        name, item.value, what, low, high)
+
+
+def _temperature_qc(frame: RawFrame, ranges: dict) -> list[tuple[str, QcValue]]:
+    key = frame.arm.keywords.get("temperature")
+    if key and key in frame.header:
+        try:
+            value = float(frame.header[key])
+        except (TypeError, ValueError):
+            return []
+        return [_qc("DETECTOR TEMP", value, "detector temperature [K]", ranges)]
+    return []
+
+
+def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
+                     qc_ranges: dict | None = None, threads: int | None = None
+                     ) -> MasterResult:
+    """Combine raw bias frames into a master bias.
+
+    Parameters
+    ----------
+    frames : sequence of RawFrame
+        Verified raw bias frames of one arm and setup.
+    settings : MasterSettings
+    qc_ranges : dict, optional
+        Acceptable ranges ``{QC NAME: (min, max)}``.
+    threads : int, optional
+        Threads of the stacking kernel.
+
+    Returns
+    -------
+    MasterResult
+        FLUX/ERRS in electrons, QUAL with STATIC_BAD, HOT, COLD and NO_DATA bits, and the QC
+        values RAW RON, MASTER RON, MBIAS MEDIAN, STRUCTX, STRUCTY, FPN FRACMAX, BADPIX NUM,
+        BADPIX FRAC.
+    """
+    ranges = qc_ranges or {}
+    result, stats = _stack(frames, settings, None, threads)
+    levels, raw_noise = _frame_statistics(stats, settings)
+    image, _, master_noise = _finish_master(result, raw_noise, settings, flag_cold=True)
+    good = image.qual == 0
+    structx, structy = structure_slopes(image.data, good)
+    fpn = max(periodic_pattern_metric(stats.frame_binned(k)) for k in range(len(frames)))
+    nbad = int(np.count_nonzero(image.qual))
+    qc = dict([
+        _qc("RAW RON", raw_noise, "read noise of a raw bias [e-]", ranges),
+        _qc("MASTER RON", master_noise, "noise of the master bias [e-]", ranges),
+        _qc("MBIAS MEDIAN", float(np.median(levels)), "median raw bias level [e-]", ranges),
+        _qc("STRUCTX", structx, "bias slope along x [e-/px]", ranges),
+        _qc("STRUCTY", structy, "bias slope along y [e-/px]", ranges),
+        _qc("FPN FRACMAX", fpn, "pattern noise, max FFT std/MAD", ranges),
+        _qc("BADPIX NUM", nbad, "flagged pixels in the master", ranges),
+        _qc("BADPIX FRAC", nbad / image.data.size, "fraction of flagged pixels", ranges),
+        *_temperature_qc(frames[0], ranges),
+    ])
+    _report(qc, "master bias")
+    return MasterResult(image=image, qc=qc, frame_levels=levels, raw_read_noise=raw_noise)
+
+
+def _quick_levels(frames: Sequence[RawFrame], settings: MasterSettings) -> list[float]:
+    """Clipped level of each frame from a few row blocks (before the main pass)."""
+    levels = []
+    for frame in frames:
+        rows = frame.prepared_shape[0]
+        blocks = [frame.read_band(r, min(rows, r + 8))[0]
+                  for r in np.linspace(0, max(0, rows - 8), 8).astype(int)]
+        mean, _, _ = clipped_stats(np.concatenate(blocks), settings.frame_clipping_sigma,
+                                   max(1, settings.frame_clipping_iterations))
+        levels.append(mean)
+    return levels
+
+
+def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
+                     master_bias: DetectorImage | None = None,
+                     qc_ranges: dict | None = None, threads: int | None = None
+                     ) -> MasterResult:
+    """Combine raw dark frames into a master dark.
+
+    The Poisson term of each raw pixel's error counts only the signal above the bias: above
+    the master bias when one is given, otherwise above the frame's own clipped level (NIR
+    arrays have no bias frames).  With a master bias the result is bias-subtracted, its error
+    the quadrature sum of the stack's and the master bias's.
+
+    Returns
+    -------
+    MasterResult
+        QUAL carries the HOT bit on hot pixels; QC HOTPIX NUM/FRAC, MDARK MEDIAN, RAW RON,
+        MASTER RON.
+    """
+    ranges = qc_ranges or {}
+    first = frames[0]
+    if master_bias is not None and master_bias.shape != first.prepared_shape:
+        raise InputError(f"master bias is {master_bias.shape[1]}x{master_bias.shape[0]} px, "
+                         f"the darks are {first.prepared_shape[1]}x{first.prepared_shape[0]}")
+    if master_bias is not None:
+        bias_level: list = [master_bias.data] * len(frames)
+    else:
+        bias_level = _quick_levels(frames, settings)
+    result, stats = _stack(frames, settings, bias_level, threads)
+    levels, raw_noise = _frame_statistics(stats, settings)
+    if master_bias is not None:
+        result.value -= master_bias.data
+        np.sqrt(result.error ** 2 + master_bias.error ** 2, out=result.error)
+        result.qual |= master_bias.qual & np.uint8(Qual.STATIC_BAD | Qual.NO_DATA)
+    image, model, master_noise = _finish_master(result, raw_noise, settings, flag_cold=False)
+    hot = (image.qual & np.uint8(Qual.HOT)) != 0
+    nhot = int(np.count_nonzero(hot))
+    good = image.qual == 0
+    qc = dict([
+        _qc("HOTPIX NUM", nhot, "number of hot pixels", ranges),
+        _qc("HOTPIX FRAC", nhot / image.data.size, "fraction of hot pixels", ranges),
+        _qc("MDARK MEDIAN", float(np.median(image.data[good])) if good.any() else float("nan"),
+            "median of the master dark [e-]", ranges),
+        _qc("RAW RON", raw_noise, "read noise of a raw dark [e-]", ranges),
+        _qc("MASTER RON", master_noise, "noise of the master dark [e-]", ranges),
+        *_temperature_qc(first, ranges),
+    ])
+    _report(qc, "master dark")
+    return MasterResult(image=image, qc=qc, frame_levels=levels, raw_read_noise=raw_noise)

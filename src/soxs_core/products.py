@@ -1,0 +1,248 @@
+"""DFS product headers and atomic product writing.
+
+The keywords are those ``cpl.dfs.save_image`` writes (``cpl_dfs_setup_product_header``), with
+the same names and meaning, so EsoReflex, EDPS and the archive treat our products like any
+other ESO pipeline's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from astropy.io import fits
+
+from . import __version__
+from .errors import ProductError
+
+__all__ = [
+    "FrameRef",
+    "ProductInfo",
+    "QcValue",
+    "dfs_header",
+    "write_hdulist_atomic",
+    "data_md5",
+    "PIPE_ID",
+]
+
+log = logging.getLogger(__name__)
+
+PIPE_ID = f"soxs/{__version__}"
+PRO_DID = "ESO-VLT-DIC.PRO-1.16"
+
+#: Raw keywords that must not be inherited by a product.
+_NOT_INHERITED_PREFIXES = ("ESO DPR ", "ESO PRO ", "ESO QC ")
+_NOT_INHERITED = {
+    "SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "BZERO", "BSCALE",
+    "CHECKSUM", "DATASUM", "ARCFILE", "ORIGFILE", "PIPEFILE", "DATAMD5", "EXTNAME", "BUNIT",
+    "XTENSION", "PCOUNT", "GCOUNT", "ZIMAGE", "ZBITPIX", "ZNAXIS", "ZNAXIS1", "ZNAXIS2",
+    "ZTILE1", "ZTILE2", "ZCMPTYPE", "ZQUANTIZ", "ZDITHER0", "ZSIMPLE", "ZEXTEND", "BLANK",
+}
+
+
+@dataclass(frozen=True)
+class FrameRef:
+    """A frame as the product header names it."""
+
+    path: Path
+    tag: str
+    md5: str | None = None  # DATAMD5 of a calibration product, when it has one
+
+
+@dataclass(frozen=True)
+class QcValue:
+    """One QC parameter: value, comment and, when defined, its acceptable range."""
+
+    value: float | int
+    comment: str
+    valid_range: tuple[float, float] | None = None
+
+    @property
+    def in_range(self) -> bool:
+        if self.valid_range is None or not np.isfinite(self.value):
+            return self.valid_range is None
+        low, high = self.valid_range
+        return low < self.value < high
+
+
+@dataclass
+class ProductInfo:
+    """What a product is, in DFS terms."""
+
+    catg: str
+    type: str = "REDUCED"
+    tech: str = "IMAGE"
+    science: bool = False
+    qc: dict[str, QcValue] = field(default_factory=dict)
+
+
+def _inherited_cards(header: fits.Header) -> Iterable[fits.Card]:
+    for card in header.cards:
+        key = card.keyword
+        if not key or key in _NOT_INHERITED or key in ("COMMENT", "HISTORY", ""):
+            continue
+        if key.startswith(_NOT_INHERITED_PREFIXES):
+            continue
+        if key.startswith(("NAXIS", "ZNAXIS", "ZTILE", "ZNAME", "ZVAL", "TTYPE", "TFORM")):
+            continue
+        if key == "RADECSYS":
+            yield fits.Card("RADESYS", card.value, card.comment)
+            continue
+        yield card
+
+
+def dfs_header(
+    *,
+    recipe: str,
+    product: ProductInfo,
+    filename: str,
+    raw_frames: Sequence[FrameRef],
+    calib_frames: Sequence[FrameRef] = (),
+    parameters: Sequence[tuple[str, object]] = (),
+    inherit_from: fits.Header | None = None,
+    drs_id: str = "cpl-7.2",
+) -> fits.Header:
+    """Build the primary header of a product.
+
+    Parameters
+    ----------
+    recipe : str
+        Recipe name, e.g. ``soxs_mbias`` (``ESO PRO REC1 ID``).
+    product : ProductInfo
+        PRO CATG/TYPE/TECH, science flag and QC values.
+    filename : str
+        Base name of the product file (``PIPEFILE``).
+    raw_frames, calib_frames : sequences of FrameRef
+        Inputs, listed as ``ESO PRO REC1 RAWi`` / ``CALi`` in input order.
+    parameters : sequence of (name, value)
+        Recipe parameters with the values actually used (``ESO PRO REC1 PARAMi``).
+    inherit_from : Header, optional
+        Header of the first raw frame; its keys are copied except DPR, ARCFILE, ORIGFILE and
+        structural keywords.
+
+    Returns
+    -------
+    astropy.io.fits.Header
+        With ``DATAMD5`` set to a placeholder, filled in by :func:`write_hdulist_atomic`.
+    """
+    header = fits.Header()
+    if inherit_from is not None:
+        for card in _inherited_cards(inherit_from):
+            try:
+                header.append(card)
+            except (ValueError, fits.VerifyError):
+                log.debug("not inheriting unparsable card %r", card.keyword)
+        if inherit_from.get("ARCFILE"):
+            # cpl_dfs keeps the raw ARCFILE as ANCESTOR of the product
+            header["ANCESTOR"] = (str(inherit_from["ARCFILE"]), "Inherited archive file name")
+    header["PIPEFILE"] = (filename, "Filename of data product")
+    header["DATAMD5"] = ("Not computed", "MD5 checksum")
+    header["HIERARCH ESO PRO DID"] = (PRO_DID, "Data dictionary for PRO")
+    header["HIERARCH ESO PRO CATG"] = (product.catg, "Category of pipeline product frame")
+    header["HIERARCH ESO PRO TYPE"] = (product.type, "Product type")
+    header["HIERARCH ESO PRO TECH"] = (product.tech, "Observation technique")
+    header["HIERARCH ESO PRO SCIENCE"] = (bool(product.science), "Scientific product if T")
+    header["HIERARCH ESO PRO REC1 ID"] = (recipe, "Pipeline recipe (unique) identifier")
+    header["HIERARCH ESO PRO REC1 DRS ID"] = (drs_id, "Data Reduction System identifier")
+    header["HIERARCH ESO PRO REC1 PIPE ID"] = (PIPE_ID, "Pipeline (unique) identifier")
+    for i, frame in enumerate(raw_frames, start=1):
+        header[f"HIERARCH ESO PRO REC1 RAW{i} NAME"] = (frame.path.name, "File name")
+        header[f"HIERARCH ESO PRO REC1 RAW{i} CATG"] = (frame.tag, "Frame category")
+    for i, frame in enumerate(calib_frames, start=1):
+        header[f"HIERARCH ESO PRO REC1 CAL{i} NAME"] = (frame.path.name, "File name")
+        header[f"HIERARCH ESO PRO REC1 CAL{i} CATG"] = (frame.tag, "Frame category")
+        if frame.md5:
+            header[f"HIERARCH ESO PRO REC1 CAL{i} DATAMD5"] = (frame.md5, "MD5 signature")
+    header["HIERARCH ESO PRO DATANCOM"] = (len(raw_frames), "Number of combined frames")
+    for i, (name, value) in enumerate(parameters, start=1):
+        header[f"HIERARCH ESO PRO REC1 PARAM{i} NAME"] = (name, "")
+        header[f"HIERARCH ESO PRO REC1 PARAM{i} VALUE"] = (_param_string(value), "")
+    failed = []
+    for name, qc in product.qc.items():
+        value = qc.value
+        if isinstance(value, (np.floating, float)):
+            value = float(value) if np.isfinite(value) else "NaN"
+        elif isinstance(value, (np.integer, int)) and not isinstance(value, bool):
+            value = int(value)
+        header[f"HIERARCH ESO QC {name}"] = (value, qc.comment[:40])
+        if not qc.in_range:
+            failed.append((name, qc))
+    if product.qc:
+        header["HIERARCH ESO QC NFAIL"] = (len(failed), "QC values outside acceptable range")
+        for i, (name, qc) in enumerate(failed, start=1):
+            low, high = qc.valid_range
+            header[f"HIERARCH ESO QC FAIL{i}"] = (f"{name} = {qc.value:.4g} not in "
+                                                  f"({low:g}, {high:g})", "")
+    return header
+
+
+def _param_string(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def data_md5(hdul: fits.HDUList) -> str:
+    """MD5 of the data units (with FITS padding) of every HDU, as written to disk."""
+    digest = hashlib.md5()
+    for hdu in hdul:
+        data = hdu.data
+        if data is None:
+            continue
+        big = np.asarray(data)
+        big = big.astype(big.dtype.newbyteorder(">"), copy=False)
+        raw = np.ascontiguousarray(big).view(np.uint8).reshape(-1)
+        digest.update(raw)
+        pad = (-raw.size) % 2880
+        if pad:
+            digest.update(bytes(pad))
+    return digest.hexdigest()
+
+
+def write_hdulist_atomic(hdul: fits.HDUList, path: str | os.PathLike,
+                         overwrite: bool = False, protected: Iterable[Path] = ()) -> Path:
+    """Write a product atomically: to a temporary file beside the target, then rename.
+
+    ``DATAMD5`` is computed and CHECKSUM/DATASUM are written on every HDU.  An existing file
+    is replaced only with ``overwrite``; an input frame (``protected``) never is.
+
+    Raises
+    ------
+    ProductError
+        When the file exists, is an input, or cannot be written.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    for other in protected:
+        if Path(other).resolve() == resolved:
+            raise ProductError(f"{path}: refusing to overwrite an input frame")
+    if path.exists() and not overwrite:
+        raise ProductError(f"{path}: product exists already (use --overwrite to replace it)")
+    directory = path.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ProductError(f"{directory}: cannot create output directory ({exc.strerror})") \
+            from None
+    if not os.access(directory, os.W_OK):
+        raise ProductError(f"{directory}: output directory is not writable")
+    if "DATAMD5" in hdul[0].header:
+        hdul[0].header["DATAMD5"] = data_md5(hdul)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        hdul.writeto(tmp, overwrite=True, checksum=True, output_verify="silentfix")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ProductError(f"{path}: cannot write product ({exc.strerror or exc})") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

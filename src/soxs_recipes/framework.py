@@ -1,0 +1,506 @@
+"""Declarative recipes: one declaration drives parameters, input checks, man page and products.
+
+A recipe module states its inputs, parameters, products and QC once, as a :class:`RecipeSpec`,
+and supplies a ``reduce(context)`` function that calls into :mod:`soxs_core`.  Everything else —
+the PyCPL parameter list, ``--params`` and ``--man-page`` text, SOF classification and checks,
+per-arm default resolution, DFS product headers, atomic writing — lives here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from soxs_core import __version__
+from soxs_core.calib import arm_defaults, qc_ranges
+from soxs_core.errors import InputError
+from soxs_core.fitsio import ScratchDir
+from soxs_core.image import DetectorImage, image_hdulist, read_image_product
+from soxs_core.instruments import ARMS, Arm, arm_from_header
+from soxs_core.products import FrameRef, ProductInfo, QcValue, dfs_header, write_hdulist_atomic
+from soxs_core.rawframe import RawFrame
+
+from .compat import HAVE_PYCPL, cpl_version, ui
+
+__all__ = [
+    "Param", "InputSpec", "OutputSpec", "QcSpec", "RecipeSpec", "RecipeContext",
+    "Product", "execute", "parameter_list", "man_page", "params_text", "recipe_class_attrs",
+]
+
+log = logging.getLogger("soxs")
+
+AUTHOR = "soxs developers"
+EMAIL = "soxs-pipeline@example.org"
+COPYRIGHT = "GPL-3.0-or-later; (C) 2026 soxs developers"
+
+
+@dataclass(frozen=True)
+class Param:
+    """A recipe parameter.
+
+    ``name`` is the hyphenated command-line alias; the full name is
+    ``soxs.<recipe>.<name>``.  Defaults come from ``calib/static/defaults.yaml`` per arm.
+    """
+
+    name: str
+    type: type
+    description: str
+    synonyms: tuple[str, ...] = ()
+    choices: tuple[Any, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def full_name(self, recipe: str) -> str:
+        return f"soxs.{recipe}.{self.name}"
+
+    def spellings(self, recipe: str) -> set[str]:
+        names = {self.name, *self.synonyms}
+        names |= {n.replace("-", "_") for n in names}
+        return names | {f"soxs.{recipe}.{n}" for n in names}
+
+    def convert(self, value: Any, source: str) -> Any:
+        """Convert and validate a value; raises InputError naming the parameter."""
+        try:
+            if self.type is bool:
+                if isinstance(value, str):
+                    low = value.strip().lower()
+                    if low not in ("true", "false", "1", "0", "yes", "no", "t", "f"):
+                        raise ValueError(value)
+                    value = low in ("true", "1", "yes", "t")
+                else:
+                    value = bool(value)
+            elif self.type is int:
+                as_float = float(value)
+                if as_float != int(as_float):
+                    raise ValueError(value)
+                value = int(as_float)
+            else:
+                value = self.type(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{source}: parameter {self.name}={value!r} is not a valid "
+                             f"{self.type.__name__}") from None
+        if self.choices and value not in self.choices:
+            raise InputError(f"{source}: parameter {self.name}={value!r} is not one of "
+                             f"{', '.join(map(str, self.choices))}")
+        if self.minimum is not None and value < self.minimum:
+            raise InputError(f"{source}: parameter {self.name}={value!r} is below the minimum "
+                             f"{self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise InputError(f"{source}: parameter {self.name}={value!r} is above the maximum "
+                             f"{self.maximum}")
+        return value
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One kind of input frame, tagged ``<stem>_<ARM>`` in the SOF."""
+
+    stem: str
+    group: str  # "RAW" or "CALIB"
+    description: str
+    min_count: int = 1
+    max_count: int | None = None
+    required: bool = True
+    arms: tuple[str, ...] = ("UVB", "VIS", "NIR")
+
+    def tags(self) -> list[str]:
+        return [f"{self.stem}_{arm}" for arm in self.arms]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One product: its label and DFS classification (PRO CATG = ``<catg>_<ARM>``)."""
+
+    label: str
+    catg: str
+    description: str
+    type: str = "REDUCED"
+    tech: str = "IMAGE"
+
+    def catg_for(self, arm: Arm) -> str:
+        return f"{self.catg}_{arm.name}"
+
+
+@dataclass(frozen=True)
+class QcSpec:
+    """A QC keyword written as ``ESO QC <name>``."""
+
+    name: str
+    description: str
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """Everything a recipe declares."""
+
+    name: str
+    synopsis: str
+    description: str
+    inputs: tuple[InputSpec, ...]
+    params: tuple[Param, ...]
+    outputs: tuple[OutputSpec, ...]
+    qc: tuple[QcSpec, ...] = ()
+    same_exptime: bool = True
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if name in p.spellings(self.name):
+                return p
+        raise KeyError(name)
+
+    def input_for_tag(self, tag: str) -> InputSpec | None:
+        for spec in self.inputs:
+            if tag in spec.tags():
+                return spec
+        return None
+
+
+def recipe_class_attrs(spec: RecipeSpec) -> dict[str, str]:
+    """The seven descriptive class attributes PyCPL requires, from the declaration."""
+    return {
+        "_name": spec.name, "_version": __version__, "_author": AUTHOR, "_email": EMAIL,
+        "_copyright": COPYRIGHT, "_synopsis": spec.synopsis,
+        "_description": man_page(spec, include_header=False),
+    }
+
+
+# ------------------------------------------------------------------------------ parameters
+def parameter_list(spec: RecipeSpec) -> Any:
+    """A ``cpl.ui.ParameterList`` (or stand-in) with generic defaults and CLI aliases."""
+    defaults = arm_defaults(spec.name, None)
+    params = []
+    for p in spec.params:
+        default = p.type(defaults[p.name])
+        kwargs = dict(name=p.full_name(spec.name), context=f"soxs.{spec.name}",
+                      description=_describe_param(spec, p), default=default)
+        if p.choices:
+            param = ui.ParameterEnum(alternatives=list(p.choices), **kwargs)
+        elif p.minimum is not None or p.maximum is not None:
+            lo = p.type(p.minimum if p.minimum is not None else -1e30)
+            hi = p.type(p.maximum if p.maximum is not None else 1e30)
+            param = ui.ParameterRange(min=lo, max=hi, **kwargs)
+        else:
+            param = ui.ParameterValue(**kwargs)
+        param.cli_alias = p.name
+        try:
+            param.cfg_alias = p.name
+        except Exception:  # older PyCPL may not expose cfg_alias
+            pass
+        params.append(param)
+    return ui.ParameterList(params)
+
+
+def _per_arm_defaults(spec: RecipeSpec, p: Param) -> str:
+    values = {code: arm_defaults(spec.name, arm)[p.name] for code, arm in ARMS.items()}
+    if len(set(map(str, values.values()))) == 1:
+        return str(next(iter(values.values())))
+    return ", ".join(f"{code} {value}" for code, value in values.items())
+
+
+def _describe_param(spec: RecipeSpec, p: Param) -> str:
+    return f"{p.description} Default per arm: {_per_arm_defaults(spec, p)}."
+
+
+def resolve_parameters(spec: RecipeSpec, settings: Mapping[str, Any] | None,
+                       arm: Arm | None) -> dict[str, Any]:
+    """Parameter values: arm defaults overridden by explicitly set ones.
+
+    ``settings`` keys may be full names, CLI aliases or the seed pages' underscore spellings.
+    """
+    values = {p.name: p.type(v) for p, v in zip(
+        spec.params, (arm_defaults(spec.name, arm)[p.name] for p in spec.params))}
+    if hasattr(settings, "for_arm"):
+        settings = settings.for_arm(arm)
+    for key, value in (settings or {}).items():
+        try:
+            p = spec.param(str(key))
+        except KeyError:
+            raise InputError(f"{spec.name}: unknown parameter {key!r}") from None
+        values[p.name] = p.convert(value, spec.name)
+    return values
+
+
+# ------------------------------------------------------------------------------ text
+def params_text(spec: RecipeSpec, arm: Arm | None = None) -> str:
+    """The ``--params`` listing: name, alias, value and meaning of every parameter."""
+    values = resolve_parameters(spec, None, arm)
+    lines = [f"Parameters of {spec.name}"
+             + (f" for {arm.instrument} {arm.name}" if arm else " (generic defaults; "
+                "the data's instrument and arm select the value used)") + ":", ""]
+    for p in spec.params:
+        lines.append(f"  --{p.name}  [{p.full_name(spec.name)}]")
+        lines.append(f"      value: {values[p.name]}   (type {p.type.__name__}"
+                     + (f", one of {', '.join(map(str, p.choices))}" if p.choices else "")
+                     + ")")
+        lines.append(f"      per arm: {_per_arm_defaults(spec, p)}")
+        for chunk in textwrap.wrap(p.description, 88):
+            lines.append(f"      {chunk}")
+        if p.synonyms:
+            lines.append(f"      synonyms: {', '.join(p.synonyms)}")
+    return "\n".join(lines)
+
+
+def man_page(spec: RecipeSpec, include_header: bool = True) -> str:
+    """Manual page generated from the declaration."""
+    out = []
+    if include_header:
+        out += [f"NAME\n  {spec.name} -- {spec.synopsis}", ""]
+    out += ["DESCRIPTION"]
+    out += ["  " + line for line in textwrap.wrap(" ".join(spec.description.split()), 88)]
+    out += ["", "INPUT FRAMES (SOF tags)"]
+    for inp in spec.inputs:
+        count = f"{inp.min_count}+" if inp.max_count is None else (
+            f"{inp.min_count}" if inp.min_count == inp.max_count else
+            f"{inp.min_count}-{inp.max_count}")
+        need = "required" if inp.required else "optional"
+        out.append(f"  {' | '.join(inp.tags())}  ({inp.group}, {need}, {count})")
+        out += ["      " + line for line in textwrap.wrap(inp.description, 84)]
+    out += ["", "PARAMETERS"]
+    for p in spec.params:
+        out.append(f"  --{p.name}  ({p.type.__name__}) {p.full_name(spec.name)}")
+        out += ["      " + line for line in textwrap.wrap(_describe_param(spec, p), 84)]
+    out += ["", "PRODUCTS"]
+    for o in spec.outputs:
+        out.append(f"  {o.label}: PRO CATG {o.catg}_<ARM>, PRO TYPE {o.type}, "
+                   f"PRO TECH {o.tech}")
+        out += ["      " + line for line in textwrap.wrap(o.description, 84)]
+    if spec.qc:
+        out += ["", "QC KEYWORDS"]
+        for q in spec.qc:
+            unit = f" [{q.unit}]" if q.unit else ""
+            out.append(f"  ESO QC {q.name}{unit}: {q.description}")
+    out += ["", "IMAGE PRODUCTS", "  FLUX (e-), QUAL (uint8 bits: 1 static bad pixel, 2 hot, "
+            "4 cold/low sensitivity, 8 saturated, 16 cosmic ray, 32 no data, 64 non-finite, "
+            "128 outside orders), ERRS (1-sigma e-)."]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------ running
+@dataclass
+class Product:
+    """A written product."""
+
+    path: Path
+    tag: str
+
+
+@dataclass
+class RecipeContext:
+    """What a recipe's ``reduce`` function receives and uses to write products."""
+
+    spec: RecipeSpec
+    arm: Arm
+    params: dict[str, Any]
+    raw: dict[str, list[RawFrame]]
+    calib: dict[str, list[tuple[Path, str]]]
+    output_dir: Path
+    overwrite: bool = False
+    products: list[Product] = field(default_factory=list)
+    _calib_refs: list[FrameRef] = field(default_factory=list)
+    _raw_refs: list[FrameRef] = field(default_factory=list)
+
+    def raw_frames(self, stem: str) -> list[RawFrame]:
+        return self.raw.get(stem, [])
+
+    def qc_ranges(self) -> dict:
+        return qc_ranges(self.spec.name, self.arm)
+
+    def calib_image(self, stem: str) -> DetectorImage | None:
+        """Read the (single) calibration image product tagged ``<stem>_<ARM>``, if given."""
+        entries = self.calib.get(stem, [])
+        if not entries:
+            return None
+        path, tag = entries[0]
+        image = read_image_product(path)
+        try:
+            arm = arm_from_header(image.header, str(path))
+        except InputError:
+            arm = None
+        if arm is not None and arm is not self.arm:
+            raise InputError(f"{path}: calibration is for {arm.instrument} {arm.name}, the "
+                             f"raw frames are {self.arm.instrument} {self.arm.name}")
+        catg = str(image.header.get("ESO PRO CATG", "")).strip()
+        if catg and catg != tag:
+            raise InputError(f"{path}: tagged {tag} but its PRO CATG is {catg}")
+        self._calib_refs.append(FrameRef(path=path, tag=tag,
+                                         md5=str(image.header.get("DATAMD5", "")) or None))
+        return image
+
+    def save_image(self, output: OutputSpec, image: DetectorImage,
+                   qc: Mapping[str, QcValue]) -> Product:
+        """Write an image product with its full DFS header."""
+        catg = output.catg_for(self.arm)
+        filename = f"{catg.lower()}.fits"
+        first = next(iter(self.raw.values()))[0]
+        header = dfs_header(
+            recipe=self.spec.name,
+            product=ProductInfo(catg=catg, type=output.type, tech=output.tech,
+                                science=any(f.dpr_catg.upper() == "SCIENCE"
+                                            for frames in self.raw.values() for f in frames),
+                                qc=dict(qc)),
+            filename=filename,
+            raw_frames=self._raw_refs,
+            calib_frames=self._calib_refs,
+            parameters=[(name, value) for name, value in self.params.items()],
+            inherit_from=first.header,
+            drs_id=cpl_version() if HAVE_PYCPL else "cpl-7.2",
+        )
+        protected = [f.path for frames in self.raw.values() for f in frames]
+        protected += [p for entries in self.calib.values() for p, _ in entries]
+        path = write_hdulist_atomic(image_hdulist(image, header), self.output_dir / filename,
+                                    overwrite=self.overwrite, protected=protected)
+        product = Product(path=path, tag=catg)
+        self.products.append(product)
+        log.info("%s: wrote %s (%s)", self.spec.name, path, catg)
+        for name, item in qc.items():
+            status = "" if item.in_range else "   <-- outside acceptable range"
+            log.info("  QC %-14s = %s%s", name, _fmt(item.value), status)
+        return product
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.5g}" if isinstance(value, float) else str(value)
+
+
+def _check_output_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot create output directory ({exc.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: output directory is not writable")
+    return path
+
+
+def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mapping | None,
+            reduce: Callable[[RecipeContext], None], output_dir: str | os.PathLike = ".",
+            overwrite: bool = False) -> list[Product]:
+    """Classify and check the input frames, resolve parameters and run ``reduce``.
+
+    Parameters
+    ----------
+    spec : RecipeSpec
+    frames : iterable of (path, tag)
+        The SOF content.
+    settings : mapping
+        Explicitly set parameters (any spelling).
+    reduce : callable
+        The recipe's science: receives a :class:`RecipeContext` and writes products with it.
+    output_dir : path-like
+    overwrite : bool
+        Replace existing products.
+
+    Returns
+    -------
+    list of Product
+
+    Raises
+    ------
+    InputError, ProductError
+        With a one-line message naming the file and the problem.
+    """
+    frames = [(str(p), str(t).strip()) for p, t in frames]
+    if not frames:
+        raise InputError(f"{spec.name}: the set of frames is empty")
+    output_dir = _check_output_dir(Path(output_dir))
+    raw_specs = {i.stem: i for i in spec.inputs if i.group == "RAW"}
+    scratch = ScratchDir()
+    raw: dict[str, list[RawFrame]] = {}
+    calib: dict[str, list[tuple[Path, str]]] = {}
+    raw_refs: list[FrameRef] = []
+    try:
+        for path_text, tag in frames:
+            path = Path(path_text)
+            inp = spec.input_for_tag(tag)
+            if inp is None:
+                known = ", ".join(t for i in spec.inputs for t in i.tags())
+                raise InputError(f"{path}: unknown tag {tag!r} for {spec.name} "
+                                 f"(expected one of {known})")
+            if not path.exists():
+                raise InputError(f"{path}: file not found")
+            if inp.group == "RAW":
+                frame = RawFrame.open(path, scratch)
+                if frame.tag != tag:
+                    raise InputError(f"{path}: tagged {tag} but its header says "
+                                     f"{frame.tag or frame.dpr_type}")
+                raw.setdefault(inp.stem, []).append(frame)
+                raw_refs.append(FrameRef(path=path, tag=tag))
+            else:
+                calib.setdefault(inp.stem, []).append((path, tag))
+        for stem, inp in raw_specs.items():
+            if inp.required and not raw.get(stem):
+                raise InputError(f"{spec.name}: no {' or '.join(inp.tags())} frame in the "
+                                 "input")
+        all_raw = [f for group in raw.values() for f in group]
+        arm = all_raw[0].arm
+        for frame in all_raw[1:]:
+            if frame.arm is not arm:
+                raise InputError(f"{frame.path}: {frame.arm.instrument} {frame.arm.name} "
+                                 f"frame mixed with {arm.instrument} {arm.name} frames")
+        for inp in spec.inputs:
+            count = len(raw.get(inp.stem, [])) if inp.group == "RAW" else len(
+                calib.get(inp.stem, []))
+            if inp.max_count is not None and count > inp.max_count:
+                raise InputError(f"{spec.name}: {count} {inp.stem}_{arm.name} frames given, "
+                                 f"at most {inp.max_count} allowed")
+        params = resolve_parameters(spec, settings, arm)
+        context = RecipeContext(spec=spec, arm=arm, params=params, raw=raw, calib=calib,
+                                output_dir=output_dir, overwrite=overwrite,
+                                _raw_refs=raw_refs)
+        log.info("%s %s on %d frame(s) of %s %s", spec.name, __version__, len(frames),
+                 arm.instrument, arm.name)
+        reduce(context)
+        return context.products
+    finally:
+        for group in raw.values():
+            for frame in group:
+                frame.close()
+        scratch.cleanup()
+
+
+def frames_from_sof(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """``(path, tag)`` pairs of an SOF file.
+
+    Raises
+    ------
+    InputError
+        When the SOF is missing, unreadable or has a line without a tag.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputError(f"{path}: SOF file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: SOF file cannot be read ({exc})") from None
+    out = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split("#", 1)[0].split()
+        if not fields:
+            continue
+        if len(fields) < 2:
+            raise InputError(f"{path}: line {number} has no tag ({line.strip()!r})")
+        out.append((fields[0], fields[1]))
+    if not out:
+        raise InputError(f"{path}: SOF lists no frames")
+    return out
+
+
+def frames_from_frameset(frameset: Any) -> list[tuple[str, str]]:
+    """``(path, tag)`` pairs from a ``cpl.ui.FrameSet`` (real or stand-in)."""
+    return [(str(f.file), str(f.tag)) for f in frameset]
+
+
+def product_frameset(products: Sequence[Product]) -> Any:
+    """A FrameSet of PRODUCT frames, as a PyRecipe's ``run`` returns."""
+    out = ui.FrameSet()
+    for p in products:
+        out.append(ui.Frame(str(p.path), tag=p.tag, group=ui.Frame.FrameGroup.PRODUCT,
+                            level=ui.Frame.FrameLevel.FINAL,
+                            frameType=ui.Frame.FrameType.IMAGE))
+    return out

@@ -1,0 +1,79 @@
+"""soxs_mbias: combine raw bias frames into a master bias."""
+
+from __future__ import annotations
+
+from soxs_core.masters import MasterSettings, make_master_bias, verify_frames
+
+from .compat import ui
+from .framework import InputSpec, OutputSpec, QcSpec, RecipeContext, RecipeSpec
+from .params import MASTER_PARAMS
+from .recipe_base import pyrecipe
+
+SPEC = RecipeSpec(
+    name="soxs_mbias",
+    synopsis="Create a master bias frame from raw bias frames",
+    description="""
+        Raw bias frames (zero-second exposures of the UV-VIS arms) are rotated to the common
+        orientation, trimmed of prescan and overscan, converted to electrons and stacked pixel
+        by pixel with sigma clipping (median centre, MAD scale), which rejects cosmic rays
+        and other rogue values and reduces the read noise by the square root of the number
+        of frames.  Pixels of the static bad-pixel map, and pixels whose master level lies
+        further than frame-clipping-sigma single-frame sigmas from the local bias level, are
+        flagged in QUAL.  The ERRS plane is the propagated read noise of the surviving
+        frames.  NIR arms take no bias frames: use soxs_mdark.
+    """,
+    inputs=(
+        InputSpec("BIAS", "RAW", "Raw bias frames (DPR TYPE BIAS, EXPTIME 0) of one arm, "
+                  "binning and readout mode.", min_count=3, arms=("UVB", "VIS")),
+    ),
+    params=MASTER_PARAMS,
+    outputs=(
+        OutputSpec("MBIAS", "MASTER_BIAS", "Master bias frame (FLUX/QUAL/ERRS, electrons)."),
+    ),
+    qc=(
+        QcSpec("RAW RON", "read noise of a single raw bias, from frame-pair differences",
+               "e-"),
+        QcSpec("MASTER RON", "noise of the master about its smooth level", "e-"),
+        QcSpec("MBIAS MEDIAN", "median of the raw frames' clipped mean levels", "e-"),
+        QcSpec("STRUCTX", "slope of a line fitted to the mean column profile", "e-/px"),
+        QcSpec("STRUCTY", "slope of a line fitted to the mean row profile", "e-/px"),
+        QcSpec("FPN FRACMAX", "periodic pattern noise: max over raw frames of std/MAD of the "
+               "2-D FFT amplitudes of the 5x5-binned frame (white noise ~1.5)"),
+        QcSpec("BADPIX NUM", "pixels flagged in QUAL"),
+        QcSpec("BADPIX FRAC", "fraction of pixels flagged in QUAL"),
+        QcSpec("DETECTOR TEMP", "detector temperature from the header, when present", "K"),
+    ),
+)
+
+
+def master_settings(context: RecipeContext) -> MasterSettings:
+    """MasterSettings from the resolved recipe parameters."""
+    p = context.params
+    return MasterSettings(
+        frame_clipping_sigma=p["frame-clipping-sigma"],
+        frame_clipping_iterations=p["frame-clipping-iterations"],
+        stacked_clipping_sigma=p["stacked-clipping-sigma"],
+        stacked_clipping_iterations=p["stacked-clipping-iterations"],
+        stacking_method=p["stacking-method"],
+    )
+
+
+def verify(context: RecipeContext) -> None:
+    """Raise InputError unless the bias frames can be combined."""
+    verify_frames(context.raw_frames("BIAS"), "BIAS", SPEC.inputs[0].min_count)
+
+
+def reduce(context: RecipeContext) -> None:
+    """Combine the bias frames and write the master bias."""
+    verify(context)
+    frames = context.raw_frames("BIAS")
+    result = make_master_bias(frames, master_settings(context), context.qc_ranges())
+    context.save_image(SPEC.outputs[0], result.image, result.qc)
+
+
+@pyrecipe(SPEC, reduce)
+class SoxsMbias(ui.PyRecipe):
+    """PyCPL recipe ``soxs_mbias``."""
+
+
+RECIPE_CLASS = SoxsMbias
