@@ -10,7 +10,8 @@ Algorithm, for each pixel independently:
 1. take the values of the frames whose QUAL has none of ``reject_bits`` and whose value and
    error are finite;
 2. up to ``max_iters`` times: centre = median of the surviving values, scale = MAD * 1.4826
-   (``scale_method`` 0) or the population standard deviation (1); stop if the scale is 0;
+   (``scale_method`` 0) or the population standard deviation (1), raised to the rms of the
+   survivors' errors when ``error_floor`` is set; stop if the scale is 0;
    keep values with centre - sigma_lower*scale <= v <= centre + sigma_upper*scale; stop when
    nothing new was rejected;
 3. combine the survivors: mean (``combine_method`` 0) or median (1); error = sqrt(sum of
@@ -113,13 +114,14 @@ cdef inline void _stack_pixel(
     const float* data, const float* errs, const unsigned char* qual, Py_ssize_t fstride,
     int nframes,
     unsigned char reject_bits, double sigma_lower, double sigma_upper, int max_iters,
-    int scale_method, int combine_method, const int* network, int npairs,
+    int scale_method, int combine_method, int error_floor, const int* network, int npairs,
     double* vals, double* errv, double* sorted_vals,
     float* value, float* error, short* count, unsigned char* qout,
 ) noexcept nogil:
     cdef int k, n = 0, lo, hi, new_lo, new_hi, it, nsurv
     cdef unsigned char q, qand = 255
     cdef double v, e, centre, scale, lower, upper, total, sumsq, mean, dev, keep_lo, keep_hi
+    cdef double floor
     for k in range(nframes):
         q = qual[k * fstride]
         qand = qand & q
@@ -166,6 +168,19 @@ cdef inline void _stack_pixel(
                     dev = v - mean
                     sumsq = sumsq + dev * dev
             scale = sqrt(sumsq / nsurv)
+        if error_floor:
+            # never reject a value that lies within sigma of the centre in units of the
+            # survivors' own errors: with few frames the MAD is often tiny by chance
+            sumsq = 0.0
+            nsurv = 0
+            for k in range(nframes):
+                v = vals[k]
+                if v >= sorted_vals[lo] and v <= sorted_vals[hi - 1]:
+                    sumsq = sumsq + errv[k] * errv[k]
+                    nsurv += 1
+            floor = sqrt(sumsq / nsurv)
+            if floor > scale:
+                scale = floor
         if not (scale > 0.0):
             break
         lower = centre - sigma_lower * scale
@@ -227,6 +242,7 @@ def clip_and_stack_band(
     short[:, ::1] out_count,
     unsigned char[:, ::1] out_qual,
     int num_threads=0,
+    int error_floor=0,
 ):
     """Stack ``data[k, row, col]`` over ``k`` into the ``out_*`` arrays (see module doc).
 
@@ -298,7 +314,7 @@ def clip_and_stack_band(
                         j = j0 + jj
                         _stack_pixel(tile_v + jj, tile_e + jj, tile_q + jj, TILE,
                                      <int>nframes, reject_bits, sigma_lower, sigma_upper,
-                                     max_iters, scale_method, combine_method,
+                                     max_iters, scale_method, combine_method, error_floor,
                                      &network[0], npairs, scratch,
                                      scratch + nframes, scratch + 3 * nframes, vout + j,
                                      eout + j, cout + j, qout + j)

@@ -33,11 +33,12 @@ def _cube(rng, nframes, shape=(37, 53)):
 @pytest.mark.parametrize("nframes", [1, 2, 3, 4, 7, 11])
 @pytest.mark.parametrize("scale", ["mad_std", "std"])
 @pytest.mark.parametrize("combine", ["mean", "median"])
-def test_kernel_equals_reference(nframes, scale, combine):
-    rng = np.random.default_rng(nframes * 7 + len(scale) + len(combine))
+@pytest.mark.parametrize("floor", [False, True])
+def test_kernel_equals_reference(nframes, scale, combine, floor):
+    rng = np.random.default_rng(nframes * 7 + len(scale) + len(combine) + floor)
     data, errors, qual = _cube(rng, nframes)
     settings = ClipSettings(sigma_lower=2.5, sigma_upper=3.0, max_iters=5, scale=scale,
-                            combine=combine)
+                            combine=combine, error_floor=floor)
     fast = clip_and_stack_arrays(data, errors, qual, settings, threads=2)
     ref = clip_and_stack_reference(data, errors, qual, settings)
     np.testing.assert_array_equal(fast.count, ref.count)

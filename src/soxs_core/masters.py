@@ -283,7 +283,9 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     image, _, master_noise = _finish_master(result, raw_noise, settings, flag_cold=True)
     good = image.qual == 0
     structx, structy = structure_slopes(image.data, good)
-    fpn = max(periodic_pattern_metric(stats.frame_binned(k)) for k in range(len(frames)))
+    binned_master = block_mean(image.data, FPN_BLOCK)
+    fpn = max(periodic_pattern_metric(stats.frame_binned(k), binned_master)
+              for k in range(len(frames)))
     nbad = int(np.count_nonzero(image.qual))
     qc = dict([
         _qc("RAW RON", raw_noise, "read noise of a raw bias [e-]", ranges),
@@ -291,7 +293,7 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
         _qc("MBIAS MEDIAN", float(np.median(levels)), "median raw bias level [e-]", ranges),
         _qc("STRUCTX", structx, "bias slope along x [e-/px]", ranges),
         _qc("STRUCTY", structy, "bias slope along y [e-/px]", ranges),
-        _qc("FPN FRACMAX", fpn, "pattern noise, max FFT std/MAD", ranges),
+        _qc("FPN FRACMAX", fpn, "pattern noise: FFT peak, white=1", ranges),
         _qc("BADPIX NUM", nbad, "flagged pixels in the master", ranges),
         _qc("BADPIX FRAC", nbad / image.data.size, "fraction of flagged pixels", ranges),
         *_temperature_qc(frames[0], ranges),

@@ -98,7 +98,8 @@ def _interpolation_matrix(n: int, cell: int, ncell: int) -> np.ndarray:
 
 
 def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
-                      iterations: int = 2, sigma: float = 5.0, step: int = 2) -> np.ndarray:
+                      iterations: int = 2, sigma: float = 5.0, step: int = 2,
+                      lines: bool = True) -> np.ndarray:
     """Large-scale model of an image: cell medians, interpolated, plus row and column terms.
 
     The cell medians follow gradients and smooth 2-D structure; the column (and row) medians
@@ -106,6 +107,7 @@ def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
     more than ``sigma`` robust standard deviations from the model are left out and the model
     is refitted, up to ``iterations`` times.  Medians are taken over every ``step``-th row and
     column, which is plenty for a smooth model and keeps this cheap on 8-Mpixel frames.
+    ``lines=False`` leaves out the row and column terms (a purely smooth model).
     """
     data = np.asarray(image, np.float32)
     use = good & np.isfinite(data)
@@ -124,10 +126,13 @@ def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
         cells = cells[:, ::step, :, ::step]
         med = np.median(cells.transpose(0, 2, 1, 3).reshape(ncy, ncx, -1), axis=2)
         smooth = (wy @ med.astype(np.float64) @ wx.T).astype(np.float32)
-        resid = (filled - smooth)
-        col = np.median(resid[sub[0]], axis=0)
-        row = np.median(resid[:, sub[1]] - col[None, sub[1]], axis=1)
-        model = smooth + col[None, :] + row[:, None]
+        if lines:
+            resid = (filled - smooth)
+            col = np.median(resid[sub[0]], axis=0)
+            row = np.median(resid[:, sub[1]] - col[None, sub[1]], axis=1)
+            model = smooth + col[None, :] + row[:, None]
+        else:
+            model = smooth
         deviation = data - model
         scale = robust_std(deviation[::4, ::4][use[::4, ::4]])
         if not np.isfinite(scale) or scale <= 0:
@@ -159,24 +164,41 @@ def structure_slopes(image: np.ndarray, good: np.ndarray) -> tuple[float, float]
     return out[0], out[1]
 
 
-def periodic_pattern_metric(binned: np.ndarray) -> float:
-    """Periodic-pattern-noise indicator of one (block-averaged) frame.
+def periodic_pattern_metric(binned: np.ndarray, reference: np.ndarray | None = None) -> float:
+    """Periodic-pattern-noise indicator of one block-averaged raw frame.
 
-    The 2-D FFT amplitude of a frame of white noise is Rayleigh distributed, for which
-    std/MAD (MAD = median absolute deviation from the median) is about 1.5.  A periodic pattern
-    puts power into a few Fourier cells and raises the ratio; smooth large-scale structure is
-    ignored (the Fourier cells within two steps of zero frequency) so it does not count.
+    The frame minus ``reference`` (the block-averaged master, so that fixed bias structure
+    cancels; without one, a smooth model of the frame itself) is Fourier transformed.  The
+    indicator is the highest Fourier amplitude over the median amplitude, in units of what
+    white noise gives for that many cells (``sqrt(ln N / ln 2)`` for Rayleigh-distributed
+    amplitudes).  White noise therefore scores about 1 and a periodic pattern, which puts its
+    power into one or two cells, scores its peak's significance.  Cells within two steps of
+    zero frequency are ignored, and the Fourier rows/columns next to zero frequency are each
+    scaled to the median of the rest, so that residual column-to-column offsets (spread evenly
+    along those lines) do not count as a pattern while a spike within them still does.
     """
     data = np.asarray(binned, np.float64)
-    data = data - np.nanmedian(data)
-    data = np.where(np.isfinite(data), data, 0.0)
+    finite = np.isfinite(data)
+    data = np.where(finite, data, np.nanmedian(data))
+    if reference is not None:
+        data = data - np.where(np.isfinite(reference), reference, 0.0)
+    data = data - smooth_background(data, finite, cell=16, iterations=1, step=1, lines=False)
     amp = np.abs(np.fft.rfft2(data))
     amp[:3, :3] = np.nan
     amp[-2:, :3] = np.nan
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        reference_level = np.nanmedian(amp[3:-2, 3:])
+        lines = [amp[k, :] for k in (0, 1, 2, -1, -2)] + [amp[:, k] for k in (0, 1, 2)]
+        for line in lines:
+            level = np.nanmedian(line)
+            if np.isfinite(level) and level > 0:
+                line *= reference_level / level
     amp = amp[np.isfinite(amp)]
-    if amp.size == 0:
+    if amp.size < 16:
         return float("nan")
-    mad = np.median(np.abs(amp - np.median(amp)))
-    if not mad > 0:
+    median = np.median(amp)
+    if not median > 0:
         return float("nan")
-    return float(np.std(amp) / mad)
+    return float(np.max(amp) / median / np.sqrt(np.log(amp.size) / np.log(2.0)))

@@ -50,6 +50,10 @@ class ClipSettings:
         How the surviving values are combined.
     reject_bits : int
         QUAL bits that exclude an input pixel.
+    error_floor : bool
+        Never let the scale fall below the rms of the surviving values' own errors.  With few
+        frames the MAD is often tiny by chance and would reject good values; the floor keeps
+        the clip consistent with the error model.
     """
 
     sigma_lower: float = 5.0
@@ -58,6 +62,7 @@ class ClipSettings:
     scale: str = "mad_std"
     combine: str = "mean"
     reject_bits: int = REJECT_FOR_STACKING
+    error_floor: bool = True
 
     def __post_init__(self) -> None:
         if self.scale not in _SCALES:
@@ -119,7 +124,7 @@ def clip_and_stack_arrays(
         data, errors, qual, settings.reject_bits & 0xFF, float(settings.sigma_lower),
         float(settings.sigma_upper), int(settings.max_iters), _SCALES[settings.scale],
         _COMBINES[settings.combine], out.value, out.error, out.count, out.qual,
-        _threads(threads),
+        _threads(threads), int(settings.error_floor),
     )
     return out
 
@@ -185,6 +190,7 @@ def clip_and_stack(
             float(settings.sigma_upper), int(settings.max_iters), _SCALES[settings.scale],
             _COMBINES[settings.combine], result.value[start:stop], result.error[start:stop],
             result.count[start:stop], result.qual[start:stop], nthreads,
+            int(settings.error_floor),
         )
     return result
 
@@ -230,6 +236,9 @@ def clip_and_stack_reference(
                 mean = total / m
                 dev = np.where(active, vals - mean, 0.0)
                 scale = np.sqrt(np.sum(dev * dev, axis=0) / m)
+            if settings.error_floor:
+                floor = np.sqrt(np.sum(np.where(active, errs64 * errs64, 0.0), axis=0) / m)
+                scale = np.where(floor > scale, floor, scale)
             usable = running & (scale > 0)
             lower = centre - settings.sigma_lower * scale
             upper = centre + settings.sigma_upper * scale

@@ -37,8 +37,9 @@ SPEC = RecipeSpec(
         QcSpec("MBIAS MEDIAN", "median of the raw frames' clipped mean levels", "e-"),
         QcSpec("STRUCTX", "slope of a line fitted to the mean column profile", "e-/px"),
         QcSpec("STRUCTY", "slope of a line fitted to the mean row profile", "e-/px"),
-        QcSpec("FPN FRACMAX", "periodic pattern noise: max over raw frames of std/MAD of the "
-               "2-D FFT amplitudes of the 5x5-binned frame (white noise ~1.5)"),
+        QcSpec("FPN FRACMAX", "periodic pattern noise: max over raw frames of the highest 2-D "
+               "FFT amplitude of the 5x5-binned frame minus the master, over the median "
+               "amplitude, in units of the white-noise expectation (white noise ~1)"),
         QcSpec("BADPIX NUM", "pixels flagged in QUAL"),
         QcSpec("BADPIX FRAC", "fraction of pixels flagged in QUAL"),
         QcSpec("DETECTOR TEMP", "detector temperature from the header, when present", "K"),

@@ -1,0 +1,142 @@
+"""soxs_mbias and soxs_mdark against the simulator's truth."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from soxs_core.image import read_image_product
+from soxs_core.quality import Qual
+from soxs_core.simulate import DetectorSimulator
+from soxs_recipes.cli import run as esorex
+
+NBIAS, NDARK, DARK_EXPTIME = 7, 5, 600.0
+
+
+def _sof(path: Path, entries) -> Path:
+    path.write_text("".join(f"{p} {t}\n" for p, t in entries))
+    return path
+
+
+def _reduce(recipe, sof, outdir, *extra):
+    status = esorex(["--output-dir", str(outdir), "--msg-level", "warning", *extra, recipe,
+                     str(sof)])
+    assert status == 0
+    return outdir
+
+
+@pytest.fixture(scope="module")
+def vis_night(tmp_path_factory):
+    """X-shooter VIS 2x2 fast: biases, darks, master bias and master dark."""
+    root = tmp_path_factory.mktemp("vis")
+    sim = DetectorSimulator(arm="xsh_vis", binning="2x2", readout="fast", seed=7)
+    biases = sim.write_bias(root / "raw", n=NBIAS)
+    darks = sim.write_dark(root / "raw", n=NDARK, exptime=DARK_EXPTIME)
+    _reduce("soxs_mbias", _sof(root / "bias.sof", [(p, "BIAS_VIS") for p in biases]),
+            root / "out")
+    mbias = root / "out" / "master_bias_vis.fits"
+    _reduce("soxs_mdark", _sof(root / "dark.sof", [(p, "DARK_VIS") for p in darks]
+                               + [(mbias, "MASTER_BIAS_VIS")]), root / "out")
+    return sim, biases, darks, mbias, root / "out" / "master_dark_vis.fits"
+
+
+def _bias_truth(sim, n):
+    return np.mean([sim.truth.expected_electrons(0.0, k) for k in range(n)], axis=0)
+
+
+def test_master_bias_matches_truth_with_calibrated_errors(vis_night):
+    sim, biases, _, mbias, _ = vis_night
+    master = read_image_product(mbias)
+    truth = _bias_truth(sim, NBIAS)
+    good = master.qual == 0
+    pull = (master.data - truth)[good] / master.error[good]
+    assert abs(np.mean(pull)) < 0.03
+    assert 0.93 < np.std(pull) < 1.07
+    # cosmic rays and other rogue values never reach the master
+    assert np.percentile(np.abs(pull), 99.999) < 6
+    expected_noise = sim.truth.read_noise / np.sqrt(NBIAS)
+    assert np.median(master.error[good]) == pytest.approx(expected_noise, rel=0.02)
+
+
+def test_master_bias_qc_values(vis_night):
+    sim, _, _, mbias, _ = vis_night
+    header = fits.getheader(mbias)
+    t = sim.truth
+    assert header["ESO QC RAW RON"] == pytest.approx(t.read_noise, rel=0.03)
+    assert header["ESO QC MASTER RON"] == pytest.approx(t.read_noise / np.sqrt(NBIAS), rel=0.1)
+    assert header["ESO QC MBIAS MEDIAN"] == pytest.approx(
+        t.bias_level + np.mean(t.frame_offsets[:NBIAS]), abs=1.0)
+    gx, gy = t.bias_gradient
+    assert header["ESO QC STRUCTX"] == pytest.approx(gx, abs=2e-4 + 0.05 * abs(gx))
+    assert header["ESO QC STRUCTY"] == pytest.approx(gy, abs=2e-4 + 0.05 * abs(gy))
+    assert header["ESO QC BADPIX NUM"] == np.count_nonzero(read_image_product(mbias).qual)
+    assert header["ESO QC FPN FRACMAX"] > 0
+
+
+def test_static_bad_pixels_are_flagged_and_filled(vis_night):
+    sim, _, _, mbias, _ = vis_night
+    master = read_image_product(mbias)
+    static = sim.truth.static_bad_mask
+    assert static.any()
+    assert np.all(master.qual[static] & Qual.STATIC_BAD)
+    assert np.all(np.isfinite(master.data)) and np.all(np.isfinite(master.error))
+
+
+def test_pattern_noise_qc_sees_the_periodic_pattern(tmp_path):
+    values = {}
+    for amplitude in (0.0, 2.0):
+        sim = DetectorSimulator(arm="xsh_vis", binning="2x2", readout="fast", seed=3,
+                                pattern_amplitude=amplitude, cosmic_rate=0.0)
+        paths = sim.write_bias(tmp_path / f"a{amplitude}", n=3)
+        sof = _sof(tmp_path / f"a{amplitude}.sof", [(p, "BIAS_VIS") for p in paths])
+        _reduce("soxs_mbias", sof, tmp_path / f"out{amplitude}")
+        values[amplitude] = fits.getheader(
+            tmp_path / f"out{amplitude}" / "master_bias_vis.fits")["ESO QC FPN FRACMAX"]
+    # white noise gives std/MAD of a Rayleigh distribution (~1.5); a pattern raises it
+    assert 1.3 < values[0.0] < 1.8
+    assert values[2.0] > values[0.0] + 0.3
+
+
+def test_master_dark_matches_truth_and_finds_hot_pixels(vis_night):
+    sim, _, _, mbias, mdark = vis_night
+    dark = read_image_product(mdark)
+    t = sim.truth
+    bias_truth = _bias_truth(sim, NBIAS)
+    dark_truth = np.mean([t.expected_electrons(DARK_EXPTIME, k) for k in range(NDARK)],
+                         axis=0) - bias_truth
+    good = dark.qual == 0
+    pull = (dark.data - dark_truth)[good] / dark.error[good]
+    assert abs(np.mean(pull)) < 0.05
+    assert 0.93 < np.std(pull) < 1.07
+    # recall: every hot pixel whose excess is well above the detection threshold is flagged
+    header = fits.getheader(mdark)
+    threshold = 3.0 * header["ESO QC RAW RON"]  # xsh default frame-clipping-sigma = 3
+    excess = (t.dark_rate - np.median(t.dark_rate)) * DARK_EXPTIME
+    strong = t.hot_mask & (excess > 2 * threshold) & ~t.static_bad_mask
+    assert strong.sum() > 20
+    flagged = (dark.qual & Qual.HOT) != 0
+    assert flagged[strong].mean() > 0.99
+    # and nothing else: flags away from true defects are rare
+    defects = t.hot_mask | t.cold_mask | t.static_bad_mask
+    assert (flagged & ~defects).sum() <= 1e-5 * dark.data.size + 1
+    assert header["ESO QC HOTPIX NUM"] == flagged.sum()
+    assert header["ESO QC MDARK MEDIAN"] == pytest.approx(np.median(dark_truth), abs=0.5)
+
+
+@pytest.mark.parametrize("arm", ["xsh_nir", "soxs_nir"])
+def test_nir_dark_without_bias_and_pure_noise_false_flag_rate(tmp_path, arm):
+    sim = DetectorSimulator(arm=arm, seed=11, hot_pixel_fraction=0.0, cold_pixel_fraction=0.0,
+                            bad_columns=0, cosmic_rate=0.0)
+    darks = sim.write_dark(tmp_path / "raw", n=3, exptime=300.0)
+    name = sim.truth.arm.name
+    _reduce("soxs_mdark", _sof(tmp_path / "d.sof", [(p, f"DARK_{name}") for p in darks]),
+            tmp_path / "out")
+    dark = read_image_product(tmp_path / "out" / f"master_dark_{name.lower()}.fits")
+    truth = np.mean([sim.truth.expected_electrons(300.0, k) for k in range(3)], axis=0)
+    good = dark.qual == 0
+    pull = (dark.data - truth)[good] / dark.error[good]
+    assert 0.9 < np.std(pull) < 1.1 and abs(np.mean(pull)) < 0.05
+    hot = (dark.qual & Qual.HOT) != 0
+    clean = ~sim.truth.static_bad_mask
+    assert hot[clean].mean() <= 1e-5
