@@ -11,8 +11,8 @@ of every X-shooter arm and of SOXS VIS run along the rows (y); SOXS NIR orders r
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from .errors import InputError
 

@@ -9,8 +9,8 @@ periodic-pattern noise).  Memory therefore stays flat however many frames are co
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 

@@ -11,9 +11,10 @@ import hashlib
 import logging
 import os
 import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from astropy.io import fits
@@ -34,7 +35,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 PIPE_ID = f"soxs/{__version__}"
-PRO_DID = "ESO-VLT-DIC.PRO-1.16"
+PRO_DID = "PRO-1.16"  # what cpl_dfs writes with CPL 7.2
 
 #: Raw keywords that must not be inherited by a product.
 _NOT_INHERITED_PREFIXES = ("ESO DPR ", "ESO PRO ", "ESO QC ")
@@ -131,11 +132,11 @@ def dfs_header(
     astropy.io.fits.Header
         With ``DATAMD5`` set to a placeholder, filled in by :func:`write_hdulist_atomic`.
     """
-    header = fits.Header()
+    header = _Header()
     if inherit_from is not None:
         for card in _inherited_cards(inherit_from):
             try:
-                header.append(card)
+                header[card.keyword] = (card.value, card.comment)
             except (ValueError, fits.VerifyError):
                 log.debug("not inheriting unparsable card %r", card.keyword)
         if inherit_from.get("ARCFILE"):
@@ -182,9 +183,28 @@ def dfs_header(
     return header
 
 
+class _Header(fits.Header):
+    """A header whose long comments are shortened quietly instead of with a warning."""
+
+    def __setitem__(self, key, value):
+        if isinstance(key, str) and (len(key) > 8 or " " in key) and not key.startswith(
+                "HIERARCH "):
+            key = f"HIERARCH {key}"
+        super().__setitem__(key, value)
+        if isinstance(value, tuple) and len(value) == 2 and value[1]:
+            card = self.cards[key]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+                while len(card.image) > 80 and card.comment:
+                    card.comment = card.comment[:-1]
+
+
 def _param_string(value: object) -> str:
+    """A parameter value formatted as cpl_dfs does (booleans lower case, floats as %g)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
     return str(value)
 
 

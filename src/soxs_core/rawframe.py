@@ -103,7 +103,7 @@ class RawFrame:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def open(cls, path: str | os.PathLike, scratch: ScratchDir | None = None) -> "RawFrame":
+    def open(cls, path: str | os.PathLike, scratch: ScratchDir | None = None) -> RawFrame:
         """Open a raw frame and read everything needed from its header.
 
         Raises

@@ -8,8 +8,8 @@ reference implementation that the tests compare the kernel with.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -11,16 +11,23 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from soxs_core.errors import InputError
 from soxs_core.fitsio import open_fits
 from soxs_core.image import DetectorImage, read_image_product
-from soxs_core.qc import block_mean, periodic_pattern_metric, read_noise_from_pair, \
-    robust_std, smooth_background, structure_slopes
+from soxs_core.qc import (
+    block_mean,
+    periodic_pattern_metric,
+    read_noise_from_pair,
+    robust_std,
+    smooth_background,
+    structure_slopes,
+)
 from soxs_core.rawframe import RawFrame
 
 from . import mbias, mdark

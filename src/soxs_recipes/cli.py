@@ -12,12 +12,13 @@ import argparse
 import logging
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from soxs_core import __version__
 from soxs_core.errors import SoxsError
-from soxs_core.instruments import ARMS
+from soxs_core.instruments import arm_from_header
 
 from .compat import HAVE_PYCPL, ui
 from .framework import RecipeSpec, frames_from_sof, man_page, params_text, resolve_parameters
@@ -122,12 +123,14 @@ def _split_recipe_args(spec: RecipeSpec, rest: Sequence[str]) -> tuple[dict[str,
 
 
 def _arm_of_sof(frames: list[tuple[str, str]]):
-    """The arm named by the first tag that ends in an arm name (for --params with an SOF)."""
-    for _, tag in frames:
-        arm_name = tag.rsplit("_", 1)[-1]
-        for arm in ARMS.values():
-            if arm.name == arm_name:
-                return arm_name
+    """The arm of the first readable frame of an SOF (for --params with an SOF)."""
+    from astropy.io import fits
+
+    for path, _ in frames:
+        try:
+            return arm_from_header(fits.getheader(path), path)
+        except Exception:  # unreadable or foreign file: try the next one
+            continue
     return None
 
 
@@ -184,9 +187,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             settings.update_from(read_recipe_config(args.recipe_config, spec))
         settings.update_from(ArmSettings(common=cli_params))
         if args.params:
-            arm_name = _arm_of_sof(frames) if frames else None
-            arms = [a for a in ARMS.values() if a.name == arm_name]
-            print(params_text(spec, arms[0] if len(arms) == 1 else None))
+            print(params_text(spec, _arm_of_sof(frames) if frames else None))
             return 0
         if sof is None:
             raise SoxsError(f"{spec.name}: no SOF file given")

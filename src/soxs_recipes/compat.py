@@ -12,8 +12,9 @@ from __future__ import annotations
 import enum
 import os
 import types
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 __all__ = ["ui", "HAVE_PYCPL", "standin", "cpl_version"]
 
@@ -138,8 +139,8 @@ class Frame:
         PAF = 4
         ANY = 5
 
-    def __init__(self, file: str, tag: str | None = None, group: "Frame.FrameGroup" = None,
-                 level: "Frame.FrameLevel" = None, frameType: "Frame.FrameType" = None,
+    def __init__(self, file: str, tag: str | None = None, group: Frame.FrameGroup = None,
+                 level: Frame.FrameLevel = None, frameType: Frame.FrameType = None,
                  ) -> None:  # noqa: N803 - PyCPL's keyword
         self.file = str(file)
         self.tag = tag

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import textwrap
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from soxs_core import __version__
 from soxs_core.calib import arm_defaults, qc_ranges
@@ -466,6 +467,9 @@ def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mappi
 def frames_from_sof(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``(path, tag)`` pairs of an SOF file.
 
+    A relative path is taken relative to the SOF's directory when the file is there (as
+    PyCPL's FrameSet does), otherwise relative to the current directory (as esorex does).
+
     Raises
     ------
     InputError
@@ -485,7 +489,10 @@ def frames_from_sof(path: str | os.PathLike) -> list[tuple[str, str]]:
             continue
         if len(fields) < 2:
             raise InputError(f"{path}: line {number} has no tag ({line.strip()!r})")
-        out.append((fields[0], fields[1]))
+        frame = Path(fields[0]).expanduser()
+        if not frame.is_absolute() and (path.parent / frame).exists():
+            frame = path.parent / frame
+        out.append((str(frame), fields[1]))
     if not out:
         raise InputError(f"{path}: SOF lists no frames")
     return out

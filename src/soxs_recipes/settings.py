@@ -32,7 +32,7 @@ class ArmSettings:
     common: dict[str, Any] = field(default_factory=dict)
     per_arm: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def update_from(self, other: "ArmSettings") -> None:
+    def update_from(self, other: ArmSettings) -> None:
         self.common.update(other.common)
         for arm, values in other.per_arm.items():
             self.per_arm.setdefault(arm, {}).update(values)
