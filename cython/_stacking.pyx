@@ -20,56 +20,64 @@ Algorithm, for each pixel independently:
    value and error are NaN.
 
 Because clipping keeps a contiguous range of the sorted values, each pixel is sorted once
-and every iteration only moves the two ends of that range.
+and every iteration only moves the two ends of that range.  The sort is a fixed comparator
+network applied to TILE pixels at once (SIMD min/max, no data-dependent branches); the rest
+is per pixel.
 """
 
 import numpy as np
 from cython.parallel cimport prange, threadid
-from libc.math cimport isfinite, sqrt, NAN, INFINITY
+from libc.math cimport fabs, isfinite, sqrt, NAN, INFINITY
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy
 
 cdef unsigned char NO_DATA = 32
-# Pixels are copied TILE at a time from every frame into a small per-thread tile first: frames
-# lie a power-of-two number of bytes apart, so reading them pixel by pixel straight from the
-# cube makes every frame fight for the same cache set.
-DEF TILE = 64
 cdef double MAD_TO_STD = 1.482602218505602
 cdef double SQRT_HALF_PI = 1.2533141373155001
+# Pixels are handled TILE at a time: each frame's TILE values are copied into a per-thread
+# tile (frames lie a power of two apart, so reading them pixel by pixel from the cube makes
+# every frame fight for the same cache set) and the whole tile is sorted at once.
+DEF TILE = 64
 
 
 cdef extern from *:
     """
-    /* Compare-exchange without a branch: the compiler turns a ternary into a jump, and a
-       mispredicted jump per comparator costs more than the whole network. */
+    /* min/max and compare-exchange without branches: a ternary may compile to a jump, and
+       mispredicted jumps cost more than the arithmetic. */
     #if defined(__SSE2__)
     #include <emmintrin.h>
-    static inline void soxs_cswap(double *a, double *b) {
-        __m128d x = _mm_load_sd(a), y = _mm_load_sd(b);
-        _mm_store_sd(a, _mm_min_sd(x, y));
-        _mm_store_sd(b, _mm_max_sd(x, y));
+    static inline double soxs_min(double x, double y) {
+        return _mm_cvtsd_f64(_mm_min_sd(_mm_set_sd(x), _mm_set_sd(y)));
+    }
+    static inline double soxs_max(double x, double y) {
+        return _mm_cvtsd_f64(_mm_max_sd(_mm_set_sd(x), _mm_set_sd(y)));
+    }
+    /* the same comparator applied to n (a multiple of 4) pixels of two tile rows */
+    static inline void soxs_cswap_rows(float *a, float *b, int n) {
+        for (int i = 0; i < n; i += 4) {
+            __m128 x = _mm_loadu_ps(a + i), y = _mm_loadu_ps(b + i);
+            _mm_storeu_ps(a + i, _mm_min_ps(x, y));
+            _mm_storeu_ps(b + i, _mm_max_ps(x, y));
+        }
     }
     #else
-    static inline void soxs_cswap(double *a, double *b) {
-        double x = *a, y = *b;
-        *a = x < y ? x : y;
-        *b = x < y ? y : x;
+    static inline double soxs_min(double x, double y) { return x < y ? x : y; }
+    static inline double soxs_max(double x, double y) { return x > y ? x : y; }
+    static inline void soxs_cswap_rows(float *a, float *b, int n) {
+        for (int i = 0; i < n; i++) {
+            float x = a[i], y = b[i];
+            a[i] = x < y ? x : y;
+            b[i] = x < y ? y : x;
+        }
     }
     #endif
     """
-    void soxs_cswap(double* a, double* b) noexcept nogil
-
-
-cdef inline void _network_sort(double* a, const int* network, int npairs) noexcept nogil:
-    """Sort with a fixed comparator network (no data-dependent branches)."""
-    cdef int c
-    for c in range(npairs):
-        soxs_cswap(a + network[2 * c], a + network[2 * c + 1])
+    void soxs_cswap_rows(float* a, float* b, int n) noexcept nogil
+    double soxs_min(double x, double y) noexcept nogil
+    double soxs_max(double x, double y) noexcept nogil
 
 
 def sorting_network(int n):
     """Comparator pairs of Batcher's odd-even merge sort for ``n`` inputs (flat int array)."""
-    import numpy as np
     pairs = []
     cdef int p = 1, k, j, i
     while p < n:
@@ -92,78 +100,78 @@ cdef inline double _sorted_median(const double* a, int lo, int hi) noexcept nogi
     return (a[mid - 1] + a[mid]) / 2.0
 
 
-cdef inline double _mad(const double* a, int lo, int hi, int nframes, double centre,
-                        double* work, const int* network, int npairs) noexcept nogil:
-    """Median of |a[k] - centre| over the sorted survivors a[lo:hi].
+cdef inline double _kth_deviation(const double* a, int lo, int hi, double centre,
+                                   int k) noexcept nogil:
+    """The k-th smallest (0-based) of |a[i] - centre| over the sorted a[lo:hi].
 
-    The deviations are sorted with the same branch-free network, non-survivors padded with
-    +inf, which is faster than any merge with data-dependent branches.
+    The k+1 values nearest the centre are consecutive in sorted order, and the largest
+    deviation of a window of consecutive values sits at one of its ends; so the answer is the
+    smallest, over windows of k+1 consecutive values, of the larger end deviation.  No
+    data-dependent branches, and the result is exactly one of the deviations.
     """
-    cdef int k
-    cdef double d
-    for k in range(nframes):
-        d = a[k] - centre
-        work[k] = d if d >= 0 else -d
-        if k < lo or k >= hi:
-            work[k] = INFINITY
-    _network_sort(work, network, npairs)
-    return _sorted_median(work, 0, hi - lo)
+    cdef int i
+    cdef double best = INFINITY, left, right, widest
+    for i in range(lo, hi - k):
+        left = fabs(centre - a[i])
+        right = fabs(a[i + k] - centre)
+        widest = soxs_max(left, right)
+        best = soxs_min(best, widest)
+    return best
 
 
-cdef inline void _stack_pixel(
-    const float* data, const float* errs, const unsigned char* qual, Py_ssize_t fstride,
-    int nframes,
-    unsigned char reject_bits, double sigma_lower, double sigma_upper, int max_iters,
-    int scale_method, int combine_method, int error_floor, const int* network, int npairs,
-    double* vals, double* errv, double* sorted_vals,
+cdef inline double _mad(const double* a, int lo, int hi, double centre) noexcept nogil:
+    """Median of |a[k] - centre| over the sorted survivors a[lo:hi]."""
+    cdef int m = hi - lo
+    if m % 2:
+        return _kth_deviation(a, lo, hi, centre, m // 2)
+    return (_kth_deviation(a, lo, hi, centre, m // 2 - 1)
+            + _kth_deviation(a, lo, hi, centre, m // 2)) / 2.0
+
+
+cdef inline void _clip_pixel(
+    const float* vals, const float* errs, const float* sorted_tile, int n,
+    double total_all, double sumsq_all, unsigned char qand, int nframes, double sigma_lower, double sigma_upper, int max_iters,
+    int scale_method, int combine_method, int error_floor, double* sorted_vals,
     float* value, float* error, short* count, unsigned char* qout,
 ) noexcept nogil:
-    cdef int k, n = 0, lo, hi, new_lo, new_hi, it, nsurv
-    cdef unsigned char q, qand = 255
-    cdef double v, e, centre, scale, lower, upper, total, sumsq, mean, dev, keep_lo, keep_hi
+    """Clip and combine one pixel.
+
+    ``vals``/``errs`` hold the frames' values in frame order (NaN where unusable) and
+    ``sorted_tile`` the usable values in ascending order (then +inf); all with stride TILE.
+    ``total_all``/``sumsq_all`` are the sum of the usable values and of their squared errors,
+    in frame order: while nothing is rejected they are the survivors' sums.
+    """
+    cdef int k, lo, hi, new_lo, new_hi, it, nsurv
+    cdef double v, centre, scale, lower, upper, total, sumsq, mean, dev, keep_lo, keep_hi
     cdef double floor
-    for k in range(nframes):
-        q = qual[k * fstride]
-        qand = qand & q
-        v = data[k * fstride]
-        e = errs[k * fstride]
-        if (q & reject_bits) == 0 and isfinite(v) and isfinite(e):
-            vals[k] = v
-            errv[k] = e
-            sorted_vals[k] = v
-            n += 1
-        else:
-            vals[k] = NAN
-            errv[k] = NAN
-            sorted_vals[k] = INFINITY    # sorts after every good value
     if n == 0:
         value[0] = NAN
         error[0] = NAN
         count[0] = 0
         qout[0] = qand | NO_DATA
         return
-    _network_sort(sorted_vals, network, npairs)
+    for k in range(nframes):
+        sorted_vals[k] = sorted_tile[k * TILE]
     lo = 0
     hi = n
     it = 0
     while it < max_iters:
         centre = _sorted_median(sorted_vals, lo, hi)
         if scale_method == 0:
-            scale = MAD_TO_STD * _mad(sorted_vals, lo, hi, nframes, centre, errv + nframes,
-                                      network, npairs)
+            scale = MAD_TO_STD * _mad(sorted_vals, lo, hi, centre)
         else:
             # population std of the survivors, summed in frame order like numpy
             total = 0.0
             nsurv = 0
             for k in range(nframes):
-                v = vals[k]
+                v = vals[k * TILE]
                 if v >= sorted_vals[lo] and v <= sorted_vals[hi - 1]:
                     total = total + v
                     nsurv += 1
             mean = total / nsurv
             sumsq = 0.0
             for k in range(nframes):
-                v = vals[k]
+                v = vals[k * TILE]
                 if v >= sorted_vals[lo] and v <= sorted_vals[hi - 1]:
                     dev = v - mean
                     sumsq = sumsq + dev * dev
@@ -171,13 +179,17 @@ cdef inline void _stack_pixel(
         if error_floor:
             # never reject a value that lies within sigma of the centre in units of the
             # survivors' own errors: with few frames the MAD is often tiny by chance
-            sumsq = 0.0
-            nsurv = 0
-            for k in range(nframes):
-                v = vals[k]
-                if v >= sorted_vals[lo] and v <= sorted_vals[hi - 1]:
-                    sumsq = sumsq + errv[k] * errv[k]
-                    nsurv += 1
+            if lo == 0 and hi == n:
+                sumsq = sumsq_all
+                nsurv = n
+            else:
+                sumsq = 0.0
+                nsurv = 0
+                for k in range(nframes):
+                    v = vals[k * TILE]
+                    if v >= sorted_vals[lo] and v <= sorted_vals[hi - 1]:
+                        sumsq = sumsq + <double>errs[k * TILE] * <double>errs[k * TILE]
+                        nsurv += 1
             floor = sqrt(sumsq / nsurv)
             if floor > scale:
                 scale = floor
@@ -205,15 +217,19 @@ cdef inline void _stack_pixel(
         count[0] = 0
         qout[0] = qand | NO_DATA
         return
-    keep_lo = sorted_vals[lo]
-    keep_hi = sorted_vals[hi - 1]
-    total = 0.0
-    sumsq = 0.0
-    for k in range(nframes):
-        v = vals[k]
-        if v >= keep_lo and v <= keep_hi:
-            total = total + v
-            sumsq = sumsq + errv[k] * errv[k]
+    if lo == 0 and hi == n:
+        total = total_all
+        sumsq = sumsq_all
+    else:
+        keep_lo = sorted_vals[lo]
+        keep_hi = sorted_vals[hi - 1]
+        total = 0.0
+        sumsq = 0.0
+        for k in range(nframes):
+            v = vals[k * TILE]
+            if v >= keep_lo and v <= keep_hi:
+                total = total + v
+                sumsq = sumsq + <double>errs[k * TILE] * <double>errs[k * TILE]
     if combine_method == 0:
         value[0] = <float>(total / nsurv)
         error[0] = <float>(sqrt(sumsq) / nsurv)
@@ -225,6 +241,52 @@ cdef inline void _stack_pixel(
             error[0] = <float>(sqrt(sumsq) / nsurv)
     count[0] = <short>nsurv
     qout[0] = qand
+
+
+cdef void _stack_tile(
+    const float* dptr, const float* eptr, const unsigned char* qptr, Py_ssize_t fstride,
+    int nframes, int width, unsigned char reject_bits, double sigma_lower, double sigma_upper,
+    int max_iters, int scale_method, int combine_method, int error_floor,
+    const int* network, int npairs, float* tv, float* te, float* ts, int* counts,
+    unsigned char* qand, double* sorted_vals,
+    float* vout, float* eout, short* cout, unsigned char* qout,
+) noexcept nogil:
+    """Stack ``width`` (<= TILE) consecutive pixels of one row."""
+    cdef int k, jj, c, padded
+    cdef float v, e
+    cdef unsigned char q
+    cdef bint good
+    cdef double total[TILE]
+    cdef double sumsq[TILE]
+    for jj in range(TILE):
+        counts[jj] = 0
+        qand[jj] = 255
+        total[jj] = 0.0
+        sumsq[jj] = 0.0
+    for k in range(nframes):
+        for jj in range(width):
+            v = dptr[k * fstride + jj]
+            e = eptr[k * fstride + jj]
+            q = qptr[k * fstride + jj]
+            qand[jj] &= q
+            # v - v == 0 is false exactly for NaN and infinities
+            good = ((q & reject_bits) == 0) & (v - v == 0) & (e - e == 0)
+            tv[k * TILE + jj] = v if good else NAN
+            te[k * TILE + jj] = e if good else NAN
+            ts[k * TILE + jj] = v if good else INFINITY   # sorts after every usable value
+            counts[jj] += good
+            total[jj] += <double>v if good else 0.0
+            sumsq[jj] += <double>e * <double>e if good else 0.0
+        for jj in range(width, TILE):
+            ts[k * TILE + jj] = INFINITY
+    padded = (width + 3) & ~3
+    for c in range(npairs):
+        soxs_cswap_rows(ts + network[2 * c] * TILE, ts + network[2 * c + 1] * TILE, padded)
+    for jj in range(width):
+        _clip_pixel(tv + jj, te + jj, ts + jj, counts[jj], total[jj], sumsq[jj], qand[jj],
+                    nframes, sigma_lower,
+                    sigma_upper, max_iters, scale_method, combine_method, error_floor,
+                    sorted_vals, vout + jj, eout + jj, cout + jj, qout + jj)
 
 
 def clip_and_stack_band(
@@ -250,16 +312,9 @@ def clip_and_stack_band(
     ``(nframes, rows, cols)`` and the outputs have shape ``(rows, cols)``.
     """
     cdef Py_ssize_t nframes = data.shape[0], rows = data.shape[1], cols = data.shape[2]
-    cdef Py_ssize_t i, j
+    cdef Py_ssize_t i, j0
     cdef Py_ssize_t fstride = rows * cols
-    cdef double* scratch
-    cdef const float* dptr
-    cdef const float* eptr
-    cdef const unsigned char* qptr
-    cdef float* vout
-    cdef float* eout
-    cdef short* cout
-    cdef unsigned char* qout
+    cdef int width
     if errs.shape[0] != nframes or errs.shape[1] != rows or errs.shape[2] != cols:
         raise ValueError("errs must have the shape of data")
     if qual.shape[0] != nframes or qual.shape[1] != rows or qual.shape[2] != cols:
@@ -274,50 +329,36 @@ def clip_and_stack_band(
         raise ValueError("need at least one frame")
     if nframes > 32767:
         raise ValueError("too many frames")
+    if rows == 0 or cols == 0:
+        return None
     if num_threads <= 0:
         num_threads = _default_threads()
     cdef int[::1] network = sorting_network(<int>nframes)
     cdef int npairs = <int>(network.shape[0] // 2)
     if npairs == 0:
         network = np.zeros(2, dtype=np.intc)
-    cdef Py_ssize_t stride = 4 * nframes + (2 * TILE * nframes) + (TILE * nframes) // 8 + 1
-    cdef double* buffers = <double*>malloc(num_threads * stride * sizeof(double))
-    cdef float* tile_v
-    cdef float* tile_e
-    cdef unsigned char* tile_q
-    cdef Py_ssize_t j0, width, k, jj
+    # per thread: three float tiles, TILE counts and qand bytes, two double work arrays
+    cdef Py_ssize_t floats = 3 * TILE * nframes + TILE + TILE // 4 + 4 * nframes + 16
+    cdef float* buffers = <float*>malloc(num_threads * floats * sizeof(float))
+    cdef float* base
     if buffers == NULL:
         raise MemoryError("no memory for the stacking scratch buffers")
     try:
         with nogil:
             for i in prange(rows, num_threads=num_threads, schedule="static"):
-                scratch = buffers + threadid() * stride
-                dptr = &data[0, i, 0]
-                eptr = &errs[0, i, 0]
-                qptr = &qual[0, i, 0]
-                vout = &out_value[i, 0]
-                eout = &out_error[i, 0]
-                cout = &out_count[i, 0]
-                qout = &out_qual[i, 0]
-                tile_v = <float*>(scratch + 4 * nframes)
-                tile_e = tile_v + TILE * nframes
-                tile_q = <unsigned char*>(tile_e + TILE * nframes)
+                base = buffers + threadid() * floats
                 for j0 in range(0, cols, TILE):
-                    width = cols - j0
-                    if width > TILE:
-                        width = TILE
-                    for k in range(nframes):
-                        memcpy(tile_v + k * TILE, dptr + k * fstride + j0, width * sizeof(float))
-                        memcpy(tile_e + k * TILE, eptr + k * fstride + j0, width * sizeof(float))
-                        memcpy(tile_q + k * TILE, qptr + k * fstride + j0, width)
-                    for jj in range(width):
-                        j = j0 + jj
-                        _stack_pixel(tile_v + jj, tile_e + jj, tile_q + jj, TILE,
-                                     <int>nframes, reject_bits, sigma_lower, sigma_upper,
-                                     max_iters, scale_method, combine_method, error_floor,
-                                     &network[0], npairs, scratch,
-                                     scratch + nframes, scratch + 3 * nframes, vout + j,
-                                     eout + j, cout + j, qout + j)
+                    width = <int>(cols - j0) if cols - j0 < TILE else TILE
+                    _stack_tile(
+                        &data[0, i, j0], &errs[0, i, j0], &qual[0, i, j0], fstride,
+                        <int>nframes, width, reject_bits, sigma_lower, sigma_upper,
+                        max_iters, scale_method, combine_method, error_floor, &network[0],
+                        npairs, base, base + TILE * nframes, base + 2 * TILE * nframes,
+                        <int*>(base + 3 * TILE * nframes),
+                        <unsigned char*>(base + 3 * TILE * nframes + TILE),
+                        <double*>(base + 3 * TILE * nframes + TILE + TILE // 4 + 4),
+                        &out_value[i, j0], &out_error[i, j0], &out_count[i, j0],
+                        &out_qual[i, j0])
     finally:
         free(buffers)
     return None
