@@ -62,8 +62,13 @@ def test_banded_streaming_equals_in_memory_and_is_thread_independent():
     data, errors, qual = _cube(rng, 6, shape=(101, 64))
     settings = ClipSettings(3, 3, 3)
     whole = clip_and_stack_arrays(data, errors, qual, settings, threads=1)
-    readers = [(lambda s, e, k=k: (data[k, s:e], errors[k, s:e], qual[k, s:e]))
-               for k in range(6)]
+    def reader(k):
+        def fill(start, stop, d, e, q):
+            d[...], e[...], q[...] = data[k, start:stop], errors[k, start:stop], \
+                qual[k, start:stop]
+        return fill
+
+    readers = [reader(k) for k in range(6)]
     banded = clip_and_stack(readers, (101, 64), settings, band_rows=17, threads=2)
     for name in ("value", "error", "count", "qual"):
         np.testing.assert_array_equal(getattr(banded, name), getattr(whole, name))

@@ -164,8 +164,16 @@ def read_scaled(hdu, rows: slice | None = None, cols: slice | None = None) -> np
     ``CompImageHDU`` data are decompressed by astropy and already scaled.
     """
     if isinstance(hdu, fits.CompImageHDU):
-        data = hdu.section[rows or slice(None), cols or slice(None)]
-        return np.asarray(data, dtype=np.float32)
+        data = np.asarray(hdu.section[rows or slice(None), cols or slice(None)])
+        out = data.astype(np.float32)
+        if data.dtype.kind in "iu":  # opened without scaling: apply BSCALE/BZERO here
+            bscale = float(hdu.header.get("BSCALE", 1.0))
+            bzero = float(hdu.header.get("BZERO", 0.0))
+            if bscale != 1.0:
+                out *= np.float32(bscale)
+            if bzero != 0.0:
+                out += np.float32(bzero)
+        return out
     raw = hdu.data
     if raw is None:
         raise InputError("image HDU has no data")

@@ -164,23 +164,15 @@ def _stack(frames: Sequence[RawFrame], settings: MasterSettings,
     shape = first.prepared_shape
     bpm = load_bad_pixel_map(first.arm, first.binning)
     bpm_bits = (bpm * np.uint8(Qual.STATIC_BAD)).astype(np.uint8)
-    ron2 = np.float32(first.read_noise) ** 2
 
     def make_reader(k: int, frame: RawFrame):
         level = None if bias_level is None else bias_level[k]
 
-        def read(start: int, stop: int):
-            electrons, qual = frame.read_band(start, stop)
-            qual |= bpm_bits[start:stop]
-            if level is None:
-                var = np.full_like(electrons, ron2)
-            else:
-                base = level[start:stop] if isinstance(level, np.ndarray) else level
-                var = electrons - base
-                np.maximum(var, 0, out=var)
-                var += ron2
-            return electrons, np.sqrt(var, out=var), qual
-        return read
+        def fill(start: int, stop: int, electrons, error, qual) -> None:
+            base = level[start:stop] if isinstance(level, np.ndarray) else level
+            frame.prepare_into(start, stop, electrons, error, qual, bpm_bits[start:stop],
+                               frame.read_noise, base)
+        return fill
 
     readers = [make_reader(k, f) for k, f in enumerate(frames)]
     stats = _PassStatistics(len(frames))

@@ -17,6 +17,7 @@ import numpy as np
 from astropy.io import fits
 
 from .errors import InputError
+from . import _prepare
 from .fitsio import ScratchDir, image_hdu_index, open_fits, read_scaled
 from .instruments import Arm, arm_from_header
 from .quality import Qual
@@ -73,7 +74,7 @@ def rotated_rows(raw: np.ndarray, rotation: int, start: int, stop: int) -> np.nd
         return raw[height - stop:height - start][::-1, ::-1]
     if rotation == 1:
         return np.rot90(raw[:, width - stop:width - start], 1)
-    return np.rot90(raw[height - stop:height - start, :], 3)
+    return np.rot90(raw[:, start:stop], 3)
 
 
 @dataclass
@@ -141,8 +142,7 @@ class RawFrame:
             log.info("%s: no %s in header, using the %s %s default read noise %.2f e-",
                      path.name, keys.get("ron"), arm.instrument, arm.name, ron)
         saturation, _ = _positive(header, keys.get("saturation"), arm.saturation_adu)
-        shape = hdul[index].shape if not isinstance(hdul[index], fits.CompImageHDU) else (
-            hdul[index].header["ZNAXIS2"], hdul[index].header["ZNAXIS1"])
+        shape = _image_shape(hdul[index])
         expected = arm.raw_shape_binned(binx, biny)
         if tuple(shape) != expected:
             raise InputError(f"{path}: image is {shape[1]}x{shape[0]} pixels, expected "
@@ -219,6 +219,41 @@ class RawFrame:
             out += np.float32(bzero)
         return out
 
+    def prepare_into(self, start: int, stop: int, electrons: np.ndarray, error: np.ndarray,
+                     qual: np.ndarray, static_bits: np.ndarray, read_noise: float,
+                     bias: np.ndarray | float | None = None) -> None:
+        """Fill prepared rows ``start:stop``: electrons, 1-sigma errors and QUAL.
+
+        The error is the read noise plus the Poisson noise of the signal above ``bias`` (an
+        image block or a level in electrons; without one, read noise only).  Plain 16-bit
+        files go through the Cython kernel; anything else through the numpy reference.
+        """
+        hdu = self._hdul[self._hdu_index]
+        ron2 = np.float32(read_noise) ** 2
+        raw = None if isinstance(hdu, fits.CompImageHDU) else hdu.data
+        if raw is not None and raw.dtype.itemsize == 2 and raw.dtype.kind in "iu" \
+                and raw.dtype.byteorder == ">":
+            rows, cols = self.arm.science_slices(self.binx, self.biny)
+            block = rotated_rows(raw, self.arm.rotation, rows.start + start,
+                                 rows.start + stop)[:, cols]
+            kwargs = {}
+            if isinstance(bias, np.ndarray):
+                kwargs["bias"] = np.ascontiguousarray(bias, np.float32)
+            elif bias is not None:
+                kwargs.update(has_bias_level=True, bias_level=float(bias))
+            _prepare.prepare_rows_be16(
+                block.view(np.uint16), raw.dtype.kind == "i",
+                float(hdu.header.get("BSCALE", 1.0)), float(hdu.header.get("BZERO", 0.0)),
+                float(self.gain), float(ron2), float(self.saturation_adu), static_bits,
+                electrons, error, qual, **kwargs)
+            return
+        adu = self.read_adu(start, stop)
+        e, err, q = prepare_band_reference(adu, self.gain, ron2, self.saturation_adu,
+                                           static_bits, bias)
+        electrons[...] = e
+        error[...] = err
+        qual[...] = q
+
     def read_band(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Prepared rows in electrons and their QUAL bits (saturation, non-finite).
 
@@ -237,16 +272,45 @@ class RawFrame:
         return adu, qual
 
 
+def prepare_band_reference(adu: np.ndarray, gain: float, ron2: float, saturation_adu: float,
+                           static_bits: np.ndarray, bias: np.ndarray | float | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Numpy twin of the ``_prepare`` kernel: ADU rows to electrons, errors and QUAL."""
+    adu = np.asarray(adu, np.float32)
+    qual = np.array(static_bits, dtype=np.uint8, copy=True)
+    qual[adu >= np.float32(saturation_adu)] |= np.uint8(Qual.SATURATED)
+    bad = ~np.isfinite(adu)
+    if bad.any():
+        qual[bad] |= np.uint8(Qual.NON_FINITE)
+    electrons = adu * np.float32(gain)
+    if bias is None:
+        var = np.full_like(electrons, np.float32(ron2))
+    else:
+        var = electrons - (np.asarray(bias, np.float32) if isinstance(bias, np.ndarray)
+                           else np.float32(bias))
+        np.maximum(var, 0, out=var)
+        var += np.float32(ron2)
+    return electrons, np.sqrt(var), qual
+
+
 class _LazyScaled:
     """Adapter that lets :func:`rotated_rows` slice a tile-compressed HDU."""
 
     def __init__(self, hdu: fits.CompImageHDU) -> None:
         self.hdu = hdu
-        self.shape = (hdu.header["ZNAXIS2"], hdu.header["ZNAXIS1"])
+        self.shape = _image_shape(hdu)
 
     def __getitem__(self, key):
         rows, cols = key if isinstance(key, tuple) else (key, slice(None))
         return read_scaled(self.hdu, rows, cols)
+
+
+def _image_shape(hdu) -> tuple[int, int]:
+    """(NAXIS2, NAXIS1) of an image HDU, tile-compressed or not."""
+    header = hdu.header
+    if "ZNAXIS2" in header:
+        return int(header["ZNAXIS2"]), int(header["ZNAXIS1"])
+    return int(header["NAXIS2"]), int(header["NAXIS1"])
 
 
 def _binning(header: fits.Header, arm: Arm) -> tuple[int, int]:

@@ -30,8 +30,9 @@ SQRT_HALF_PI = 1.2533141373155001
 _SCALES = {"mad_std": 0, "std": 1}
 _COMBINES = {"mean": 0, "median": 1}
 
-#: A band reader returns (electrons, 1-sigma errors, QUAL) for prepared rows start:stop.
-BandReader = Callable[[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+#: A band reader fills (electrons, 1-sigma errors, QUAL) of prepared rows start:stop into the
+#: three arrays it is given: ``reader(start, stop, data, errors, qual)``.
+BandReader = Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], None]
 
 
 @dataclass(frozen=True)
@@ -142,8 +143,8 @@ def clip_and_stack(
     Parameters
     ----------
     readers : sequence of callables
-        ``reader(start, stop)`` returns ``(electrons, errors, qual)`` for rows start:stop of
-        one frame.
+        ``reader(start, stop, data, errors, qual)`` fills rows start:stop of one frame into
+        the three (rows, cols) arrays it is given.
     shape : (rows, cols)
         Shape of every prepared frame.
     settings : ClipSettings
@@ -171,18 +172,18 @@ def clip_and_stack(
         count=np.empty((rows, cols), np.int16),
         qual=np.empty((rows, cols), np.uint8),
     )
-    cube = np.empty((nframes, band_rows, cols), np.float32)
-    ecube = np.empty((nframes, band_rows, cols), np.float32)
-    qcube = np.empty((nframes, band_rows, cols), np.uint8)
+    size = nframes * band_rows * cols
+    cube, ecube = np.empty(size, np.float32), np.empty(size, np.float32)
+    qcube = np.empty(size, np.uint8)
     nthreads = _threads(threads)
     for start in range(0, rows, band_rows):
         stop = min(rows, start + band_rows)
-        height = stop - start
-        d, e, q = cube[:, :height], ecube[:, :height], qcube[:, :height]
+        shape3 = (nframes, stop - start, cols)
+        used = nframes * (stop - start) * cols
+        # views of the leading part of the buffers: C-contiguous whatever the band height
+        d, e, q = (a[:used].reshape(shape3) for a in (cube, ecube, qcube))
         for k, reader in enumerate(readers):
-            d[k], e[k], q[k] = reader(start, stop)
-        if height != band_rows:
-            d, e, q = (np.ascontiguousarray(a) for a in (d, e, q))
+            reader(start, stop, d[k], e[k], q[k])
         if on_band is not None:
             on_band(start, stop, d, e, q)
         _stacking.clip_and_stack_band(
