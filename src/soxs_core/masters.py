@@ -29,7 +29,7 @@ from .qc import (
 )
 from .quality import Qual
 from .rawframe import RawFrame
-from .stacking import ClipSettings, band_rows_for, clip_and_stack
+from .stacking import ClipSettings, band_rows_for, clip_and_stack, default_threads
 
 __all__ = [
     "MasterSettings",
@@ -165,13 +165,15 @@ def _stack(frames: Sequence[RawFrame], settings: MasterSettings,
     bpm = load_bad_pixel_map(first.arm, first.binning)
     bpm_bits = (bpm * np.uint8(Qual.STATIC_BAD)).astype(np.uint8)
 
+    nthreads = default_threads(threads)
+
     def make_reader(k: int, frame: RawFrame):
         level = None if bias_level is None else bias_level[k]
 
         def fill(start: int, stop: int, electrons, error, qual) -> None:
             base = level[start:stop] if isinstance(level, np.ndarray) else level
             frame.prepare_into(start, stop, electrons, error, qual, bpm_bits[start:stop],
-                               frame.read_noise, base)
+                               frame.read_noise, base, threads=nthreads)
         return fill
 
     readers = [make_reader(k, f) for k, f in enumerate(frames)]

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from .errors import InputError
 from . import _prepare
+from .errors import InputError
 from .fitsio import ScratchDir, image_hdu_index, open_fits, read_scaled
 from .instruments import Arm, arm_from_header
 from .quality import Qual
@@ -221,7 +221,7 @@ class RawFrame:
 
     def prepare_into(self, start: int, stop: int, electrons: np.ndarray, error: np.ndarray,
                      qual: np.ndarray, static_bits: np.ndarray, read_noise: float,
-                     bias: np.ndarray | float | None = None) -> None:
+                     bias: np.ndarray | float | None = None, threads: int = 1) -> None:
         """Fill prepared rows ``start:stop``: electrons, 1-sigma errors and QUAL.
 
         The error is the read noise plus the Poisson noise of the signal above ``bias`` (an
@@ -235,17 +235,19 @@ class RawFrame:
                 and raw.dtype.byteorder == ">":
             rows, cols = self.arm.science_slices(self.binx, self.biny)
             block = rotated_rows(raw, self.arm.rotation, rows.start + start,
-                                 rows.start + stop)[:, cols]
+                                 rows.start + stop)[:, cols].view(np.uint16)
+            if block.strides[1] != 2:  # rotated arms: rows must be contiguous for the kernel
+                block = np.ascontiguousarray(block)
             kwargs = {}
             if isinstance(bias, np.ndarray):
                 kwargs["bias"] = np.ascontiguousarray(bias, np.float32)
             elif bias is not None:
                 kwargs.update(has_bias_level=True, bias_level=float(bias))
             _prepare.prepare_rows_be16(
-                block.view(np.uint16), raw.dtype.kind == "i",
+                block, raw.dtype.kind == "i",
                 float(hdu.header.get("BSCALE", 1.0)), float(hdu.header.get("BZERO", 0.0)),
                 float(self.gain), float(ron2), float(self.saturation_adu), static_bits,
-                electrons, error, qual, **kwargs)
+                electrons, error, qual, num_threads=threads, **kwargs)
             return
         adu = self.read_adu(start, stop)
         e, err, q = prepare_band_reference(adu, self.gain, ron2, self.saturation_adu,

@@ -23,6 +23,7 @@ __all__ = [
     "clip_and_stack_arrays",
     "clip_and_stack_reference",
     "band_rows_for",
+    "default_threads",
 ]
 
 MAD_TO_STD = 1.482602218505602
@@ -84,6 +85,12 @@ class StackResult:
     error: np.ndarray
     count: np.ndarray
     qual: np.ndarray
+
+
+def default_threads(threads: int | None = None) -> int:
+    """Threads for the kernels: ``threads``, else SOXS_NUM_THREADS/OMP_NUM_THREADS, else all
+    cores this process may use."""
+    return _threads(threads)
 
 
 def _threads(threads: int | None) -> int:
