@@ -1,0 +1,22 @@
+"""Instrument simulator for SOXS and X-shooter: raw frames with known truth.
+
+* :class:`DetectorSimulator` / :class:`DetectorTruth` — bias structure, dark current, defects,
+  noise, cosmic rays, saturation; raw frames in the real layout and header dialect.
+* :class:`EchelleFormat` — order traces, slit geometry and wavelength solution of each arm.
+* :class:`InstrumentSimulator` — lamp flats, NIR lamp-off frames, science and standard-star
+  stare frames, and the upstream calibration tables computed from the truth.
+* :func:`simulate_night` — a complete night directory (also the ``soxs-simulate`` command).
+
+See ``docs/simulator.md``.
+"""
+
+from __future__ import annotations
+
+from .detector import DETECTOR_DEFAULTS, DetectorSimulator, DetectorTruth
+from .echelle import EchelleFormat, load_format
+from .instrument import InstrumentSimulator, SceneParameters
+from .night import NightResult, simulate_night
+
+__all__ = ["DetectorSimulator", "DetectorTruth", "DETECTOR_DEFAULTS", "EchelleFormat",
+           "load_format", "InstrumentSimulator", "SceneParameters", "simulate_night",
+           "NightResult"]

@@ -1,0 +1,277 @@
+"""Write a complete simulated night: raw frames, truth, upstream calibrations and SOFs.
+
+Layout of the night directory::
+
+    raw/                 raw frames (uint16 FITS, real header dialect)
+    calib/               ORDER_TAB_<ARM>, DISP_TAB_<ARM>, DISP_IMAGE_<ARM> from the truth
+    truth/               detector truth, defect lists, true order table (with edges),
+                         per-frame truth, cosmic-ray pixels, object/sky truth per stare frame,
+                         summary.json
+    bias.sof dark.sof flat.sof stare.sof std.sof
+    reduced/             (written later by the pipeline runner)
+
+SOF lines are ``<path> <TAG>``; products of earlier steps are referenced where the runner will
+write them: ``reduced/<recipe>/<PRO.CATG lower-case>.fits``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from astropy.io import fits
+
+from .instrument import InstrumentSimulator, SceneParameters
+from .tables import write
+
+__all__ = ["simulate_night", "NightResult", "write_detector_truth", "product_path"]
+
+
+@dataclass
+class NightResult:
+    """Paths written by :func:`simulate_night`."""
+
+    outdir: Path
+    raw: dict[str, list[Path]] = field(default_factory=dict)
+    sofs: dict[str, Path] = field(default_factory=dict)
+    calib: dict[str, Path] = field(default_factory=dict)
+    truth: dict[str, Path] = field(default_factory=dict)
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def product_path(outdir: Path, recipe: str, catg: str, arm_name: str) -> Path:
+    """Where the runner writes a product: ``reduced/<recipe>/<catg>_<arm>.fits`` (lower case)."""
+    return outdir / "reduced" / recipe / f"{catg.lower()}_{arm_name.lower()}.fits"
+
+
+def write_detector_truth(sim: InstrumentSimulator, path: Path) -> Path:
+    """Noiseless bias, dark rate, sensitivity, defect masks and lists of one detector."""
+    t = sim.truth
+    hdr = fits.Header()
+    hdr["INSTRUME"] = t.arm.instrument
+    hdr["HIERARCH ESO SEQ ARM"] = t.arm.name
+    hdr["BINNING"] = t.binning
+    hdr["READOUT"] = t.readout
+    hdr["GAIN"] = (t.gain, "e-/ADU")
+    hdr["RON"] = (t.read_noise, "e-")
+    hdr["BIASLEV"] = (t.bias_level, "mean bias of the defect-free structure [e-]")
+    hdr["BIASGX"] = (t.bias_gradient[0], "bias slope along columns [e-/px]")
+    hdr["BIASGY"] = (t.bias_gradient[1], "bias slope along rows [e-/px]")
+    hdr["PATPER"] = (t.pattern_period_px, "periodic pattern period [px]")
+    hdr["PATAMP"] = (t.pattern_amplitude, "periodic pattern amplitude [e-]")
+    hdr["DARKBASE"] = (t.base_dark_rate, "base dark current [e-/s/pixel]")
+    hdr["SATADU"] = (t.saturation_adu, "raw saturation level [ADU]")
+    hdus = [fits.PrimaryHDU(header=hdr),
+            fits.ImageHDU(t.bias, name="BIAS"),
+            fits.ImageHDU(t.dark_rate, name="DARK_RATE"),
+            fits.ImageHDU(t.sensitivity, name="SENSITIVITY"),
+            fits.ImageHDU(t.hot_mask.astype(np.uint8), name="HOT"),
+            fits.ImageHDU(t.cold_mask.astype(np.uint8), name="COLD"),
+            fits.ImageHDU(t.static_bad_mask.astype(np.uint8), name="STATIC_BAD")]
+    for name, (r, c, v), vname in (("HOT_PIXELS", t.hot_pixels(), "rate"),
+                                   ("COLD_PIXELS", t.cold_pixels(), "response")):
+        hdus.append(fits.BinTableHDU.from_columns([
+            fits.Column(name="row", format="J", array=r),
+            fits.Column(name="col", format="J", array=c),
+            fits.Column(name=vname, format="E", array=v)], name=name))
+    bc = np.array(t.bad_columns, dtype=np.int64).reshape(-1, 3)
+    hdus.append(fits.BinTableHDU.from_columns([
+        fits.Column(name="col", format="K", array=bc[:, 0]),
+        fits.Column(name="row_start", format="K", array=bc[:, 1]),
+        fits.Column(name="row_stop", format="K", array=bc[:, 2]),
+        fits.Column(name="bias_offset", format="D", array=np.array(t.bad_column_offsets))],
+        name="BAD_COLUMNS"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fits.HDUList(hdus).writeto(path, overwrite=True)
+    return path
+
+
+def _sof(path: Path, entries: list[tuple[Path, str]], outdir: Path, relative: bool) -> Path:
+    lines = []
+    for p, tag in entries:
+        p = Path(p)
+        text = os.path.relpath(p, outdir) if relative else str(p.resolve())
+        lines.append(f"{text} {tag}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str = "1x1",
+                   readout: str = "slow", seed: int = 1, *, n_bias: int = 5, n_dark: int = 3,
+                   dark_exptime: float | None = None, n_flat: int = 5,
+                   flat_exptime: float | None = None, n_science: int = 1,
+                   science_exptime: float = 600.0, n_std: int = 1,
+                   std_exptime: float | None = None, orders=None,
+                   scene: SceneParameters | None = None, write_models: bool = False,
+                   relative_sof: bool = False, **detector_kwargs: Any) -> NightResult:
+    """Simulate one arm's night and write it to ``outdir``.
+
+    Parameters
+    ----------
+    outdir : path
+        Night directory (created).
+    arm, binning, readout, seed
+        Detector set-up and master seed.
+    n_bias, n_dark, n_flat, n_science, n_std : int
+        Frame counts (NIR arms take no biases; NIR flats come in lamp-on/off pairs; the UVB
+        arm takes ``n_flat`` D2 and ``n_flat`` QTH flats).
+    dark_exptime : float, optional
+        Dark exposure time; default the science exposure time.
+    flat_exptime, std_exptime : float, optional
+        Lamp-flat and standard-star exposure times (defaults per arm: flats 10–30 s,
+        standards 120 s on the VLT, 300 s on the NTT, NIR: the science time).
+    science_exptime : float
+        Science exposure time (s).
+    orders : sequence of int, optional
+        Only illuminate these orders.
+    scene : SceneParameters, optional
+        Observing conditions and targets.
+    write_models : bool
+        Also write the noiseless expected images of every illuminated frame (large).
+    relative_sof : bool
+        Write SOF paths relative to ``outdir`` instead of absolute.
+    **detector_kwargs
+        Detector-model overrides (``cosmic_rate``, ``gain``...).
+
+    Returns
+    -------
+    NightResult
+    """
+    t0 = time.perf_counter()
+    outdir = Path(outdir)
+    raw_dir, truth_dir, calib_dir = outdir / "raw", outdir / "truth", outdir / "calib"
+    for d in (raw_dir, truth_dir, calib_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    sim = InstrumentSimulator(arm, binning, readout, seed, orders=orders, scene=scene,
+                              **detector_kwargs)
+    a = sim.arm
+    res = NightResult(outdir=outdir)
+    nir = not a.is_ccd
+    dark_exptime = float(dark_exptime if dark_exptime is not None else science_exptime)
+    if std_exptime is None:
+        std_exptime = science_exptime if nir else (120.0 if a.instrument == "XSHOOTER"
+                                                   else 300.0)
+    index = 0
+    cosmic_hdus: list[fits.BinTableHDU] = []
+    models: list[tuple[str, dict[str, np.ndarray]]] = []
+
+    def record(kind: str, hdul: fits.HDUList, info: dict[str, Any]) -> Path:
+        nonlocal index
+        path = raw_dir / info["file_name"]
+        hdul.writeto(path, overwrite=True)
+        res.raw.setdefault(kind, []).append(path)
+        rows, cols, dep = info["cosmic_pixels"]
+        cosmic_hdus.append(fits.BinTableHDU.from_columns([
+            fits.Column(name="row", format="J", array=rows),
+            fits.Column(name="col", format="J", array=cols),
+            fits.Column(name="electrons", format="E", array=dep)], name=path.stem))
+        res.frames.append(dict(
+            file=f"raw/{path.name}", frame_type=info["frame_type"], index=info["index"],
+            exptime=info["exptime"], mjd=info["mjd"], bias_offset=info["bias_offset"],
+            n_cosmics=info["n_cosmics"], n_saturated=int(info["saturated_mask"].sum()),
+            lamp=info.get("lamp", ""), lamp_factor=float(info.get("lamp_factor", 0.0))))
+        index += 1
+        return path
+
+    det = sim.detector
+    if a.is_ccd:
+        for _ in range(n_bias):
+            record("BIAS", *det.make_frame("BIAS", 0.0, index))
+    for _ in range(n_dark):
+        record("DARK", *det.make_frame("DARK", dark_exptime, index))
+    for ftype, lamp in sim.flat_kinds():
+        for _ in range(n_flat):
+            hdul, info = sim.make_flat(ftype, index, flat_exptime)
+            record(ftype, hdul, info)
+            if nir:
+                record("FLAT_OFF", *sim.make_lamp_off(index, flat_exptime))
+        if write_models:
+            models.append((f"lamp_{lamp.lower()}", {"LAMP": sim.lamp_model(lamp)}))
+    for kind, count, exptime in (("STD_FLUX", n_std, std_exptime),
+                                 ("OBJECT", n_science, science_exptime)):
+        for _ in range(count):
+            hdul, info = sim.make_science(index, exptime, kind)
+            record(kind, hdul, info)
+        if count:
+            table = sim.object_truth_table(kind, exptime)
+            name = "standard_truth.fits" if kind == "STD_FLUX" else "object_truth.fits"
+            res.truth[kind] = write(fits.HDUList([fits.PrimaryHDU(), table]),
+                                    truth_dir / name)
+            if write_models:
+                m = sim.science_model(kind, exptime).images
+                models.append((kind.lower(), {k.upper(): v for k, v in m.items()}))
+
+    # ---- calibrations from the truth
+    tag = a.name
+    res.calib["ORDER_TAB"] = write(sim.order_table(), calib_dir / f"ORDER_TAB_{tag}.fits")
+    res.calib["DISP_TAB"] = write(sim.disp_table(), calib_dir / f"DISP_TAB_{tag}.fits")
+    res.calib["DISP_IMAGE"] = write(sim.disp_image(), calib_dir / f"DISP_IMAGE_{tag}.fits")
+
+    # ---- truth
+    res.truth["detector"] = write_detector_truth(sim, truth_dir / "detector_truth.fits")
+    res.truth["order_tab"] = write(sim.order_table(edges=True),
+                                   truth_dir / f"order_tab_truth_{tag.lower()}.fits")
+    res.truth["cosmics"] = write(fits.HDUList([fits.PrimaryHDU()] + cosmic_hdus),
+                                 truth_dir / "cosmics.fits")
+    keys = list(res.frames[0]) if res.frames else []
+    ftab = fits.BinTableHDU.from_columns([
+        fits.Column(name=k, format="64A" if isinstance(res.frames[0][k], str) else
+                    ("K" if isinstance(res.frames[0][k], int) else "D"),
+                    array=np.array([f[k] for f in res.frames])) for k in keys], name="FRAMES")
+    res.truth["frames"] = write(fits.HDUList([fits.PrimaryHDU(), ftab]),
+                                truth_dir / "frames.fits")
+    for name, images in models:
+        hdus = [fits.PrimaryHDU()] + [fits.ImageHDU(v, name=k) for k, v in images.items()]
+        res.truth[f"model_{name}"] = write(fits.HDUList(hdus),
+                                           truth_dir / f"model_{name}.fits")
+
+    # ---- SOFs
+    mbias = product_path(outdir, "soxs_mbias", "MASTER_BIAS", tag)
+    mdark = product_path(outdir, "soxs_mdark", "MASTER_DARK", tag)
+    mflat = product_path(outdir, "soxs_mflat", "MASTER_FLAT", tag)
+    otab = product_path(outdir, "soxs_mflat", "ORDER_TAB", tag)
+    if a.is_ccd and n_bias:
+        res.sofs["bias"] = _sof(outdir / "bias.sof",
+                                [(p, f"BIAS_{tag}") for p in res.raw["BIAS"]], outdir,
+                                relative_sof)
+    if n_dark:
+        res.sofs["dark"] = _sof(outdir / "dark.sof",
+                                [(p, f"DARK_{tag}") for p in res.raw["DARK"]], outdir,
+                                relative_sof)
+    flat_entries: list[tuple[Path, str]] = []
+    for ftype, _ in sim.flat_kinds():
+        flat_entries += [(p, f"{ftype}_{tag}") for p in res.raw.get(ftype, [])]
+    flat_entries += [(p, f"FLAT_OFF_{tag}") for p in res.raw.get("FLAT_OFF", [])]
+    if flat_entries:
+        calibs = [(mbias, f"MASTER_BIAS_{tag}")] if a.is_ccd else []
+        calibs.append((res.calib["ORDER_TAB"], f"ORDER_TAB_{tag}"))
+        res.sofs["flat"] = _sof(outdir / "flat.sof", flat_entries + calibs, outdir,
+                                relative_sof)
+    stare_calibs = [(mbias, f"MASTER_BIAS_{tag}")] if a.is_ccd else [
+        (mdark, f"MASTER_DARK_{tag}")]
+    stare_calibs += [(mflat, f"MASTER_FLAT_{tag}"), (otab, f"ORDER_TAB_{tag}"),
+                     (res.calib["DISP_TAB"], f"DISP_TAB_{tag}"),
+                     (res.calib["DISP_IMAGE"], f"DISP_IMAGE_{tag}")]
+    for kind, name, stem in (("OBJECT", "stare", "OBJECT"), ("STD_FLUX", "std", "STD_FLUX")):
+        if res.raw.get(kind):
+            res.sofs[name] = _sof(outdir / f"{name}.sof",
+                                  [(p, f"{stem}_{tag}") for p in res.raw[kind]] + stare_calibs,
+                                  outdir, relative_sof)
+    (outdir / "reduced").mkdir(exist_ok=True)
+    res.seconds = time.perf_counter() - t0
+    summary = dict(parameters=sim.parameters(),
+                   sofs={k: str(v) for k, v in res.sofs.items()},
+                   calib={k: str(v) for k, v in res.calib.items()},
+                   truth={k: str(v) for k, v in res.truth.items()},
+                   frames=res.frames, seconds=res.seconds,
+                   expected_products={"master_bias": str(mbias), "master_dark": str(mdark),
+                                      "master_flat": str(mflat), "order_tab": str(otab)})
+    res.truth["summary"] = truth_dir / "summary.json"
+    res.truth["summary"].write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return res
