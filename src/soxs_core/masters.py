@@ -143,7 +143,13 @@ class _PassStatistics:
             usable = qual[k, rows] == 0
             self.samples[k].append(np.where(usable, data[k, rows], np.nan))
             self.finite[k] += int(np.isfinite(data[k, ::SAMPLE_STEP]).sum())
-            self.binned[k].append(block_mean(data[k], FPN_BLOCK))
+            # flagged inputs (static bad pixels, saturation) would swamp the Fourier
+            # spectrum with their spikes: they enter at the band's typical level instead
+            flagged = qual[k] != 0
+            frame = data[k]
+            if flagged.any():
+                frame = np.where(flagged, np.median(data[k][::7, ::7]), frame)
+            self.binned[k].append(block_mean(frame, FPN_BLOCK))
 
     def frame_sample(self, k: int) -> np.ndarray:
         return np.concatenate(self.samples[k], axis=0)
@@ -277,7 +283,10 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     image, _, master_noise = _finish_master(result, raw_noise, settings, flag_cold=True)
     good = image.qual == 0
     structx, structy = structure_slopes(image.data, good)
-    binned_master = block_mean(image.data, FPN_BLOCK)
+    input_flags = np.uint8(Qual.STATIC_BAD | Qual.SATURATED | Qual.NON_FINITE | Qual.NO_DATA)
+    flagged = (image.qual & input_flags) != 0
+    binned_master = block_mean(np.where(flagged, np.median(image.data[::7, ::7]), image.data),
+                               FPN_BLOCK)
     fpn = max(periodic_pattern_metric(stats.frame_binned(k), binned_master)
               for k in range(len(frames)))
     nbad = int(np.count_nonzero(image.qual))

@@ -93,7 +93,8 @@ class DetectorTruth:
     pattern_period_px : float
         Period (binned px) of the periodic pattern along the raw rows.
     pattern_amplitude : float
-        Amplitude (e-) of that sinusoid.
+        Amplitude (e-) of that sinusoid.  Its phase changes from frame to frame
+        (``pattern_phases``), so it is not part of :attr:`bias`; see :meth:`pattern`.
     frame_offsets : list of float
         Bias-level drift (e-) of frame ``index`` (same list for every frame type).
     bad_columns : list of tuple
@@ -124,6 +125,8 @@ class DetectorTruth:
     bad_column_offsets: list[float] = field(default_factory=list)
     saturation_adu: float = 65535.0
     base_dark_rate: float = 0.0
+    pattern_phases: list[float] = field(default_factory=list)
+    pattern_parts: tuple = ()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -164,11 +167,19 @@ class DetectorTruth:
             out.append(float(np.polyfit(coord[ok], prof[ok], 1)[0]))
         return out[0], out[1]
 
+    def pattern(self, index: int) -> np.ndarray:
+        """The periodic pattern of frame ``index`` (prepared orientation, e-)."""
+        phase = self.pattern_phases[index]
+        return (np.float32(np.cos(phase)) * self.pattern_parts[0]
+                + np.float32(np.sin(phase)) * self.pattern_parts[1])
+
     def expected_electrons(self, exptime: float, index: int | None = None) -> np.ndarray:
-        """Expected prepared electrons of a dark of ``exptime`` s (frame ``index`` drift)."""
+        """Expected prepared electrons of a dark of ``exptime`` s; with ``index``, including
+        that frame's bias drift and periodic pattern."""
         out = self.bias + self.dark_rate * np.float32(exptime)
         if index is not None:
             out += np.float32(self.frame_offsets[index])
+            out += self.pattern(index)
         return out
 
 
@@ -347,10 +358,14 @@ class DetectorSimulator:
         struct_raw = np.empty((ny, nx), dtype=np.float32)
         col_off = rng_bias.normal(0.0, p["column_fraction"] * ron, nx).astype(np.float32)
         period = p["pattern_period"] / self.binx
-        phase = rng_bias.uniform(0, 2 * np.pi)
+        # the periodic pattern (pick-up noise) keeps its period but not its phase from one
+        # read-out to the next; it is added per frame, from its sine and cosine parts
         xr = np.arange(nx, dtype=np.float64)
-        pattern = (p["pattern_amplitude"] * np.sin(2 * np.pi * xr / period + phase))
-        struct_raw[:] = (col_off + pattern.astype(np.float32))[None, :]
+        self._pattern_parts = [
+            np.ascontiguousarray(np.rot90(np.broadcast_to(
+                (p["pattern_amplitude"] * f(2 * np.pi * xr / period)).astype(np.float32),
+                (ny, nx)), arm.rotation)) for f in (np.sin, np.cos)]
+        struct_raw[:] = col_off[None, :]
         if p["channel_fraction"] > 0:  # H2RG: 32 output channels of 64 columns
             nchan = max(1, nx // 64)
             chan = rng_bias.normal(0.0, p["channel_fraction"] * ron, nchan).astype(np.float32)
@@ -450,6 +465,8 @@ class DetectorSimulator:
         for i in range(1, _N_OFFSETS):  # 4096 scalars once per truth: negligible
             ar[i] = rho * ar[i - 1] + scale * white[i]
         offsets = (ar * p["bias_drift"]).tolist()
+        phases = self._seed_keys(self.readout, "pattern-phase").uniform(
+            0, 2 * np.pi, _N_OFFSETS).tolist()
 
         self._electronic = struct
         self._readout_dark = readout_dark
@@ -461,6 +478,9 @@ class DetectorSimulator:
             gain=self.gain, read_noise=ron, bias_level=float(level),
             bias_gradient=(float(gx), float(gy)), pattern_period_px=float(period),
             pattern_amplitude=float(p["pattern_amplitude"]), frame_offsets=offsets,
+            pattern_phases=phases,
+            pattern_parts=tuple(np.ascontiguousarray(part[rs, cs])
+                                for part in self._pattern_parts),
             bad_columns=bad_cols, bad_column_offsets=bad_offsets,
             saturation_adu=self._saturation, base_dark_rate=float(base),
         )
@@ -545,7 +565,10 @@ class DetectorSimulator:
             raise InputError(f"frame index {index} outside 0..{len(truth.frame_offsets) - 1}")
         rng = self.frame_rng(kind.name, index)
         offset = float(truth.frame_offsets[index])
+        phase = truth.pattern_phases[index]
         full = self._electronic + np.float32(offset)
+        full += np.float32(np.cos(phase)) * self._pattern_parts[0]
+        full += np.float32(np.sin(phase)) * self._pattern_parts[1]
         sci = full[self.rows, self.cols]
         lam = self._readout_dark.copy()
         if exptime > 0:
