@@ -227,13 +227,21 @@ ui = _real if _real is not None else standin
 
 
 def cpl_version() -> str:
-    """``cpl-<version>`` of the CPL library under PyCPL, or the stand-in's name."""
+    """``cpl-<version>`` of the CPL library under PyCPL (what cpl_dfs writes as DRS ID), or
+    ``cpl`` when it cannot be told; the stand-in's name without PyCPL."""
     if not HAVE_PYCPL:
         return "soxs-standin"
-    try:
-        import cpl  # type: ignore[import-not-found]
+    import ctypes
+    import ctypes.util
 
-        version = getattr(cpl, "__version__", None) or cpl.core.version()
-        return f"cpl-{version}"
-    except Exception:
-        return "cpl"
+    for name in ("cplcore", "cplcore-7"):
+        found = ctypes.util.find_library(name)
+        if not found:
+            continue
+        try:
+            lib = ctypes.CDLL(found)
+            lib.cpl_version_get_version.restype = ctypes.c_char_p
+            return "cpl-" + lib.cpl_version_get_version().decode()
+        except (OSError, AttributeError):
+            continue
+    return "cpl"

@@ -182,8 +182,9 @@ def parameter_list(spec: RecipeSpec) -> Any:
         if p.choices:
             param = ui.ParameterEnum(alternatives=list(p.choices), **kwargs)
         elif p.minimum is not None or p.maximum is not None:
-            lo = p.type(p.minimum if p.minimum is not None else -1e30)
-            hi = p.type(p.maximum if p.maximum is not None else 1e30)
+            big = 2**31 - 1 if p.type is int else 1e30
+            lo = p.type(p.minimum if p.minimum is not None else -big)
+            hi = p.type(p.maximum if p.maximum is not None else big)
             param = ui.ParameterRange(min=lo, max=hi, **kwargs)
         else:
             param = ui.ParameterValue(**kwargs)

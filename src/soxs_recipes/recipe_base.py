@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import os
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,7 @@ def pyrecipe(spec: RecipeSpec, reduce: Callable[[RecipeContext], None]):
         cls.__init__ = __init__
         cls.run = run
         cls.spec = spec
+        abc.update_abstractmethods(cls)  # PyCPL's PyRecipe declares run abstract
         return cls
 
     return decorate
