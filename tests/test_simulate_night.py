@@ -43,7 +43,7 @@ def test_night_layout_and_sofs(night):
                 assert frame.binning == "2x2" and frame.readout == "SLOW"
                 frame.close()
     assert tags["bias"] == ["BIAS_VIS"] * 3
-    assert tags["dark"] == ["DARK_VIS"] * 2
+    assert tags["dark"] == ["DARK_VIS"] * 2 + ["MASTER_BIAS_VIS"]
     assert tags["flat"] == ["FLAT_VIS"] * 3 + ["MASTER_BIAS_VIS", "ORDER_TAB_VIS"]
     assert tags["stare"] == ["OBJECT_VIS", "MASTER_BIAS_VIS", "MASTER_FLAT_VIS",
                              "ORDER_TAB_VIS", "DISP_TAB_VIS", "DISP_IMAGE_VIS"]

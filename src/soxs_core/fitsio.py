@@ -153,7 +153,8 @@ def open_fits(path: str | os.PathLike, scratch: ScratchDir | None = None) -> fit
         raise InputError(f"{path}: unreadable FITS file ({exc})") from None
     _check_complete(target, hdul)
     if target is not path:
-        hdul._soxs_expanded = target  # keep the scratch copy alive with the list
+        hdul._soxs_expanded = target
+        hdul._soxs_scratch = scratch  # the scratch directory lives as long as the list
     hdul._soxs_source = path
     return hdul
 

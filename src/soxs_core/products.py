@@ -215,11 +215,12 @@ def data_md5(hdul: fits.HDUList) -> str:
         data = hdu.data
         if data is None:
             continue
-        big = np.asarray(data)
-        big = big.astype(big.dtype.newbyteorder(">"), copy=False)
-        raw = np.ascontiguousarray(big).view(np.uint8).reshape(-1)
-        digest.update(raw)
-        pad = (-raw.size) % 2880
+        flat = np.ascontiguousarray(data).reshape(-1)
+        big = flat.dtype.newbyteorder(">")
+        step = 1 << 20  # in pieces, so that no big-endian copy of the whole image is made
+        for i in range(0, flat.size, step):
+            digest.update(flat[i:i + step].astype(big, copy=False).view(np.uint8))
+        pad = (-flat.size * flat.dtype.itemsize) % 2880
         if pad:
             digest.update(bytes(pad))
     return digest.hexdigest()

@@ -131,10 +131,11 @@ def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
         med = np.median(cells.transpose(0, 2, 1, 3).reshape(ncy, ncx, -1), axis=2)
         smooth = (wy @ med.astype(np.float64) @ wx.T).astype(np.float32)
         if lines:
-            resid = (filled - smooth)
-            col = np.median(resid[sub[0]], axis=0)
-            row = np.median(resid[:, sub[1]] - col[None, sub[1]], axis=1)
-            model = smooth + col[None, :] + row[:, None]
+            col = np.median(filled[sub[0]] - smooth[sub[0]], axis=0)
+            row = np.median(filled[:, sub[1]] - smooth[:, sub[1]] - col[None, sub[1]], axis=1)
+            smooth += col[None, :]
+            smooth += row[:, None]
+            model = smooth
         else:
             model = smooth
         deviation = data - model

@@ -202,10 +202,7 @@ class RawFrame:
         height = rows.stop - rows.start
         stop = height if stop is None else min(stop, height)
         hdu = self._hdul[self._hdu_index]
-        if isinstance(hdu, fits.CompImageHDU):
-            raw = _LazyScaled(hdu)
-        else:
-            raw = hdu.data
+        raw = _LazyScaled(hdu) if isinstance(hdu, fits.CompImageHDU) else self._pixels()
         block = rotated_rows(raw, self.arm.rotation, rows.start + start, rows.start + stop)
         block = block[:, cols]
         if isinstance(hdu, fits.CompImageHDU):
@@ -230,7 +227,7 @@ class RawFrame:
         """
         hdu = self._hdul[self._hdu_index]
         ron2 = np.float32(read_noise) ** 2
-        raw = None if isinstance(hdu, fits.CompImageHDU) else hdu.data
+        raw = None if isinstance(hdu, fits.CompImageHDU) else self._pixels()
         if raw is not None and raw.dtype.itemsize == 2 and raw.dtype.kind in "iu" \
                 and raw.dtype.byteorder == ">":
             rows, cols = self.arm.science_slices(self.binx, self.biny)
@@ -255,6 +252,12 @@ class RawFrame:
         electrons[...] = e
         error[...] = err
         qual[...] = q
+
+    def _pixels(self) -> _PlainImage:
+        """Row reader of an uncompressed image (reads only the rows asked for)."""
+        if getattr(self, "_plain", None) is None:
+            self._plain = _PlainImage(self._hdul, self._hdu_index)
+        return self._plain
 
     def read_band(self, start: int = 0, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Prepared rows in electrons and their QUAL bits (saturation, non-finite).
@@ -293,6 +296,47 @@ def prepare_band_reference(adu: np.ndarray, gain: float, ron2: float, saturation
         np.maximum(var, 0, out=var)
         var += np.float32(ron2)
     return electrons, np.sqrt(var), qual
+
+
+class _PlainImage:
+    """Reads rows of an uncompressed FITS image with ``os.preadv`` into fresh arrays.
+
+    Unlike a memory map, nothing stays mapped after the rows are used, so the resident memory
+    of a stack does not grow with the number of frames.  Indexing supports what
+    :func:`rotated_rows` needs: ``img[r0:r1]`` and ``img[:, c0:c1]`` (always a copy).
+    """
+
+    _DTYPES = {8: np.dtype("u1"), 16: np.dtype(">i2"), 32: np.dtype(">i4"),
+               64: np.dtype(">i8"), -32: np.dtype(">f4"), -64: np.dtype(">f8")}
+
+    def __init__(self, hdul: fits.HDUList, index: int) -> None:
+        hdu = hdul[index]
+        self.dtype = self._DTYPES[int(hdu.header["BITPIX"])]
+        self.shape = _image_shape(hdu)
+        self.offset = int(hdu._data_offset)
+        self.path = getattr(hdul, "_soxs_expanded", None) or hdul.filename()
+
+    def _rows(self, r0: int, r1: int) -> np.ndarray:
+        r0, r1 = max(0, r0), min(self.shape[0], r1)
+        out = np.empty((max(0, r1 - r0), self.shape[1]), self.dtype)
+        if out.size:
+            row_bytes = self.shape[1] * self.dtype.itemsize
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [out.view(np.uint8).reshape(-1)],
+                                self.offset + r0 * row_bytes)
+            finally:
+                os.close(fd)
+            if got != out.nbytes:
+                raise InputError(f"{self.path}: truncated FITS data")
+        return out
+
+    def __getitem__(self, key):
+        rows, cols = key if isinstance(key, tuple) else (key, slice(None))
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise IndexError("row step must be 1")
+        return self._rows(start, stop)[:, cols]
 
 
 class _LazyScaled:

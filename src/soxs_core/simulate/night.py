@@ -241,9 +241,11 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
                                 [(p, f"BIAS_{tag}") for p in res.raw["BIAS"]], outdir,
                                 relative_sof)
     if n_dark:
+        # UV-VIS darks are bias-subtracted with the master bias of the night
+        dark_calibs = [(mbias, f"MASTER_BIAS_{tag}")] if a.is_ccd and n_bias else []
         res.sofs["dark"] = _sof(outdir / "dark.sof",
-                                [(p, f"DARK_{tag}") for p in res.raw["DARK"]], outdir,
-                                relative_sof)
+                                [(p, f"DARK_{tag}") for p in res.raw["DARK"]] + dark_calibs,
+                                outdir, relative_sof)
     flat_entries: list[tuple[Path, str]] = []
     for ftype, _ in sim.flat_kinds():
         flat_entries += [(p, f"{ftype}_{tag}") for p in res.raw.get(ftype, [])]

@@ -1,0 +1,141 @@
+"""Benchmark soxs_mbias / soxs_mdark end to end and the stacking kernel alone.
+
+    python benchmarks/bench_masters.py [--workdir DIR] [--soxspipe-venv VENV] [--repeat 3]
+
+* generates 11 (and 21) X-shooter VIS 1x1 raw bias frames (2106x4000 uint16) and 11 darks
+  with the project's simulator;
+* runs ``soxs-esorex soxs_mbias`` and ``soxs_mdark`` in fresh processes and reports wall time
+  and peak resident memory (from the child's rusage), best of ``--repeat`` runs;
+* times the Cython stacking kernel on an 11x4000x2048 cube (X-shooter defaults: 5 sigma,
+  3 iterations) with all cores and with one;
+* with ``--soxspipe-venv``, runs soxspipe 0.17.4's soxs_mbias on the same 11 frames and prints
+  the ratios.
+
+The machine is shared and noisy: compare the ratios measured in one run, not absolute times
+from different runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_child(cmd: list[str], cwd: Path | None = None) -> tuple[float, float]:
+    """Wall time (s) and peak RSS (MiB) of a child process; raises if it fails."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.strip()}")
+    return wall, usage.ru_maxrss / 1024.0
+
+
+def best(cmd: list[str], repeat: int, cwd: Path | None = None) -> tuple[float, float]:
+    runs = [run_child(cmd, cwd) for _ in range(repeat)]
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def make_frames(workdir: Path) -> dict[str, list[Path]]:
+    from soxs_core.simulate import DetectorSimulator
+
+    sim = DetectorSimulator(arm="xsh_vis", binning="1x1", readout="slow", seed=1)
+    frames = {}
+    for name, n in (("bias11", 11), ("bias21", 21)):
+        target = workdir / name
+        if not target.exists() or len(list(target.glob("*.fits"))) != n:
+            shutil.rmtree(target, ignore_errors=True)
+            sim.write_bias(target, n=n)
+        frames[name] = sorted(target.glob("*.fits"))
+    target = workdir / "dark11"
+    if not target.exists() or len(list(target.glob("*.fits"))) != 11:
+        shutil.rmtree(target, ignore_errors=True)
+        sim.write_dark(target, n=11, exptime=600.0)
+    frames["dark11"] = sorted(target.glob("*.fits"))
+    return frames
+
+
+def kernel_times(repeat: int) -> dict[str, float]:
+    from soxs_core.stacking import ClipSettings, clip_and_stack_arrays, default_threads
+
+    rng = np.random.default_rng(0)
+    shape = (11, 4000, 2048)
+    data = rng.normal(1000.0, 3.0, shape).astype(np.float32)
+    data[rng.random(shape) < 1e-3] += 500.0  # a few cosmic rays to clip
+    errors = np.full(shape, 3.0, np.float32)
+    qual = np.zeros(shape, np.uint8)
+    settings = ClipSettings(5.0, 5.0, 3)
+    out = {}
+    for label, threads in (("all cores", default_threads()), ("1 thread", 1)):
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            clip_and_stack_arrays(data, errors, qual, settings, threads=threads)
+            times.append(time.perf_counter() - start)
+        out[label] = min(times)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default="/tmp/soxs-bench")
+    parser.add_argument("--soxspipe-venv", help="virtual environment with soxspipe 0.17.4")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    frames = make_frames(workdir)
+    esorex = shutil.which("soxs-esorex") or str(Path(sys.executable).parent / "soxs-esorex")
+
+    def sof(name: str, tag: str, extra: str = "") -> Path:
+        path = workdir / f"{name}.sof"
+        path.write_text("".join(f"{p} {tag}\n" for p in frames[name]) + extra)
+        return path
+
+    results = {}
+    out = workdir / "out"
+    results["soxs_mbias 11"] = best([esorex, "--overwrite", "--output-dir", str(out),
+                                     "soxs_mbias", str(sof("bias11", "BIAS_VIS"))], args.repeat)
+    results["soxs_mbias 21"] = best([esorex, "--overwrite", "--output-dir", str(workdir / "o21"),
+                                     "soxs_mbias", str(sof("bias21", "BIAS_VIS"))], args.repeat)
+    mbias = out / "master_bias_vis.fits"
+    results["soxs_mdark 11"] = best(
+        [esorex, "--overwrite", "--output-dir", str(out), "soxs_mdark",
+         str(sof("dark11", "DARK_VIS", f"{mbias} MASTER_BIAS_VIS\n"))], args.repeat)
+    kernel = kernel_times(args.repeat)
+
+    print(f"\nmachine: {os.cpu_count()} cores; frames: X-shooter VIS 1x1, 2106x4000 uint16")
+    print(f"{'step':<34}{'wall [s]':>10}{'peak RSS [MiB]':>16}")
+    for name, (wall, rss) in results.items():
+        print(f"{name + ' frames':<34}{wall:>10.2f}{rss:>16.0f}")
+    for label, seconds in kernel.items():
+        print(f"{'stacking kernel 11x4000x2048, ' + label:<34}{seconds:>10.3f}")
+    print("  (reference: CPL collapse_sigclip_create on the same cube: 1.86 s)")
+    m11, m21 = results["soxs_mbias 11"][1], results["soxs_mbias 21"][1]
+    print(f"peak memory 21 vs 11 frames: {m21 / m11:.2f}x")
+    if args.soxspipe_venv:
+        python = Path(args.soxspipe_venv) / "bin" / "python"
+        runner = HERE / "soxspipe_mbias_runner.py"
+        raw = workdir / "bias11"
+        wall, rss = best([str(python), str(runner), str(raw), str(workdir / "soxspipe")],
+                         1)
+        ours = results["soxs_mbias 11"]
+        print(f"{'soxspipe 0.17.4 mbias 11 frames':<34}{wall:>10.2f}{rss:>16.0f}")
+        print(f"speed-up {wall / ours[0]:.1f}x, memory ratio {ours[1] / rss:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
