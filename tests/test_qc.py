@@ -67,3 +67,15 @@ def test_clipped_stats_and_block_mean():
     mean, median, std = clipped_stats(values, 3, 5)
     assert mean == pytest.approx(10, abs=0.03) and std == pytest.approx(2, rel=0.03)
     assert block_mean(np.arange(16.0).reshape(4, 4), 2).tolist() == [[2.5, 4.5], [10.5, 12.5]]
+
+
+def test_cell_interpolation_equals_separable_np_interp():
+    from soxs_core.qc import _interpolate_cells
+
+    cells = np.random.default_rng(6).normal(0, 1, (7, 5)).astype(np.float32)
+    for shape, cy, cx in [((230, 170), 32, 32), ((21, 16), 3, 3), ((7, 5), 1, 1)]:
+        py = np.clip((np.arange(shape[0]) + 0.5) / cy - 0.5, 0, cells.shape[0] - 1)
+        px = np.clip((np.arange(shape[1]) + 0.5) / cx - 0.5, 0, cells.shape[1] - 1)
+        rows = np.array([np.interp(py, np.arange(cells.shape[0]), c) for c in cells.T]).T
+        ref = np.array([np.interp(px, np.arange(cells.shape[1]), r) for r in rows])
+        np.testing.assert_allclose(_interpolate_cells(cells, shape, cy, cx), ref, atol=1e-5)

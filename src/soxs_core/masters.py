@@ -216,9 +216,8 @@ def _finish_master(result, raw_noise: float, settings: MasterSettings,
     """
     value, error, qual = result.value, result.error, result.qual
     good = qual == 0
-    # two passes are enough for the model: outliers are few and the medians robust
-    model = smooth_background(value, good, iterations=min(2, max(
-        1, settings.frame_clipping_iterations)), step=4)
+    # one pass is enough for the model: outliers are few and its medians robust to them
+    model = smooth_background(value, good, iterations=1, step=4)
     resid = value - model
     threshold = settings.frame_clipping_sigma * raw_noise
     hot = good & (resid > threshold)

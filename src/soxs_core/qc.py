@@ -62,8 +62,8 @@ def read_noise_from_pair(a: np.ndarray, b: np.ndarray, sigma: float = 5.0,
     """
     diff = (np.asarray(a, np.float32) - np.asarray(b, np.float32)).ravel()
     diff = diff[np.isfinite(diff)]
-    if diff.size > 400_000:  # plenty for a noise figure
-        diff = diff[:: diff.size // 200_000]
+    if diff.size > 200_000:  # plenty for a noise figure
+        diff = diff[:: diff.size // 100_000]
     diff = diff.astype(np.float64)
     if diff.size == 0:
         return float("nan")
@@ -88,17 +88,29 @@ def block_mean(image: np.ndarray, block: int) -> np.ndarray:
     return rows.reshape(ny // block, nx // block, block).sum(axis=2) / np.float32(block * block)
 
 
-def _interpolation_matrix(n: int, cell: int, ncell: int) -> np.ndarray:
-    """Weights (n x ncell) of linear interpolation from cell centres to pixel centres, with the
-    end cells extended to the edges."""
+def _interpolation_weights(n: int, cell: int, ncell: int
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower/upper cell index and weight of the upper one, for linear interpolation from cell
+    centres to the centres of ``n`` pixels (end cells extended to the edges)."""
     pos = np.clip((np.arange(n) + 0.5) / cell - 0.5, 0, ncell - 1)
-    low = np.floor(pos).astype(int)
+    low = np.floor(pos).astype(np.intp)
     high = np.minimum(low + 1, ncell - 1)
-    frac = pos - low
-    weights = np.zeros((n, ncell))
-    weights[np.arange(n), low] += 1 - frac
-    weights[np.arange(n), high] += frac
-    return weights
+    return low, high, (pos - low).astype(np.float32)
+
+
+def _interpolate_cells(cells: np.ndarray, shape: tuple[int, int], cy: int, cx: int
+                       ) -> np.ndarray:
+    """Bilinear interpolation of a grid of cell values onto the full image (``np.take``
+    gathers: much faster than fancy indexing)."""
+    ly, hy, fy = _interpolation_weights(shape[0], cy, cells.shape[0])
+    lx, hx, fx = _interpolation_weights(shape[1], cx, cells.shape[1])
+    cells = np.asarray(cells, np.float32)
+    rows = np.take(cells, ly, axis=0) * (1 - fy)[:, None] \
+        + np.take(cells, hy, axis=0) * fy[:, None]
+    out = np.take(rows, lx, axis=1)
+    out *= (1 - fx)[None, :]
+    out += np.take(rows, hx, axis=1) * fx[None, :]
+    return out
 
 
 def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
@@ -117,19 +129,17 @@ def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
     use = good & np.isfinite(data)
     ny, nx = data.shape
     cy, cx = max(1, min(cell, ny)), max(1, min(cell, nx))
-    ncy, ncx = ny // cy, nx // cx
-    wy = _interpolation_matrix(ny, cy, max(1, ncy))
-    wx = _interpolation_matrix(nx, cx, max(1, ncx))
+    ncy, ncx = max(1, ny // cy), max(1, nx // cx)
     sub = (slice(None, None, step), slice(None, None, step))
     fill = float(np.median(data[use][::97])) if use.any() else 0.0
     model = np.full(data.shape, fill, np.float32)
-    for _ in range(max(1, iterations)):
+    for iteration in range(max(1, iterations)):
         # masked pixels take the current model value, which leaves medians unbiased
         filled = np.where(use, data, model)
-        cells = filled[: ncy * cy, : ncx * cx][::1, ::1].reshape(ncy, cy, ncx, cx)
+        cells = filled[: ncy * cy, : ncx * cx].reshape(ncy, cy, ncx, cx)
         cells = cells[:, ::step, :, ::step]
         med = np.median(cells.transpose(0, 2, 1, 3).reshape(ncy, ncx, -1), axis=2)
-        smooth = (wy @ med.astype(np.float64) @ wx.T).astype(np.float32)
+        smooth = _interpolate_cells(med.astype(np.float32), (ny, nx), cy, cx)
         if lines:
             col = np.median(filled[sub[0]] - smooth[sub[0]], axis=0)
             row = np.median(filled[:, sub[1]] - smooth[:, sub[1]] - col[None, sub[1]], axis=1)
@@ -138,6 +148,8 @@ def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
             model = smooth
         else:
             model = smooth
+        if iteration + 1 >= max(1, iterations):
+            break
         deviation = data - model
         scale = robust_std(deviation[::4, ::4][use[::4, ::4]])
         if not np.isfinite(scale) or scale <= 0:
@@ -146,7 +158,7 @@ def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
         if np.array_equal(new_use, use):
             break
         use = new_use
-    return model.astype(np.float32)
+    return model.astype(np.float32, copy=False)
 
 
 def structure_slopes(image: np.ndarray, good: np.ndarray) -> tuple[float, float]:
@@ -196,7 +208,7 @@ def periodic_pattern_metric(binned: np.ndarray, reference: np.ndarray | None = N
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        reference_level = np.nanmedian(amp[3:-2, 3:])
+        reference_level = np.nanmedian(amp[3:-2:2, 3::2])
         lines = [amp[k, :] for k in (0, 1, 2, -1, -2)] + [amp[:, k] for k in (0, 1, 2)]
         for line in lines:
             level = np.nanmedian(line)
