@@ -86,3 +86,17 @@ def test_compressed_inputs_read_like_plain_ones(tmp_path):
         ncompress.compress(src, dst)
     np.testing.assert_array_equal(RawFrame.open(tmp_path / "z.fits.Z").read_band()[0],
                                   reference)
+
+
+def test_missing_gain_falls_back_to_the_arm_value_and_says_so(tmp_path, caplog):
+    arm = ARMS["xsh_vis"]
+    data = np.full(arm.raw_shape, 1000, np.uint16)
+    path = tmp_path / "nogain.fits"
+    _write_raw(path, arm, data)
+    with fits.open(path, mode="update") as hdul:
+        del hdul[0].header["HIERARCH " + arm.keywords["gain"]]
+    with caplog.at_level("WARNING"):
+        frame = RawFrame.open(path)
+    assert frame.gain == arm.gain and frame.gain_source == "default"
+    assert "nogain.fits" in caplog.text and "default gain" in caplog.text
+    assert frame.read_band(0, 1)[0][0, 0] == pytest.approx(1000 * arm.gain)

@@ -14,7 +14,7 @@ from soxs_core.simulate import DetectorSimulator
 from soxs_recipes import soxs_mbias, soxs_mdark
 from soxs_recipes.cli import plugin_dir
 from soxs_recipes.cli import run as esorex
-from soxs_recipes.compat import standin
+from soxs_recipes.compat import ui
 from soxs_recipes.mbias import SoxsMbias
 from soxs_recipes.mdark import SoxsMdark
 
@@ -148,10 +148,10 @@ def test_pyrecipe_classes_run_like_pycpl_would(night, tmp_path, monkeypatch):
     assert "soxs.soxs_mbias.stacked-clipping-sigma" in names
     assert {p.cli_alias for p in recipe.parameters} >= {"stacked-clipping-sigma"}
     monkeypatch.chdir(tmp_path)
-    frameset = standin.FrameSet(str(root / "bias.sof"))
+    frameset = ui.FrameSet(str(root / "bias.sof"))
     products = recipe.run(frameset, {"soxs.soxs_mbias.stacked-clipping-sigma": 4.0})
     assert [f.tag for f in products] == ["MASTER_BIAS_VIS"]
-    assert products[0].group == standin.Frame.FrameGroup.PRODUCT
+    assert products[0].group == ui.Frame.FrameGroup.PRODUCT
     assert Path(products[0].file).parent == tmp_path
     assert SoxsMdark()._name == "soxs_mdark"
 

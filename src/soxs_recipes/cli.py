@@ -197,6 +197,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         recipe.overwrite = args.overwrite
         frameset = ui.FrameSet()
         for path, tag in frames:
+            if not Path(path).is_file():  # cpl.ui.Frame itself refuses a missing file
+                raise SoxsError(f"{path}: file not found")
             frameset.append(ui.Frame(path, tag=tag))
         products = recipe.run(frameset, settings)
         if args.products_sof:
@@ -213,7 +215,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a bug: still one line, and the traceback in the log
         log.debug("unexpected failure\n%s", traceback.format_exc())
-        print(f"soxs-esorex: ERROR: internal error {type(exc).__name__}: {exc}",
+        message = " ".join(str(exc).split())
+        print(f"soxs-esorex: ERROR: internal error {type(exc).__name__}: {message}",
               file=sys.stderr)
         return 3
 
