@@ -27,7 +27,8 @@ def test_recipes_are_real_pyrecipes_and_run(tmp_path, monkeypatch):
     sof = tmp_path / "bias.sof"
     sof.write_text("".join(f"{p} BIAS_VIS\n" for p in paths))
     monkeypatch.chdir(tmp_path)
-    products = recipe.run(cpl.ui.FrameSet(str(sof)), {"soxs.soxs_mbias.stacked-clipping-sigma": 4.0})
+    settings = {"soxs.soxs_mbias.stacked-clipping-sigma": 4.0}
+    products = recipe.run(cpl.ui.FrameSet(str(sof)), settings)
     assert isinstance(products, cpl.ui.FrameSet)
     frame = products[0]
     assert frame.tag == "MASTER_BIAS_VIS" and frame.group == cpl.ui.Frame.FrameGroup.PRODUCT
