@@ -159,31 +159,27 @@ def open_fits(path: str | os.PathLike, scratch: ScratchDir | None = None) -> fit
     return hdul
 
 
-def read_scaled(hdu, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-    """Read (part of) an image HDU as float32 with BSCALE/BZERO applied.
-
-    ``CompImageHDU`` data are decompressed by astropy and already scaled.
-    """
-    if isinstance(hdu, fits.CompImageHDU):
-        data = np.asarray(hdu.section[rows or slice(None), cols or slice(None)])
-        out = data.astype(np.float32)
-        if data.dtype.kind in "iu":  # opened without scaling: apply BSCALE/BZERO here
-            bscale = float(hdu.header.get("BSCALE", 1.0))
-            bzero = float(hdu.header.get("BZERO", 0.0))
-            if bscale != 1.0:
-                out *= np.float32(bscale)
-            if bzero != 0.0:
-                out += np.float32(bzero)
-        return out
-    raw = hdu.data
-    if raw is None:
-        raise InputError("image HDU has no data")
-    block = raw[rows or slice(None), cols or slice(None)]
-    out = block.astype(np.float32)
-    bscale = float(hdu.header.get("BSCALE", 1.0))
-    bzero = float(hdu.header.get("BZERO", 0.0))
+def scaled_float32(stored: np.ndarray, header) -> np.ndarray:
+    """Stored FITS values as float32 physical values: ``stored * BSCALE + BZERO``, in float32
+    and in that order (the ``_prepare`` kernel rounds the same way)."""
+    out = np.asarray(stored).astype(np.float32)
+    bscale = float(header.get("BSCALE", 1.0))
+    bzero = float(header.get("BZERO", 0.0))
     if bscale != 1.0:
         out *= np.float32(bscale)
     if bzero != 0.0:
         out += np.float32(bzero)
     return out
+
+
+def read_scaled(hdu, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
+    """Read (part of) an image HDU as float32 with BSCALE/BZERO applied."""
+    key = (rows or slice(None), cols or slice(None))
+    if isinstance(hdu, fits.CompImageHDU):
+        data = np.asarray(hdu.section[key])
+        # integers come back unscaled (the file is opened without scaling), floats scaled
+        return scaled_float32(data, hdu.header) if data.dtype.kind in "iu" else \
+            data.astype(np.float32)
+    if hdu.data is None:
+        raise InputError("image HDU has no data")
+    return scaled_float32(hdu.data[key], hdu.header)

@@ -15,7 +15,7 @@ import numpy as np
 from astropy.io import fits
 
 from .errors import InputError
-from .fitsio import open_fits
+from .fitsio import open_fits, scaled_float32
 from .quality import describe_bits
 
 __all__ = ["DetectorImage", "read_image_product", "image_hdulist"]
@@ -105,9 +105,4 @@ def read_image_product(path: str | os.PathLike) -> DetectorImage:
 
 
 def _scaled(hdu) -> np.ndarray:
-    out = np.array(hdu.data, dtype=np.float32)
-    bscale = float(hdu.header.get("BSCALE", 1.0))
-    bzero = float(hdu.header.get("BZERO", 0.0))
-    if bscale != 1.0 or bzero != 0.0:
-        out = out * np.float32(bscale) + np.float32(bzero)
-    return out
+    return scaled_float32(hdu.data, hdu.header)

@@ -18,7 +18,7 @@ from astropy.io import fits
 
 from . import _prepare
 from .errors import InputError
-from .fitsio import ScratchDir, image_hdu_index, open_fits, read_scaled
+from .fitsio import ScratchDir, image_hdu_index, open_fits, read_scaled, scaled_float32
 from .instruments import Arm, arm_from_header
 from .quality import Qual
 
@@ -207,14 +207,7 @@ class RawFrame:
         block = block[:, cols]
         if isinstance(hdu, fits.CompImageHDU):
             return np.ascontiguousarray(block, dtype=np.float32)
-        out = block.astype(np.float32)
-        bscale = float(hdu.header.get("BSCALE", 1.0))
-        bzero = float(hdu.header.get("BZERO", 0.0))
-        if bscale != 1.0:
-            out *= np.float32(bscale)
-        if bzero != 0.0:
-            out += np.float32(bzero)
-        return out
+        return scaled_float32(block, hdu.header)
 
     def prepare_into(self, start: int, stop: int, electrons: np.ndarray, error: np.ndarray,
                      qual: np.ndarray, static_bits: np.ndarray, read_noise: float,
