@@ -29,6 +29,7 @@ import numpy as np
 from cython.parallel cimport prange, threadid
 from libc.math cimport fabs, isfinite, sqrt, NAN, INFINITY
 from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
 
 cdef unsigned char NO_DATA = 32
 cdef double MAD_TO_STD = 1.482602218505602
@@ -258,6 +259,8 @@ cdef void _stack_tile(
     cdef bint good
     cdef double total[TILE]
     cdef double sumsq[TILE]
+    cdef unsigned char any_bits = 0
+    cdef bint nonfinite = False
     for jj in range(TILE):
         counts[jj] = 0
         qand[jj] = 255
@@ -265,20 +268,47 @@ cdef void _stack_tile(
         sumsq[jj] = 0.0
     for k in range(nframes):
         for jj in range(width):
-            v = dptr[k * fstride + jj]
-            e = eptr[k * fstride + jj]
-            q = qptr[k * fstride + jj]
-            qand[jj] &= q
-            # v - v == 0 is false exactly for NaN and infinities
-            good = ((q & reject_bits) == 0) & (v - v == 0) & (e - e == 0)
-            tv[k * TILE + jj] = v if good else NAN
-            te[k * TILE + jj] = e if good else NAN
-            ts[k * TILE + jj] = v if good else INFINITY   # sorts after every usable value
-            counts[jj] += good
-            total[jj] += <double>v if good else 0.0
-            sumsq[jj] += <double>e * <double>e if good else 0.0
-        for jj in range(width, TILE):
-            ts[k * TILE + jj] = INFINITY
+            any_bits |= qptr[k * fstride + jj]
+    if (any_bits & reject_bits) == 0:
+        # the usual tile: no input flag rejects anything, so copy the rows as they are and
+        # accumulate in straight loops; fall back below only if a value is not finite
+        for k in range(nframes):
+            memcpy(tv + k * TILE, dptr + k * fstride, width * sizeof(float))
+            memcpy(te + k * TILE, eptr + k * fstride, width * sizeof(float))
+            memcpy(ts + k * TILE, tv + k * TILE, width * sizeof(float))
+            for jj in range(width):
+                v = tv[k * TILE + jj]
+                e = te[k * TILE + jj]
+                nonfinite |= not ((v - v == 0) & (e - e == 0))
+                total[jj] += <double>v
+                sumsq[jj] += <double>e * <double>e
+                qand[jj] &= qptr[k * fstride + jj]
+            for jj in range(width, TILE):
+                ts[k * TILE + jj] = INFINITY
+        for jj in range(width):
+            counts[jj] = nframes
+    if (any_bits & reject_bits) != 0 or nonfinite:
+        for jj in range(TILE):
+            counts[jj] = 0
+            qand[jj] = 255
+            total[jj] = 0.0
+            sumsq[jj] = 0.0
+        for k in range(nframes):
+            for jj in range(width):
+                v = dptr[k * fstride + jj]
+                e = eptr[k * fstride + jj]
+                q = qptr[k * fstride + jj]
+                qand[jj] &= q
+                # v - v == 0 is false exactly for NaN and infinities
+                good = ((q & reject_bits) == 0) & (v - v == 0) & (e - e == 0)
+                tv[k * TILE + jj] = v if good else NAN
+                te[k * TILE + jj] = e if good else NAN
+                ts[k * TILE + jj] = v if good else INFINITY   # sorts after usable values
+                counts[jj] += good
+                total[jj] += <double>v if good else 0.0
+                sumsq[jj] += <double>e * <double>e if good else 0.0
+            for jj in range(width, TILE):
+                ts[k * TILE + jj] = INFINITY
     padded = (width + 3) & ~3
     for c in range(npairs):
         soxs_cswap_rows(ts + network[2 * c] * TILE, ts + network[2 * c + 1] * TILE, padded)
