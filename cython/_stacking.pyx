@@ -244,6 +244,16 @@ cdef inline void _clip_pixel(
     qout[0] = qand
 
 
+cdef inline void _reset_sums(int* counts, unsigned char* qand, double* total,
+                             double* sumsq) noexcept nogil:
+    cdef int jj
+    for jj in range(TILE):
+        counts[jj] = 0
+        qand[jj] = 255
+        total[jj] = 0.0
+        sumsq[jj] = 0.0
+
+
 cdef void _stack_tile(
     const float* dptr, const float* eptr, const unsigned char* qptr, Py_ssize_t fstride,
     int nframes, int width, unsigned char reject_bits, double sigma_lower, double sigma_upper,
@@ -261,11 +271,7 @@ cdef void _stack_tile(
     cdef double sumsq[TILE]
     cdef unsigned char any_bits = 0
     cdef bint nonfinite = False
-    for jj in range(TILE):
-        counts[jj] = 0
-        qand[jj] = 255
-        total[jj] = 0.0
-        sumsq[jj] = 0.0
+    _reset_sums(counts, qand, total, sumsq)
     for k in range(nframes):
         for jj in range(width):
             any_bits |= qptr[k * fstride + jj]
@@ -288,11 +294,7 @@ cdef void _stack_tile(
         for jj in range(width):
             counts[jj] = nframes
     if (any_bits & reject_bits) != 0 or nonfinite:
-        for jj in range(TILE):
-            counts[jj] = 0
-            qand[jj] = 255
-            total[jj] = 0.0
-            sumsq[jj] = 0.0
+        _reset_sums(counts, qand, total, sumsq)
         for k in range(nframes):
             for jj in range(width):
                 v = dptr[k * fstride + jj]
