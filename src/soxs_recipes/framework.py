@@ -275,7 +275,8 @@ def man_page(spec: RecipeSpec, include_header: bool = True) -> str:
         out += ["", "QC KEYWORDS"]
         for q in spec.qc:
             unit = f" [{q.unit}]" if q.unit else ""
-            out.append(f"  ESO QC {q.name}{unit}: {q.description}")
+            out += textwrap.wrap(f"ESO QC {q.name}{unit}: {q.description}", 88,
+                                 initial_indent="  ", subsequent_indent="      ")
     out += ["", "IMAGE PRODUCTS", "  FLUX (e-), QUAL (uint8 bits: 1 static bad pixel, 2 hot, "
             "4 cold/low sensitivity, 8 saturated, 16 cosmic ray, 32 no data, 64 non-finite, "
             "128 outside orders), ERRS (1-sigma e-)."]

@@ -15,7 +15,8 @@ MASTER_PARAMS = (
           synonyms=("clipping-iteration-count", "frame_clipping_iterations"), minimum=0),
     Param("stacked-clipping-sigma", float,
           "Number of sigma deviations from the median pixel flux beyond which a pixel is "
-          "excluded from the stack (per-pixel clip across frames, MAD scale).",
+          "excluded from the stack (per-pixel clip across frames; sigma is the MAD scale, "
+          "never below the values' own propagated errors).",
           minimum=0.1),
     Param("stacked-clipping-iterations", int,
           "Number of sigma-clipping iterations to perform before stacking.", minimum=0),
