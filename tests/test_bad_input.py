@@ -176,3 +176,18 @@ def test_bad_parameter_value(tmp_path, capsys, frames):
     err = capsys.readouterr().err
     assert status != 0 and "stacking-method" in err and "not one of" in err
     assert not (tmp_path / "out" / "master_bias_vis.fits").exists()
+
+
+def test_master_bias_of_another_binning(tmp_path, capsys, frames):
+    _, f = frames
+    sof = tmp_path / "b.sof"
+    sof.write_text("".join(f"{p} BIAS_VIS\n" for p in f["bias"]))
+    assert esorex(["--output-dir", str(tmp_path / "mb"), "soxs_mbias", str(sof)]) == 0
+    capsys.readouterr()
+    other = DetectorSimulator(arm="xsh_vis", binning="1x2", readout="fast", seed=1)
+    darks = other.write_dark(tmp_path / "d12", n=3, exptime=60.0)
+    mbias = tmp_path / "mb" / "master_bias_vis.fits"
+    err = _run_fails(tmp_path, capsys, "soxs_mdark",
+                     [(p, "DARK_VIS") for p in darks] + [(mbias, "MASTER_BIAS_VIS")],
+                     "different binning")
+    assert "master_bias_vis.fits" in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -193,15 +194,26 @@ def _stack(frames: Sequence[RawFrame], settings: MasterSettings,
     return result, stats
 
 
-def _frame_statistics(stats: _PassStatistics, settings: MasterSettings):
+def parallel_map(func, items, threads: int | None = None) -> list:
+    """``[func(x) for x in items]`` on a thread pool: the per-frame statistics are numpy calls
+    (FFTs, partitions) that release the GIL, so both cores work on them."""
+    items = list(items)
+    nthreads = min(default_threads(threads), max(1, len(items)))
+    if nthreads == 1:
+        return [func(x) for x in items]
+    with ThreadPoolExecutor(nthreads) as pool:
+        return list(pool.map(func, items))
+
+
+def _frame_statistics(stats: _PassStatistics, settings: MasterSettings,
+                      threads: int | None = None):
     """Per-frame clipped levels and the raw read noise from consecutive frame pairs."""
-    levels = []
-    for k in range(stats.nframes):
-        mean, _, _ = clipped_stats(stats.frame_sample(k), settings.frame_clipping_sigma,
-                                   settings.frame_clipping_iterations)
-        levels.append(mean)
-    noises = [read_noise_from_pair(stats.frame_sample(k), stats.frame_sample(k + 1))
-              for k in range(stats.nframes - 1)]
+    samples = [stats.frame_sample(k) for k in range(stats.nframes)]
+    levels = parallel_map(lambda v: clipped_stats(v, settings.frame_clipping_sigma,
+                                                  settings.frame_clipping_iterations)[0],
+                          samples, threads)
+    noises = parallel_map(lambda k: read_noise_from_pair(samples[k], samples[k + 1]),
+                          range(stats.nframes - 1), threads)
     return levels, float(np.mean(noises)) if noises else float("nan")
 
 
@@ -280,7 +292,7 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     """
     ranges = qc_ranges or {}
     result, stats = _stack(frames, settings, None, threads)
-    levels, raw_noise = _frame_statistics(stats, settings)
+    levels, raw_noise = _frame_statistics(stats, settings, threads)
     image, _, master_noise = _finish_master(result, raw_noise, settings, flag_cold=True)
     good = image.qual == 0
     structx, structy = structure_slopes(image.data, good)
@@ -288,8 +300,9 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     flagged = (image.qual & input_flags) != 0
     binned_master = block_mean(np.where(flagged, np.median(image.data[::7, ::7]), image.data),
                                FPN_BLOCK)
-    fpn = max(periodic_pattern_metric(stats.frame_binned(k), binned_master)
-              for k in range(len(frames)))
+    fpn = max(parallel_map(lambda k: periodic_pattern_metric(stats.frame_binned(k),
+                                                             binned_master),
+                           range(len(frames)), threads))
     nbad = int(np.count_nonzero(image.qual))
     qc = dict([
         _qc("RAW RON", raw_noise, "read noise of a raw bias [e-]", ranges),
@@ -346,7 +359,7 @@ def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
     else:
         bias_level = _quick_levels(frames, settings)
     result, stats = _stack(frames, settings, bias_level, threads)
-    levels, raw_noise = _frame_statistics(stats, settings)
+    levels, raw_noise = _frame_statistics(stats, settings, threads)
     if master_bias is not None:
         result.value -= master_bias.data
         np.sqrt(result.error ** 2 + master_bias.error ** 2, out=result.error)

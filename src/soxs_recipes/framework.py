@@ -330,6 +330,11 @@ class RecipeContext:
         catg = str(image.header.get("ESO PRO CATG", "")).strip()
         if catg and catg != tag:
             raise InputError(f"{path}: tagged {tag} but its PRO CATG is {catg}")
+        first = next(iter(self.raw.values()))[0]
+        if image.shape != first.prepared_shape:
+            raise InputError(f"{path}: calibration is {image.shape[1]}x{image.shape[0]} px, "
+                             f"the {first.binning} raw frames are {first.prepared_shape[1]}x"
+                             f"{first.prepared_shape[0]} px (different binning?)")
         self._calib_refs.append(FrameRef(path=path, tag=tag,
                                          md5=str(image.header.get("DATAMD5", "")) or None))
         return image
