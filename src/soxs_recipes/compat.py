@@ -156,7 +156,8 @@ class FrameSet:
     """Stand-in for ``cpl.ui.FrameSet``: a list of frames, optionally read from an SOF.
 
     An SOF has one frame per line: ``path TAG`` and an optional third column ``RAW`` or
-    ``CALIB``; blank lines and ``#`` comments are skipped.
+    ``CALIB``; blank lines and ``#`` comments are skipped.  Relative paths are taken relative
+    to the SOF's directory, as PyCPL does.
     """
 
     def __init__(self, source: str | os.PathLike | Iterable[Frame] | None = None) -> None:
@@ -178,7 +179,10 @@ class FrameSet:
             group = Frame.FrameGroup.NONE
             if len(fields) > 2 and fields[2].upper() in ("RAW", "CALIB"):
                 group = Frame.FrameGroup[fields[2].upper()]
-            self._frames.append(Frame(fields[0], tag=tag, group=group))
+            file = Path(fields[0]).expanduser()
+            if not file.is_absolute():
+                file = path.parent / file
+            self._frames.append(Frame(str(file), tag=tag, group=group))
 
     def append(self, frame: Frame) -> None:
         self._frames.append(frame)
