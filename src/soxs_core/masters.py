@@ -245,6 +245,23 @@ def _finish_master(result, raw_noise: float, settings: MasterSettings,
     return DetectorImage(data=value, error=error, qual=qual), model, master_noise
 
 
+def _errors_from_measured_noise(result, frame: RawFrame, raw_noise: float) -> None:
+    """Rescale a bias stack's errors from the header read noise to the measured one.
+
+    A bias frame's error is its read noise alone, so the stacked ERRS scale with it.  The
+    noise measured from frame-pair differences is what the frames really have (header values
+    are nominal, and pick-up noise adds to them); a large disagreement is worth a warning.
+    """
+    if not (np.isfinite(raw_noise) and raw_noise > 0):
+        return
+    ratio = raw_noise / frame.read_noise
+    if abs(ratio - 1) > 0.2:
+        log.warning("%s: measured read noise %.2f e- differs from the header's %.2f e- "
+                    "(%s); ERRS use the measured value", frame.path.name, raw_noise,
+                    frame.read_noise, frame.read_noise_source)
+    result.error *= np.float32(ratio)
+
+
 def _qc(name: str, value, comment: str, ranges: dict) -> tuple[str, QcValue]:
     return name, QcValue(value=value, comment=comment, valid_range=ranges.get(name))
 
@@ -293,6 +310,7 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     ranges = qc_ranges or {}
     result, stats = _stack(frames, settings, None, threads)
     levels, raw_noise = _frame_statistics(stats, settings, threads)
+    _errors_from_measured_noise(result, frames[0], raw_noise)
     image, _, master_noise = _finish_master(result, raw_noise, settings, flag_cold=True)
     good = image.qual == 0
     structx, structy = structure_slopes(image.data, good)
