@@ -190,6 +190,10 @@ def test_soxspipe_style_api(night, tmp_path):
     dark = soxs_mdark(log=log, settings=settings, inputFrames=str(dark_dir), command=False,
                       debug=False, turnOffMP=True).produce_product()
     assert fits.getheader(dark)["ESO PRO REC1 CAL1 CATG"] == "MASTER_BIAS_VIS"
+    # an SOF path works as well, with the same result
+    again = soxs_mbias(log=log, settings=settings, inputFrames=str(root / "bias.sof"),
+                       overwrite=True)
+    assert again.produce_product() == path and again.qc["RAW RON"] == recipe.qc["RAW RON"]
     bad = soxs_mbias(log=log, settings=settings, inputFrames=[str(biases[0])])
     with pytest.raises(ValueError, match="at least 3"):
         bad.verify_input_frames()
