@@ -75,4 +75,17 @@ def test_cosmic_rays_are_rejected_and_real_structure_kept(chip):
     assert np.corrcoef(profile(frames[:2].mean(axis=0)),
                        profile(frames[2:].mean(axis=0)))[0, 1] > 0.3
     assert np.corrcoef(profile(master.value), profile(frames.mean(axis=0)))[0, 1] > 0.99
-    assert np.isfinite(periodic_pattern_metric(block_mean(frames[0], 5)))
+
+
+
+def test_pattern_noise_metric_on_real_noise(chip):
+    frames, _ = chip
+    reference = block_mean(np.median(frames, axis=0), 5)
+    # the real frames have structure and cosmic rays but no periodic pattern: white-noise level
+    values = [periodic_pattern_metric(block_mean(f, 5), reference) for f in frames]
+    assert max(values) < 2.0
+    # a pick-up sinusoid as strong as the read noise, injected into one real frame, stands out
+    ron = read_noise_from_pair(frames[0], frames[1])
+    x = np.arange(frames.shape[2])
+    injected = frames[0] + ron * np.sin(2 * np.pi * x / 13.7)[None, :]
+    assert periodic_pattern_metric(block_mean(injected, 5), reference) > 3.0
