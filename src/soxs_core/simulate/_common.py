@@ -97,15 +97,18 @@ _MODES: dict[str, dict[str, ReadoutMode]] = {
         "slow": ReadoutMode("slow", "1pt/100k/hg", 0.6, 3.2, 420.0, 90.0, "100k/1pt/hg"),
         "fast": ReadoutMode("fast", "1pt/400k/lg", 1.4, 5.3, 380.0, 25.0, "400k/1pt/lg"),
     },
+    # NIR frames are reset-subtracted up-the-ramp slopes: a small pedestal, kept a few read
+    # noises above zero so that 16-bit storage clips nothing (SOXS expects a master-dark median
+    # within [-15, 50] e-)
     "xsh_nir": {
-        "slow": ReadoutMode("slow", "NonDest", 2.12, 8.0, 70.0, 2.0),
+        "slow": ReadoutMode("slow", "NonDest", 2.12, 8.0, 20.0, 2.0),
     },
     "soxs_vis": {
         "slow": ReadoutMode("slow", "SLOW", 0.6, 3.0, 1000.0, 40.0, curid=1),
         "fast": ReadoutMode("fast", "FAST", 2.0, 7.0, 650.0, 10.0, curid=2),
     },
     "soxs_nir": {
-        "slow": ReadoutMode("slow", "UpTheRamp", 2.3, 7.3, 80.0, 2.0),
+        "slow": ReadoutMode("slow", "UpTheRamp", 2.3, 7.3, 17.0, 2.0),
     },
 }
 
