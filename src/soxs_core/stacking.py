@@ -90,10 +90,6 @@ class StackResult:
 def default_threads(threads: int | None = None) -> int:
     """Threads for the kernels: ``threads``, else SOXS_NUM_THREADS/OMP_NUM_THREADS, else all
     cores this process may use."""
-    return _threads(threads)
-
-
-def _threads(threads: int | None) -> int:
     if threads:
         return int(threads)
     env = os.environ.get("SOXS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
@@ -132,7 +128,7 @@ def clip_and_stack_arrays(
         data, errors, qual, settings.reject_bits & 0xFF, float(settings.sigma_lower),
         float(settings.sigma_upper), int(settings.max_iters), _SCALES[settings.scale],
         _COMBINES[settings.combine], out.value, out.error, out.count, out.qual,
-        _threads(threads), int(settings.error_floor),
+        default_threads(threads), int(settings.error_floor),
     )
     return out
 
@@ -182,7 +178,7 @@ def clip_and_stack(
     size = nframes * band_rows * cols
     cube, ecube = np.empty(size, np.float32), np.empty(size, np.float32)
     qcube = np.empty(size, np.uint8)
-    nthreads = _threads(threads)
+    nthreads = default_threads(threads)
     for start in range(0, rows, band_rows):
         stop = min(rows, start + band_rows)
         shape3 = (nframes, stop - start, cols)

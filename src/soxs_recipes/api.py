@@ -31,7 +31,7 @@ from soxs_core.qc import (
 from soxs_core.rawframe import RawFrame
 
 from . import mbias, mdark
-from .framework import RecipeContext, execute, frames_from_sof
+from .framework import execute, frames_from_sof
 from .settings import read_soxspipe_settings
 
 __all__ = ["soxs_mbias", "soxs_mdark"]
@@ -121,13 +121,7 @@ class _SoxspipeStyleRecipe:
 
     def produce_product(self) -> str:
         """Reduce the frames and return the path of the product."""
-        captured: dict = {}
-
-        def reduce(context: RecipeContext) -> None:
-            self.module.reduce(context)
-            captured["context"] = context
-
-        products = execute(self.module.SPEC, self.frames, self._settings(), reduce,
+        products = execute(self.module.SPEC, self.frames, self._settings(), self.module.reduce,
                            output_dir=self._output_dir(), overwrite=self.overwrite)
         path = products[0].path
         header = read_image_product(path).header
