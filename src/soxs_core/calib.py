@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from astropy.io import fits
 
 from .errors import InputError
+from .fitsfile import FitsFile
+from .fitsio import scaled_float32
 from .instruments import Arm
 
 __all__ = ["static_dir", "static_path", "load_bad_pixel_map", "arm_defaults", "load_defaults"]
@@ -44,8 +45,13 @@ def static_path(arm: Arm, name: str) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _bad_pixel_map(path: Path) -> np.ndarray:
-    with fits.open(path) as hdul:
-        data = np.asarray(hdul[0].data) != 0
+    with FitsFile(path) as fits_file:
+        primary = fits_file[0]
+        stored = fits_file.read(primary)
+    if "BSCALE" in primary.header or "BZERO" in primary.header:
+        data = scaled_float32(stored, primary.header) != 0
+    else:
+        data = stored != 0
     data.setflags(write=False)
     return data
 

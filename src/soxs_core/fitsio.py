@@ -1,27 +1,31 @@
 """Opening FITS files defensively.
 
 Raw frames arrive as plain FITS, gzip (``.fits.gz``), Unix ``compress`` (``.fits.Z``) or
-tile-compressed (``.fits.fz``).  Everything that is not a plain FITS file is expanded once into
-a private temporary file so that pixels can always be memory-mapped and read in row bands:
-memory then stays flat however many frames are stacked.
+tile-compressed (``.fits.fz``).  ``.gz`` and ``.Z`` files are expanded once into a private
+temporary file so that pixels can always be read in row bands: memory then stays flat however
+many frames are stacked.  Plain FITS is read by :mod:`soxs_core.fitsfile`; astropy is imported
+only for tile-compressed images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
 
 from .errors import InputError
+from .fitsfile import FitsFile, HDUInfo, Header
 
-__all__ = ["open_fits", "image_hdu_index", "ScratchDir"]
+__all__ = ["open_fits", "OpenFits", "image_hdu_index", "ScratchDir", "scaled_float32",
+           "read_scaled"]
 
 _FITS_MAGIC = b"SIMPLE  ="
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -81,30 +85,110 @@ def _expand_compress(path: Path, out: Path) -> None:
         raise InputError(f"{path}: corrupt or truncated .Z file ({msg[0]})")
 
 
-def image_hdu_index(hdul: fits.HDUList) -> int:
+class OpenFits:
+    """An opened FITS file: HDU layout from :mod:`soxs_core.fitsfile`, tile-compressed images
+    through astropy (imported only for them).
+
+    Items are :class:`~soxs_core.fitsfile.HDUInfo`; for a tile-compressed image the item's
+    header is the image header astropy reconstructs (NAXISn, BITPIX, BSCALE... of the image)
+    and ``compressed`` is true.
+    """
+
+    def __init__(self, source: Path, path: Path, scratch: ScratchDir | None = None) -> None:
+        self.source = source  #: the file as given
+        self.path = path  #: the plain FITS file that is read (``source`` or its expansion)
+        self._scratch = scratch  # an expansion lives as long as this object
+        self._file = FitsFile(path, name=str(source))
+        self.hdus = list(self._file.hdus)
+        self._astropy = None
+        if any(hdu.compressed for hdu in self.hdus):
+            self._open_compressed()
+
+    def _open_compressed(self) -> None:
+        import warnings
+
+        from astropy.io import fits
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hdul = fits.open(self.path, mode="readonly", memmap=True,
+                                 do_not_scale_image_data=True, lazy_load_hdus=False)
+        except Exception as exc:  # astropy raises OSError, ValueError, VerifyError...
+            raise InputError(f"{self.source}: unreadable FITS file ({exc})") from None
+        if len(hdul) < len(self.hdus):
+            hdul.close()
+            raise InputError(f"{self.source}: unreadable FITS file (astropy finds "
+                             f"{len(hdul)} HDUs, not {len(self.hdus)})")
+        self._astropy = hdul
+        for i, hdu in enumerate(self.hdus):
+            if hdu.compressed:
+                self.hdus[i] = dataclasses.replace(
+                    hdu, header=Header.from_cards(hdul[i].header.cards))
+
+    def filename(self) -> str:
+        return str(self.source)
+
+    def __len__(self) -> int:
+        return len(self.hdus)
+
+    def __iter__(self) -> Iterator[HDUInfo]:
+        return iter(self.hdus)
+
+    def __getitem__(self, key: int | str) -> HDUInfo:
+        if isinstance(key, str):
+            index = self.index_of(key)
+            if index is None:
+                raise KeyError(f"{self.source}: no HDU named {key!r}")
+            key = index
+        return self.hdus[key]
+
+    def index_of(self, name: str) -> int | None:
+        """Index of the first HDU whose EXTNAME is ``name`` (case-insensitive)."""
+        name = name.strip().upper()
+        for i, hdu in enumerate(self.hdus):
+            if hdu.name == name:
+                return i
+        return None
+
+    def astropy_hdu(self, index: int):
+        """The astropy ``CompImageHDU`` of a tile-compressed image."""
+        if not self.hdus[index].compressed or self._astropy is None:
+            raise ValueError(f"{self.source}: HDU {index} is not tile-compressed")
+        return self._astropy[index]
+
+    def read(self, index: int) -> np.ndarray:
+        """Stored values of an image HDU, BZERO/BSCALE not applied (a tile-compressed integer
+        image is decompressed by astropy, also without scaling)."""
+        hdu = self.hdus[index]
+        if hdu.compressed:
+            data = self.astropy_hdu(index).data
+            if data is None:
+                raise InputError(f"{self.source}: HDU {index} has no data")
+            return np.asarray(data)
+        return self._file.read(hdu)
+
+    def close(self) -> None:
+        if self._astropy is not None:
+            self._astropy.close()
+            self._astropy = None
+
+    def __enter__(self) -> OpenFits:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def image_hdu_index(hdul: OpenFits) -> int:
     """Index of the first HDU that holds a 2-D image (primary or, for ``.fz``, an extension)."""
     for index, hdu in enumerate(hdul):
-        if isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)):
-            if hdu.header.get("NAXIS", 0) == 2 or (
-                isinstance(hdu, fits.CompImageHDU) and hdu.header.get("ZNAXIS", 2) == 2
-            ):
-                return index
+        if (hdu.is_image or hdu.compressed) and len(hdu.shape) == 2:
+            return index
     raise InputError(f"{hdul.filename()}: no 2-D image in the file")
 
 
-def _check_complete(path: Path, hdul: fits.HDUList) -> None:
-    """Raise if the file ends before its last data unit does."""
-    size = os.path.getsize(path)
-    for hdu in hdul:
-        offset = getattr(hdu, "_data_offset", None)
-        nbytes = getattr(hdu, "_data_size", None)
-        if offset is not None and nbytes is not None and offset + nbytes > size:
-            raise InputError(
-                f"{path}: truncated FITS file ({size} bytes, data needs {offset + nbytes})"
-            )
-
-
-def open_fits(path: str | os.PathLike, scratch: ScratchDir | None = None) -> fits.HDUList:
+def open_fits(path: str | os.PathLike, scratch: ScratchDir | None = None) -> OpenFits:
     """Open a FITS file for reading, whatever its compression.
 
     Parameters
@@ -112,12 +196,12 @@ def open_fits(path: str | os.PathLike, scratch: ScratchDir | None = None) -> fit
     path : path-like
         The file.  It is never modified.
     scratch : ScratchDir, optional
-        Where compressed files are expanded; required for ``.gz`` and ``.Z`` input.
+        Where ``.gz`` and ``.Z`` files are expanded (a private one when not given).
 
     Returns
     -------
-    astropy.io.fits.HDUList
-        Opened read-only with memory mapping and without applying BZERO/BSCALE.
+    OpenFits
+        Headers and data layout of every HDU; pixels are read on demand without scaling.
 
     Raises
     ------
@@ -142,21 +226,7 @@ def open_fits(path: str | os.PathLike, scratch: ScratchDir | None = None) -> fit
         magic = _magic(target)
     if not magic.startswith(_FITS_MAGIC):
         raise InputError(f"{path}: not a FITS file (no SIMPLE card at the start)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            hdul = fits.open(
-                target, mode="readonly", memmap=True, do_not_scale_image_data=True,
-                lazy_load_hdus=False,
-            )
-    except Exception as exc:  # astropy raises OSError, ValueError, VerifyError...
-        raise InputError(f"{path}: unreadable FITS file ({exc})") from None
-    _check_complete(target, hdul)
-    if target is not path:
-        hdul._soxs_expanded = target
-        hdul._soxs_scratch = scratch  # the scratch directory lives as long as the list
-    hdul._soxs_source = path
-    return hdul
+    return OpenFits(path, target, scratch if target is not path else None)
 
 
 def scaled_float32(stored: np.ndarray, header) -> np.ndarray:
@@ -173,9 +243,10 @@ def scaled_float32(stored: np.ndarray, header) -> np.ndarray:
 
 
 def read_scaled(hdu, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-    """Read (part of) an image HDU as float32 with BSCALE/BZERO applied."""
+    """Read (part of) an astropy image HDU as float32 with BSCALE/BZERO applied."""
     key = (rows or slice(None), cols or slice(None))
-    if isinstance(hdu, fits.CompImageHDU):
+    fits = sys.modules.get("astropy.io.fits")  # an astropy HDU implies astropy is loaded
+    if fits is not None and isinstance(hdu, fits.CompImageHDU):
         data = np.asarray(hdu.section[key])
         # integers come back unscaled (the file is opened without scaling), floats scaled
         return scaled_float32(data, hdu.header) if data.dtype.kind in "iu" else \

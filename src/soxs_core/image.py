@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
 
 from .errors import InputError
+from .fitsfile import Header
 from .fitsio import open_fits, scaled_float32
 from .quality import describe_bits
 
-__all__ = ["DetectorImage", "read_image_product", "image_hdulist"]
+__all__ = ["DetectorImage", "read_image_product", "image_hdus"]
 
 
 @dataclass
@@ -33,14 +33,14 @@ class DetectorImage:
         1-sigma uncertainty of ``data`` in electrons.
     qual : ndarray of uint8
         Quality bits; 0 = good.
-    header : astropy.io.fits.Header
+    header : soxs_core.fitsfile.Header
         Primary header.
     """
 
     data: np.ndarray
     error: np.ndarray
     qual: np.ndarray
-    header: fits.Header = field(default_factory=fits.Header)
+    header: Header = field(default_factory=Header)
 
     def __post_init__(self) -> None:
         if not (self.data.shape == self.error.shape == self.qual.shape):
@@ -56,28 +56,32 @@ class DetectorImage:
         return self.qual == 0
 
 
-def image_hdulist(image: DetectorImage, header: fits.Header) -> fits.HDUList:
-    """FLUX/QUAL/ERRS HDU list for an image and its (complete) primary header."""
-    primary = fits.PrimaryHDU(np.asarray(image.data, np.float32), header=header)
-    primary.header["EXTNAME"] = ("FLUX", "flux in electrons")
-    primary.header["BUNIT"] = ("electron", "unit of the FLUX plane")
-    qual_header = fits.Header()
+def image_hdus(image: DetectorImage, header: Header) -> list[tuple[Header, np.ndarray]]:
+    """FLUX/QUAL/ERRS HDUs, as ``(header, data)`` pairs for :func:`~soxs_core.fitsfile.write_fits`,
+    of an image and its (complete) primary header; ``header`` itself is not modified."""
+    primary = Header.from_cards(header.cards)
+    primary["EXTNAME"] = ("FLUX", "flux in electrons")
+    primary["BUNIT"] = ("electron", "unit of the FLUX plane")
+    qual_header = Header()
     qual_header["EXTNAME"] = ("QUAL", "quality bitmask, 0 = good")
     for value, name in describe_bits():
         qual_header[f"QBIT{value.bit_length() - 1}"] = (value, name)
-    err_header = fits.Header()
+    err_header = Header()
     err_header["EXTNAME"] = ("ERRS", "1-sigma uncertainty")
     err_header["BUNIT"] = ("electron", "unit of the ERRS plane")
     err_header["UTYPE"] = ("StdDevUncertainty", "ERRS holds standard deviations")
-    return fits.HDUList([
-        primary,
-        fits.ImageHDU(np.asarray(image.qual, np.uint8), header=qual_header),
-        fits.ImageHDU(np.asarray(image.error, np.float32), header=err_header),
-    ])
+    return [
+        (primary, np.asarray(image.data, np.float32)),
+        (qual_header, np.asarray(image.qual, np.uint8)),
+        (err_header, np.asarray(image.error, np.float32)),
+    ]
 
 
 def read_image_product(path: str | os.PathLike) -> DetectorImage:
     """Read a FLUX/QUAL/ERRS image product (ours or soxspipe's).
+
+    FLUX is the primary HDU or an extension named FLUX; QUAL and ERRS are found by EXTNAME.
+    BSCALE/BZERO are applied.  Tile-compressed planes are read through astropy.
 
     Raises
     ------
@@ -85,24 +89,17 @@ def read_image_product(path: str | os.PathLike) -> DetectorImage:
         When the file is not such a product.
     """
     path = Path(path)
-    hdul = open_fits(path)
-    try:
-        names = [h.name for h in hdul]
-        flux = hdul[0].data if hdul[0].data is not None else None
-        if flux is None and "FLUX" in names:
-            flux = hdul["FLUX"].data
-        if flux is None or "QUAL" not in names or "ERRS" not in names:
+    with open_fits(path) as hdul:
+        primary = hdul[0]
+        flux = 0 if primary.shape else hdul.index_of("FLUX")
+        qual = hdul.index_of("QUAL")
+        errs = hdul.index_of("ERRS")
+        if flux is None or qual is None or errs is None:
             raise InputError(f"{path}: not an image product with FLUX, QUAL and ERRS planes")
-        header = hdul[0].header.copy()
-        data = _scaled(hdul[0] if hdul[0].data is not None else hdul["FLUX"])
-        qual = np.asarray(hdul["QUAL"].data).astype(np.uint8)
-        error = _scaled(hdul["ERRS"])
-    finally:
-        hdul.close()
-    if not (data.shape == qual.shape == error.shape):
+        header = primary.header.copy()
+        data = scaled_float32(hdul.read(flux), hdul[flux].header)
+        quality = hdul.read(qual).astype(np.uint8)
+        error = scaled_float32(hdul.read(errs), hdul[errs].header)
+    if not (data.shape == quality.shape == error.shape):
         raise InputError(f"{path}: FLUX, QUAL and ERRS planes differ in shape")
-    return DetectorImage(data=data, error=error, qual=qual, header=header)
-
-
-def _scaled(hdu) -> np.ndarray:
-    return scaled_float32(hdu.data, hdu.header)
+    return DetectorImage(data=data, error=error, qual=quality, header=header)

@@ -11,23 +11,23 @@ import hashlib
 import logging
 import os
 import tempfile
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from astropy.io import fits
 
 from . import __version__
 from .errors import ProductError
+from .fitsfile import Card, Header, write_fits
 
 __all__ = [
     "FrameRef",
     "ProductInfo",
     "QcValue",
     "dfs_header",
-    "write_hdulist_atomic",
+    "write_product_atomic",
     "data_md5",
     "PIPE_ID",
 ]
@@ -83,7 +83,8 @@ class ProductInfo:
     qc: dict[str, QcValue] = field(default_factory=dict)
 
 
-def _inherited_cards(header: fits.Header) -> Iterable[fits.Card]:
+def _inherited_cards(header: Any) -> Iterable[Any]:
+    """Cards of a raw header (ours or astropy's) that a product inherits."""
     for card in header.cards:
         key = card.keyword
         if not key or key in _NOT_INHERITED or key in ("COMMENT", "HISTORY", ""):
@@ -93,7 +94,7 @@ def _inherited_cards(header: fits.Header) -> Iterable[fits.Card]:
         if key.startswith(("NAXIS", "ZNAXIS", "ZTILE", "ZNAME", "ZVAL", "TTYPE", "TFORM")):
             continue
         if key == "RADECSYS":
-            yield fits.Card("RADESYS", card.value, card.comment)
+            yield Card("RADESYS", card.value, card.comment)
             continue
         yield card
 
@@ -106,9 +107,9 @@ def dfs_header(
     raw_frames: Sequence[FrameRef],
     calib_frames: Sequence[FrameRef] = (),
     parameters: Sequence[tuple[str, object]] = (),
-    inherit_from: fits.Header | None = None,
+    inherit_from: Any = None,
     drs_id: str = "cpl-7.2",
-) -> fits.Header:
+) -> Header:
     """Build the primary header of a product.
 
     Parameters
@@ -124,21 +125,22 @@ def dfs_header(
     parameters : sequence of (name, value)
         Recipe parameters with the values actually used (``ESO PRO REC1 PARAMi``).
     inherit_from : Header, optional
-        Header of the first raw frame; its keys are copied except DPR, ARCFILE, ORIGFILE and
-        structural keywords.
+        Header of the first raw frame (ours or an ``astropy.io.fits.Header``); its keys are
+        copied except DPR, ARCFILE, ORIGFILE and structural keywords.
 
     Returns
     -------
-    astropy.io.fits.Header
-        With ``DATAMD5`` set to a placeholder, filled in by :func:`write_hdulist_atomic`.
+    soxs_core.fitsfile.Header
+        With ``DATAMD5`` set to a placeholder, filled in by :func:`write_product_atomic`.
+        Comments too long for their card are shortened when it is written.
     """
-    header = _Header()
+    header = Header()
     if inherit_from is not None:
         for card in _inherited_cards(inherit_from):
             try:
                 header[card.keyword] = (card.value, card.comment)
-            except (ValueError, fits.VerifyError):
-                log.debug("not inheriting unparsable card %r", card.keyword)
+            except ValueError:
+                log.debug("not inheriting unwritable card %r", card.keyword)
         if inherit_from.get("ARCFILE"):
             # cpl_dfs keeps the raw ARCFILE as ANCESTOR of the product
             header["ANCESTOR"] = (str(inherit_from["ARCFILE"]), "Inherited archive file name")
@@ -183,22 +185,6 @@ def dfs_header(
     return header
 
 
-class _Header(fits.Header):
-    """A header whose long comments are shortened quietly instead of with a warning."""
-
-    def __setitem__(self, key, value):
-        if isinstance(key, str) and (len(key) > 8 or " " in key) and not key.startswith(
-                "HIERARCH "):
-            key = f"HIERARCH {key}"
-        super().__setitem__(key, value)
-        if isinstance(value, tuple) and len(value) == 2 and value[1]:
-            card = self.cards[key]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", fits.verify.VerifyWarning)
-                while len(card.image) > 80 and card.comment:
-                    card.comment = card.comment[:-1]
-
-
 def _param_string(value: object) -> str:
     """A parameter value formatted as cpl_dfs does (booleans lower case, floats as %g)."""
     if isinstance(value, bool):
@@ -208,11 +194,15 @@ def _param_string(value: object) -> str:
     return str(value)
 
 
-def data_md5(hdul: fits.HDUList) -> str:
-    """MD5 of the data units (with FITS padding) of every HDU, as written to disk."""
+def data_md5(hdus: Iterable[Any]) -> str:
+    """MD5 of the data units (with FITS padding) of every HDU, as written to disk.
+
+    ``hdus`` holds ``(header, data)`` pairs or objects with a ``data`` attribute (an astropy
+    ``HDUList``); values are taken as stored (no BSCALE/BZERO).
+    """
     digest = hashlib.md5()
-    for hdu in hdul:
-        data = hdu.data
+    for hdu in hdus:
+        data = hdu[1] if isinstance(hdu, tuple) else hdu.data
         if data is None:
             continue
         flat = np.ascontiguousarray(data).reshape(-1)
@@ -226,12 +216,14 @@ def data_md5(hdul: fits.HDUList) -> str:
     return digest.hexdigest()
 
 
-def write_hdulist_atomic(hdul: fits.HDUList, path: str | os.PathLike,
+def write_product_atomic(hdus: Sequence[tuple[Header, np.ndarray]], path: str | os.PathLike,
                          overwrite: bool = False, protected: Iterable[Path] = ()) -> Path:
     """Write a product atomically: to a temporary file beside the target, then rename.
 
-    ``DATAMD5`` is computed and CHECKSUM/DATASUM are written on every HDU.  An existing file
-    is replaced only with ``overwrite``; an input frame (``protected``) never is.
+    ``hdus`` are ``(header, data)`` pairs (primary first, see
+    :func:`soxs_core.fitsfile.write_fits`).  ``DATAMD5`` is computed when the primary header
+    has it, and CHECKSUM/DATASUM are written on every HDU.  An existing file is replaced only
+    with ``overwrite``; an input frame (``protected``) never is.
 
     Raises
     ------
@@ -253,16 +245,19 @@ def write_hdulist_atomic(hdul: fits.HDUList, path: str | os.PathLike,
             from None
     if not os.access(directory, os.W_OK):
         raise ProductError(f"{directory}: output directory is not writable")
-    if "DATAMD5" in hdul[0].header:
-        hdul[0].header["DATAMD5"] = data_md5(hdul)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
     try:
-        hdul.writeto(tmp, overwrite=True, checksum=True, output_verify="silentfix")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise ProductError(f"{path}: cannot write product ({exc.strerror or exc})") from None
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write_fits(fh, hdus)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as exc:
         raise ProductError(f"{path}: cannot write product ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise ProductError(f"{path}: cannot write product ({exc})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

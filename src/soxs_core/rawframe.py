@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from astropy.io import fits
 
 from . import _prepare
 from .errors import InputError
-from .fitsio import ScratchDir, image_hdu_index, open_fits, read_scaled, scaled_float32
+from .fitsfile import Header
+from .fitsio import OpenFits, ScratchDir, image_hdu_index, open_fits, read_scaled, scaled_float32
 from .instruments import Arm, arm_from_header
 from .quality import Qual
 
@@ -85,7 +85,7 @@ class RawFrame:
     """
 
     path: Path
-    header: fits.Header
+    header: Header
     arm: Arm
     binx: int
     biny: int
@@ -99,7 +99,7 @@ class RawFrame:
     read_noise: float
     read_noise_source: str
     saturation_adu: float
-    _hdul: fits.HDUList = field(repr=False, default=None)
+    _hdul: OpenFits = field(repr=False, default=None)
     _hdu_index: int = field(repr=False, default=0)
 
     # ------------------------------------------------------------------ construction
@@ -202,10 +202,11 @@ class RawFrame:
         height = rows.stop - rows.start
         stop = height if stop is None else min(stop, height)
         hdu = self._hdul[self._hdu_index]
-        raw = _LazyScaled(hdu) if isinstance(hdu, fits.CompImageHDU) else self._pixels()
+        raw = _LazyScaled(self._hdul.astropy_hdu(self._hdu_index)) if self._compressed \
+            else self._pixels()
         block = rotated_rows(raw, self.arm.rotation, rows.start + start, rows.start + stop)
         block = block[:, cols]
-        if isinstance(hdu, fits.CompImageHDU):
+        if self._compressed:
             return np.ascontiguousarray(block, dtype=np.float32)
         return scaled_float32(block, hdu.header)
 
@@ -220,7 +221,7 @@ class RawFrame:
         """
         hdu = self._hdul[self._hdu_index]
         ron2 = np.float32(read_noise) ** 2
-        raw = None if isinstance(hdu, fits.CompImageHDU) else self._pixels()
+        raw = None if self._compressed else self._pixels()
         if raw is not None and raw.dtype.itemsize == 2 and raw.dtype.kind in "iu" \
                 and raw.dtype.byteorder == ">":
             rows, cols = self.arm.science_slices(self.binx, self.biny)
@@ -245,6 +246,16 @@ class RawFrame:
         electrons[...] = e
         error[...] = err
         qual[...] = q
+
+    @property
+    def _compressed(self) -> bool:
+        """Whether the image is tile-compressed (read through astropy)."""
+        return self._hdul[self._hdu_index].compressed
+
+    @property
+    def _image_header(self) -> Header:
+        """Header of the image HDU (for ``.fz``: the uncompressed image's, BSCALE/BZERO...)."""
+        return self._hdul[self._hdu_index].header
 
     def _pixels(self) -> _PlainImage:
         """Row reader of an uncompressed image (reads only the rows asked for)."""
@@ -302,12 +313,12 @@ class _PlainImage:
     _DTYPES = {8: np.dtype("u1"), 16: np.dtype(">i2"), 32: np.dtype(">i4"),
                64: np.dtype(">i8"), -32: np.dtype(">f4"), -64: np.dtype(">f8")}
 
-    def __init__(self, hdul: fits.HDUList, index: int) -> None:
+    def __init__(self, hdul: OpenFits, index: int) -> None:
         hdu = hdul[index]
-        self.dtype = self._DTYPES[int(hdu.header["BITPIX"])]
-        self.shape = _image_shape(hdu)
-        self.offset = int(hdu._data_offset)
-        self.path = getattr(hdul, "_soxs_expanded", None) or hdul.filename()
+        self.dtype = self._DTYPES[hdu.bitpix]
+        self.shape = hdu.shape
+        self.offset = hdu.data_offset
+        self.path = hdul.path  # the expanded copy of a .gz/.Z file
 
     def _rows(self, r0: int, r1: int) -> np.ndarray:
         r0, r1 = max(0, r0), min(self.shape[0], r1)
@@ -335,7 +346,7 @@ class _PlainImage:
 class _LazyScaled:
     """Adapter that lets :func:`rotated_rows` slice a tile-compressed HDU."""
 
-    def __init__(self, hdu: fits.CompImageHDU) -> None:
+    def __init__(self, hdu) -> None:  # an astropy CompImageHDU
         self.hdu = hdu
         self.shape = _image_shape(hdu)
 
@@ -352,7 +363,7 @@ def _image_shape(hdu) -> tuple[int, int]:
     return int(header["NAXIS2"]), int(header["NAXIS1"])
 
 
-def _binning(header: fits.Header, arm: Arm) -> tuple[int, int]:
+def _binning(header: Header, arm: Arm) -> tuple[int, int]:
     if not arm.is_ccd:
         return 1, 1
     values = []
@@ -367,7 +378,7 @@ def _binning(header: fits.Header, arm: Arm) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _positive(header: fits.Header, key: str | None, default: float) -> tuple[float, str]:
+def _positive(header: Header, key: str | None, default: float) -> tuple[float, str]:
     """A positive finite header number, or the default with the reason it was used."""
     if key and key in header:
         try:

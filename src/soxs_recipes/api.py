@@ -41,14 +41,10 @@ _FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fits.fz", ".fits.Z", ".
 
 def _tag_of(path: Path) -> str:
     """SOF tag of a file from its header: PRO CATG of products, else from DPR keywords."""
-    hdul = open_fits(path)
-    try:
-        header = hdul[0].header
-        catg = str(header.get("ESO PRO CATG", "")).strip()
-        if catg:
-            return catg
-    finally:
-        hdul.close()
+    with open_fits(path) as hdul:
+        catg = str(hdul[0].header.get("ESO PRO CATG", "")).strip()
+    if catg:
+        return catg
     frame = RawFrame.open(path)
     try:
         if frame.tag is None:

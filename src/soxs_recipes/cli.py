@@ -18,6 +18,7 @@ from typing import Any
 
 from soxs_core import __version__
 from soxs_core.errors import SoxsError
+from soxs_core.fitsfile import read_header
 from soxs_core.instruments import arm_from_header
 
 from .compat import HAVE_PYCPL, ui
@@ -124,11 +125,9 @@ def _split_recipe_args(spec: RecipeSpec, rest: Sequence[str]) -> tuple[dict[str,
 
 def _arm_of_sof(frames: list[tuple[str, str]]):
     """The arm of the first readable frame of an SOF (for --params with an SOF)."""
-    from astropy.io import fits
-
     for path, _ in frames:
         try:
-            return arm_from_header(fits.getheader(path), path)
+            return arm_from_header(read_header(path), path)
         except Exception:  # unreadable or foreign file: try the next one
             continue
     return None

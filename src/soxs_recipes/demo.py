@@ -13,8 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from astropy.io import fits
-
+from soxs_core.fitsfile import read_header
 from soxs_core.simulate import simulate_night
 
 from .cli import run as esorex
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             status = code
             break
         for product in sorted(outdir.glob("*.fits")):
-            header = fits.getheader(product)
+            header = read_header(product)
             print(f"  -> {product}  ({header['ESO PRO CATG']})")
             for key in header:
                 if key.startswith("ESO QC "):

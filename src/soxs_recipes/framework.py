@@ -20,9 +20,9 @@ from soxs_core import __version__
 from soxs_core.calib import arm_defaults, qc_ranges
 from soxs_core.errors import InputError
 from soxs_core.fitsio import ScratchDir
-from soxs_core.image import DetectorImage, image_hdulist, read_image_product
+from soxs_core.image import DetectorImage, image_hdus, read_image_product
 from soxs_core.instruments import ARMS, Arm, arm_from_header
-from soxs_core.products import FrameRef, ProductInfo, QcValue, dfs_header, write_hdulist_atomic
+from soxs_core.products import FrameRef, ProductInfo, QcValue, dfs_header, write_product_atomic
 from soxs_core.rawframe import RawFrame
 
 from .compat import HAVE_PYCPL, cpl_version, ui
@@ -360,7 +360,7 @@ class RecipeContext:
         )
         protected = [f.path for frames in self.raw.values() for f in frames]
         protected += [p for entries in self.calib.values() for p, _ in entries]
-        path = write_hdulist_atomic(image_hdulist(image, header), self.output_dir / filename,
+        path = write_product_atomic(image_hdus(image, header), self.output_dir / filename,
                                     overwrite=self.overwrite, protected=protected)
         product = Product(path=path, tag=catg)
         self.products.append(product)
