@@ -20,8 +20,8 @@ from .errors import InputError
 from .image import DetectorImage
 from .products import QcValue
 from .qc import (
-    block_mean,
     clipped_stats,
+    good_block_mean,
     periodic_pattern_metric,
     read_noise_from_pair,
     robust_std,
@@ -128,6 +128,7 @@ class _PassStatistics:
     """Per-frame samples gathered while stacking."""
 
     nframes: int
+    threads: int = 1
     samples: list[list[np.ndarray]] = field(default_factory=list)
     binned: list[list[np.ndarray]] = field(default_factory=list)
     finite: np.ndarray | None = None
@@ -144,13 +145,10 @@ class _PassStatistics:
             usable = qual[k, rows] == 0
             self.samples[k].append(np.where(usable, data[k, rows], np.nan))
             self.finite[k] += int(np.isfinite(data[k, ::SAMPLE_STEP]).sum())
-            # flagged inputs (static bad pixels, saturation) would swamp the Fourier
-            # spectrum with their spikes: they enter at the band's typical level instead
-            flagged = qual[k] != 0
-            frame = data[k]
-            if flagged.any():
-                frame = np.where(flagged, np.median(data[k][::7, ::7]), frame)
-            self.binned[k].append(block_mean(frame, FPN_BLOCK))
+            # flagged inputs (static bad pixels, saturation) would swamp the Fourier spectrum
+            # with their spikes: cells average the good pixels only
+            self.binned[k].append(good_block_mean(data[k], qual[k], FPN_BLOCK,
+                                                    self.threads))
 
     def frame_sample(self, k: int) -> np.ndarray:
         return np.concatenate(self.samples[k], axis=0)
@@ -184,7 +182,7 @@ def _stack(frames: Sequence[RawFrame], settings: MasterSettings,
         return fill
 
     readers = [make_reader(k, f) for k, f in enumerate(frames)]
-    stats = _PassStatistics(len(frames))
+    stats = _PassStatistics(len(frames), nthreads)
     result = clip_and_stack(readers, shape, settings.clip,
                             band_rows=_band_rows(len(frames), shape[1]), threads=threads,
                             on_band=stats)
@@ -315,9 +313,8 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     good = image.qual == 0
     structx, structy = structure_slopes(image.data, good)
     input_flags = np.uint8(Qual.STATIC_BAD | Qual.SATURATED | Qual.NON_FINITE | Qual.NO_DATA)
-    flagged = (image.qual & input_flags) != 0
-    binned_master = block_mean(np.where(flagged, np.median(image.data[::7, ::7]), image.data),
-                               FPN_BLOCK)
+    binned_master = good_block_mean(image.data, image.qual & input_flags, FPN_BLOCK,
+                                    default_threads(threads))
     fpn = max(parallel_map(lambda k: periodic_pattern_metric(stats.frame_binned(k),
                                                              binned_master),
                            range(len(frames)), threads))
