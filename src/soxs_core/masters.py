@@ -128,7 +128,6 @@ class _PassStatistics:
     """Per-frame samples gathered while stacking."""
 
     nframes: int
-    threads: int = 1
     samples: list[list[np.ndarray]] = field(default_factory=list)
     binned: list[list[np.ndarray]] = field(default_factory=list)
     finite: np.ndarray | None = None
@@ -138,17 +137,16 @@ class _PassStatistics:
         self.binned = [[] for _ in range(self.nframes)]
         self.finite = np.zeros(self.nframes, dtype=np.int64)
 
-    def __call__(self, start: int, stop: int, data, errors, qual) -> None:
+    def __call__(self, k: int, start: int, stop: int, data, errors, qual) -> None:
+        """Sample frame k's band (rows start:stop); one frame's calls never overlap."""
         first = (-start) % SAMPLE_STEP
         rows = slice(first, stop - start, SAMPLE_STEP)
-        for k in range(self.nframes):
-            usable = qual[k, rows] == 0
-            self.samples[k].append(np.where(usable, data[k, rows], np.nan))
-            self.finite[k] += int(np.isfinite(data[k, ::SAMPLE_STEP]).sum())
-            # flagged inputs (static bad pixels, saturation) would swamp the Fourier spectrum
-            # with their spikes: cells average the good pixels only
-            self.binned[k].append(good_block_mean(data[k], qual[k], FPN_BLOCK,
-                                                    self.threads))
+        usable = qual[rows] == 0
+        self.samples[k].append(np.where(usable, data[rows], np.nan))
+        self.finite[k] += int(np.isfinite(data[::SAMPLE_STEP]).sum())
+        # flagged inputs (static bad pixels, saturation) would swamp the Fourier spectrum
+        # with their spikes: cells average the good pixels only
+        self.binned[k].append(good_block_mean(data, qual, FPN_BLOCK))
 
     def frame_sample(self, k: int) -> np.ndarray:
         return np.concatenate(self.samples[k], axis=0)
@@ -170,22 +168,20 @@ def _stack(frames: Sequence[RawFrame], settings: MasterSettings,
     bpm = load_bad_pixel_map(first.arm, first.binning)
     bpm_bits = (bpm * np.uint8(Qual.STATIC_BAD)).astype(np.uint8)
 
-    nthreads = default_threads(threads)
-
     def make_reader(k: int, frame: RawFrame):
         level = None if bias_level is None else bias_level[k]
 
         def fill(start: int, stop: int, electrons, error, qual) -> None:
             base = level[start:stop] if isinstance(level, np.ndarray) else level
             frame.prepare_into(start, stop, electrons, error, qual, bpm_bits[start:stop],
-                               frame.read_noise, base, threads=nthreads)
+                               frame.read_noise, base, threads=1)
         return fill
 
     readers = [make_reader(k, f) for k, f in enumerate(frames)]
-    stats = _PassStatistics(len(frames), nthreads)
+    stats = _PassStatistics(len(frames))
     result = clip_and_stack(readers, shape, settings.clip,
                             band_rows=_band_rows(len(frames), shape[1]), threads=threads,
-                            on_band=stats)
+                            on_frame=stats)
     for k, frame in enumerate(frames):
         if stats.finite[k] == 0:
             raise InputError(f"{frame.path}: no finite pixel value (all NaN)")
