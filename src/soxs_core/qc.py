@@ -172,8 +172,8 @@ def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
     is refitted, up to ``iterations`` times.  Cell medians are taken over every ``step``-th
     row and column, and the row and column terms (which average over a whole line) over every
     ``2 * step``-th, which is plenty for a smooth model and keeps this cheap on 8-Mpixel
-    frames: only the final model is evaluated at every pixel.  ``lines=False`` leaves out the row and
-    column terms (a purely smooth model).
+    frames: only the final model is evaluated at every pixel.  ``lines=False`` leaves out the
+    row and column terms (a purely smooth model).
     """
     data = np.asarray(image, np.float32)
     good = np.asarray(good, bool)
