@@ -52,27 +52,31 @@ cdef extern from *:
     static inline double soxs_max(double x, double y) {
         return _mm_cvtsd_f64(_mm_max_sd(_mm_set_sd(x), _mm_set_sd(y)));
     }
-    /* the same comparator applied to n (a multiple of 4) pixels of two tile rows */
-    static inline void soxs_cswap_rows(float *a, float *b, int n) {
-        for (int i = 0; i < n; i += 4) {
-            __m128 x = _mm_loadu_ps(a + i), y = _mm_loadu_ps(b + i);
-            _mm_storeu_ps(a + i, _mm_min_ps(x, y));
-            _mm_storeu_ps(b + i, _mm_max_ps(x, y));
-        }
-    }
     #else
     static inline double soxs_min(double x, double y) { return x < y ? x : y; }
     static inline double soxs_max(double x, double y) { return x > y ? x : y; }
-    static inline void soxs_cswap_rows(float *a, float *b, int n) {
-        for (int i = 0; i < n; i++) {
-            float x = a[i], y = b[i];
-            a[i] = x < y ? x : y;
-            b[i] = x < y ? y : x;
+    #endif
+
+    /* Sort the columns of a tile (rows `tile` floats apart) with a comparator network: each
+       comparator is a min and a max of two rows, which the compiler turns into SIMD
+       min/max (the ternaries are exactly MINPS/MAXPS).  Compiled for AVX2 too where the
+       compiler can, and picked at run time. */
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    __attribute__((target_clones("avx2", "default")))
+    #endif
+    static void soxs_sort_tile(float *ts, int tile, const int *network, int npairs, int n) {
+        for (int c = 0; c < npairs; c++) {
+            float *restrict a = ts + (long)network[2 * c] * tile;
+            float *restrict b = ts + (long)network[2 * c + 1] * tile;
+            for (int i = 0; i < n; i++) {
+                float x = a[i], y = b[i];
+                a[i] = x < y ? x : y;
+                b[i] = x > y ? x : y;
+            }
         }
     }
-    #endif
     """
-    void soxs_cswap_rows(float* a, float* b, int n) noexcept nogil
+    void soxs_sort_tile(float* ts, int tile, const int* network, int npairs, int n) noexcept nogil
     double soxs_min(double x, double y) noexcept nogil
     double soxs_max(double x, double y) noexcept nogil
 
@@ -130,15 +134,17 @@ cdef inline double _mad(const double* a, int lo, int hi, double centre) noexcept
 
 
 cdef inline void _clip_pixel(
-    const float* vals, const float* errs, const float* sorted_tile, int n,
+    const float* vals, Py_ssize_t vstride, const float* errs, Py_ssize_t estride,
+    const float* sorted_tile, int n,
     double total_all, double sumsq_all, unsigned char qand, int nframes, double sigma_lower, double sigma_upper, int max_iters,
     int scale_method, int combine_method, int error_floor, double* sorted_vals,
     float* value, float* error, short* count, unsigned char* qout,
 ) noexcept nogil:
     """Clip and combine one pixel.
 
-    ``vals``/``errs`` hold the frames' values in frame order (NaN where unusable) and
-    ``sorted_tile`` the usable values in ascending order (then +inf); all with stride TILE.
+    ``vals``/``errs`` hold the frames' values in frame order (NaN where unusable), with
+    strides ``vstride``/``estride``, and ``sorted_tile`` the usable values in ascending order
+    (then +inf) with stride TILE.
     ``total_all``/``sumsq_all`` are the sum of the usable values and of their squared errors,
     in frame order: while nothing is rejected they are the survivors' sums.
     """
@@ -165,14 +171,14 @@ cdef inline void _clip_pixel(
             total = 0.0
             nsurv = 0
             for k in range(nframes):
-                v = vals[k * TILE]
+                v = vals[k * vstride]
                 if v >= sorted_vals[lo] and v <= sorted_vals[hi - 1]:
                     total = total + v
                     nsurv += 1
             mean = total / nsurv
             sumsq = 0.0
             for k in range(nframes):
-                v = vals[k * TILE]
+                v = vals[k * vstride]
                 if v >= sorted_vals[lo] and v <= sorted_vals[hi - 1]:
                     dev = v - mean
                     sumsq = sumsq + dev * dev
@@ -187,9 +193,9 @@ cdef inline void _clip_pixel(
                 sumsq = 0.0
                 nsurv = 0
                 for k in range(nframes):
-                    v = vals[k * TILE]
+                    v = vals[k * vstride]
                     if v >= sorted_vals[lo] and v <= sorted_vals[hi - 1]:
-                        sumsq = sumsq + <double>errs[k * TILE] * <double>errs[k * TILE]
+                        sumsq = sumsq + <double>errs[k * estride] * <double>errs[k * estride]
                         nsurv += 1
             floor = sqrt(sumsq / nsurv)
             if floor > scale:
@@ -227,10 +233,10 @@ cdef inline void _clip_pixel(
         total = 0.0
         sumsq = 0.0
         for k in range(nframes):
-            v = vals[k * TILE]
+            v = vals[k * vstride]
             if v >= keep_lo and v <= keep_hi:
                 total = total + v
-                sumsq = sumsq + <double>errs[k * TILE] * <double>errs[k * TILE]
+                sumsq = sumsq + <double>errs[k * estride] * <double>errs[k * estride]
     if combine_method == 0:
         value[0] = <float>(total / nsurv)
         error[0] = <float>(sqrt(sumsq) / nsurv)
@@ -254,6 +260,101 @@ cdef inline void _reset_sums(int* counts, unsigned char* qand, double* total,
         sumsq[jj] = 0.0
 
 
+cdef void _finish_unclipped(
+    const float* sorted_tile, int nframes, int width, int combine_method, const double* total,
+    const double* sumsq, const unsigned char* qand, const unsigned char* done,
+    float* vout, float* eout, short* cout, unsigned char* qout,
+) noexcept nogil:
+    """Combine every pixel of the tile that ``done`` marks: all nframes values survive."""
+    cdef int jj
+    cdef double median
+    for jj in range(width):
+        if not done[jj]:
+            continue
+        if combine_method == 0:
+            vout[jj] = <float>(total[jj] / nframes)
+            eout[jj] = <float>(sqrt(sumsq[jj]) / nframes)
+        else:
+            median = _sorted_median_strided(sorted_tile + jj, nframes)
+            vout[jj] = <float>median
+            if nframes > 2:
+                eout[jj] = <float>(SQRT_HALF_PI * sqrt(sumsq[jj]) / nframes)
+            else:
+                eout[jj] = <float>(sqrt(sumsq[jj]) / nframes)
+        cout[jj] = <short>nframes
+        qout[jj] = qand[jj]
+
+
+cdef inline double _sorted_median_strided(const float* a, int n) noexcept nogil:
+    """Median of the n sorted values a[0], a[TILE], ... (as _sorted_median, in double)."""
+    cdef int mid = n // 2
+    if n % 2:
+        return <double>a[mid * TILE]
+    return (<double>a[(mid - 1) * TILE] + <double>a[mid * TILE]) / 2.0
+
+
+cdef void _first_pass(
+    const float* ts, int nframes, int width, double sigma_lower, double sigma_upper,
+    int max_iters, int scale_method, int error_floor, const double* sumsq,
+    unsigned char* done,
+) noexcept nogil:
+    """The first clipping iteration of every pixel of a tile at once, for the usual tile in
+    which all nframes values of every pixel are usable (MAD scale only).
+
+    Marks in ``done`` the pixels whose first iteration rejects nothing (or finds a zero
+    scale): for those the clip is over and every value survives.  The arithmetic is that of
+    :func:`_clip_pixel`'s first iteration, written as loops across the tile that the compiler
+    vectorises; the other pixels go through :func:`_clip_pixel` from the start.
+    """
+    cdef int jj, i, k
+    cdef double centre[TILE]
+    cdef double best[TILE]
+    cdef double best2[TILE]
+    cdef double left, right, widest, scale, floor, lower, upper
+    cdef int mid = nframes // 2
+    if max_iters < 1 or scale_method != 0:
+        for jj in range(width):
+            done[jj] = max_iters < 1
+        return
+    for jj in range(TILE):
+        if nframes % 2:
+            centre[jj] = <double>ts[mid * TILE + jj]
+        else:
+            centre[jj] = (<double>ts[(mid - 1) * TILE + jj] + <double>ts[mid * TILE + jj]) / 2.0
+        best[jj] = INFINITY
+        best2[jj] = INFINITY
+    # MAD: the k-th smallest deviation is the smallest, over windows of k+1 consecutive
+    # sorted values, of the larger end deviation (see _kth_deviation)
+    k = mid if nframes % 2 else mid - 1
+    for i in range(nframes - k):
+        for jj in range(TILE):
+            left = fabs(centre[jj] - <double>ts[i * TILE + jj])
+            right = fabs(<double>ts[(i + k) * TILE + jj] - centre[jj])
+            widest = left if left > right else right
+            best[jj] = widest if widest < best[jj] else best[jj]
+    if nframes % 2 == 0:
+        k = mid
+        for i in range(nframes - k):
+            for jj in range(TILE):
+                left = fabs(centre[jj] - <double>ts[i * TILE + jj])
+                right = fabs(<double>ts[(i + k) * TILE + jj] - centre[jj])
+                widest = left if left > right else right
+                best2[jj] = widest if widest < best2[jj] else best2[jj]
+    for jj in range(width):
+        if nframes % 2:
+            scale = MAD_TO_STD * best[jj]
+        else:
+            scale = MAD_TO_STD * ((best[jj] + best2[jj]) / 2.0)
+        if error_floor:
+            floor = sqrt(sumsq[jj] / nframes)
+            if floor > scale:
+                scale = floor
+        lower = centre[jj] - sigma_lower * scale
+        upper = centre[jj] + sigma_upper * scale
+        done[jj] = (not (scale > 0.0)) | (
+            (<double>ts[jj] >= lower) & (<double>ts[(nframes - 1) * TILE + jj] <= upper))
+
+
 cdef void _stack_tile(
     const float* dptr, const float* eptr, const unsigned char* qptr, Py_ssize_t fstride,
     int nframes, int width, unsigned char reject_bits, double sigma_lower, double sigma_upper,
@@ -263,28 +364,32 @@ cdef void _stack_tile(
     float* vout, float* eout, short* cout, unsigned char* qout,
 ) noexcept nogil:
     """Stack ``width`` (<= TILE) consecutive pixels of one row."""
-    cdef int k, jj, c, padded
+    cdef int k, jj, padded
     cdef float v, e
     cdef unsigned char q
     cdef bint good
     cdef double total[TILE]
     cdef double sumsq[TILE]
+    cdef unsigned char done[TILE]
     cdef unsigned char any_bits = 0
-    cdef bint nonfinite = False
+    cdef bint nonfinite = False, usual
+    # frame-order values and errors: read in place in the usual tile, else masked copies
+    cdef const float* vals = dptr
+    cdef const float* errs = eptr
+    cdef Py_ssize_t vstride = fstride, estride = fstride
     _reset_sums(counts, qand, total, sumsq)
     for k in range(nframes):
         for jj in range(width):
             any_bits |= qptr[k * fstride + jj]
-    if (any_bits & reject_bits) == 0:
-        # the usual tile: no input flag rejects anything, so copy the rows as they are and
-        # accumulate in straight loops; fall back below only if a value is not finite
+    usual = (any_bits & reject_bits) == 0
+    if usual:
+        # no input flag rejects anything: copy the values to be sorted and accumulate in
+        # straight loops; fall back below only if a value is not finite
         for k in range(nframes):
-            memcpy(tv + k * TILE, dptr + k * fstride, width * sizeof(float))
-            memcpy(te + k * TILE, eptr + k * fstride, width * sizeof(float))
-            memcpy(ts + k * TILE, tv + k * TILE, width * sizeof(float))
+            memcpy(ts + k * TILE, dptr + k * fstride, width * sizeof(float))
             for jj in range(width):
-                v = tv[k * TILE + jj]
-                e = te[k * TILE + jj]
+                v = dptr[k * fstride + jj]
+                e = eptr[k * fstride + jj]
                 nonfinite |= not ((v - v == 0) & (e - e == 0))
                 total[jj] += <double>v
                 sumsq[jj] += <double>e * <double>e
@@ -293,7 +398,8 @@ cdef void _stack_tile(
                 ts[k * TILE + jj] = INFINITY
         for jj in range(width):
             counts[jj] = nframes
-    if (any_bits & reject_bits) != 0 or nonfinite:
+        usual = not nonfinite
+    if not usual:
         _reset_sums(counts, qand, total, sumsq)
         for k in range(nframes):
             for jj in range(width):
@@ -311,12 +417,25 @@ cdef void _stack_tile(
                 sumsq[jj] += <double>e * <double>e if good else 0.0
             for jj in range(width, TILE):
                 ts[k * TILE + jj] = INFINITY
-    padded = (width + 3) & ~3
-    for c in range(npairs):
-        soxs_cswap_rows(ts + network[2 * c] * TILE, ts + network[2 * c + 1] * TILE, padded)
+        vals = tv
+        errs = te
+        vstride = TILE
+        estride = TILE
+    padded = (width + 7) & ~7
+    soxs_sort_tile(ts, TILE, network, npairs, padded)
+    if usual:
+        _first_pass(ts, nframes, width, sigma_lower, sigma_upper, max_iters, scale_method,
+                    error_floor, sumsq, done)
+        _finish_unclipped(ts, nframes, width, combine_method, total, sumsq, qand, done,
+                          vout, eout, cout, qout)
+    else:
+        for jj in range(width):
+            done[jj] = 0
     for jj in range(width):
-        _clip_pixel(tv + jj, te + jj, ts + jj, counts[jj], total[jj], sumsq[jj], qand[jj],
-                    nframes, sigma_lower,
+        if done[jj]:
+            continue
+        _clip_pixel(vals + jj, vstride, errs + jj, estride, ts + jj, counts[jj], total[jj],
+                    sumsq[jj], qand[jj], nframes, sigma_lower,
                     sigma_upper, max_iters, scale_method, combine_method, error_floor,
                     sorted_vals, vout + jj, eout + jj, cout + jj, qout + jj)
 

@@ -6,11 +6,14 @@ import pytest
 from soxs_core.qc import (
     block_mean,
     clipped_stats,
+    good_block_mean,
+    good_block_mean_reference,
     periodic_pattern_metric,
     read_noise_from_pair,
     smooth_background,
     structure_slopes,
 )
+from soxs_core.quality import Qual
 
 
 def test_pattern_metric_is_one_for_white_noise_and_large_for_a_pattern():
@@ -79,3 +82,25 @@ def test_cell_interpolation_equals_separable_np_interp():
         rows = np.array([np.interp(py, np.arange(cells.shape[0]), c) for c in cells.T]).T
         ref = np.array([np.interp(px, np.arange(cells.shape[1]), r) for r in rows])
         np.testing.assert_allclose(_interpolate_cells(cells, shape, cy, cx), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [1, 3, 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_good_block_mean_kernel_equals_reference_and_truth(block, threads):
+    rng = np.random.default_rng(block + 10 * threads)
+    data = rng.normal(50.0, 4.0, (103, 71)).astype(np.float32)
+    qual = (rng.random(data.shape) < 0.1).astype(np.uint8) * np.uint8(Qual.STATIC_BAD)
+    data[rng.random(data.shape) < 0.02] = np.nan
+    data[rng.random(data.shape) < 0.01] = np.inf
+    qual[:block, :block] = 1  # a cell without any good pixel
+    fast = good_block_mean(data, qual, block, threads=threads)
+    ref = good_block_mean_reference(data, qual, block)
+    np.testing.assert_array_equal(fast, ref)
+    # truth: the plain mean of each cell's good pixels
+    ny, nx = data.shape[0] // block, data.shape[1] // block
+    for by, bx in [(0, 0), (1, 2), (ny - 1, nx - 1), (ny // 2, nx // 3)]:
+        cell = (slice(by * block, (by + 1) * block), slice(bx * block, (bx + 1) * block))
+        ok = (qual[cell] == 0) & np.isfinite(data[cell])
+        expected = data[cell][ok].astype(np.float64).mean() if ok.any() else np.nan
+        np.testing.assert_allclose(fast[by, bx], expected, rtol=1e-6)
+    assert np.isnan(fast[0, 0])

@@ -12,9 +12,18 @@ from soxs_core.stacking import (
 )
 
 
-def _cube(rng, nframes, shape=(37, 53)):
+def _cube(rng, nframes, shape=(37, 53), clean=False):
+    """A stack with cosmic rays; unless ``clean``, also NaNs, infinities and flagged values.
+
+    A clean stack exercises the kernel's fast path for tiles whose values are all usable."""
     data = rng.normal(100.0, 5.0, (nframes, *shape)).astype(np.float32)
     data[rng.random(data.shape) < 0.03] += rng.uniform(50, 5000)  # cosmic rays
+    if clean:
+        data[:, 7, 8] = 42.0  # ties, zero scale
+        data[:, 9, :5] = np.float32(100.5)
+        data[0, 9, :5] = 1e4   # one outlier among ties
+        return data, rng.uniform(4.0, 6.0, data.shape).astype(np.float32), \
+            np.zeros(data.shape, np.uint8)
     data[rng.random(data.shape) < 0.02] = np.nan
     data[rng.random(data.shape) < 0.005] = np.inf
     errors = rng.uniform(4.0, 6.0, data.shape).astype(np.float32)
@@ -34,9 +43,11 @@ def _cube(rng, nframes, shape=(37, 53)):
 @pytest.mark.parametrize("scale", ["mad_std", "std"])
 @pytest.mark.parametrize("combine", ["mean", "median"])
 @pytest.mark.parametrize("floor", [False, True])
-def test_kernel_equals_reference(nframes, scale, combine, floor):
+@pytest.mark.parametrize("clean", [False, True])
+def test_kernel_equals_reference(nframes, scale, combine, floor, clean):
     rng = np.random.default_rng(nframes * 7 + len(scale) + len(combine) + floor)
-    data, errors, qual = _cube(rng, nframes)
+    data, errors, qual = _cube(rng, nframes, shape=(23, 150) if clean else (37, 53),
+                               clean=clean)
     settings = ClipSettings(sigma_lower=2.5, sigma_upper=3.0, max_iters=5, scale=scale,
                             combine=combine, error_floor=floor)
     fast = clip_and_stack_arrays(data, errors, qual, settings, threads=2)

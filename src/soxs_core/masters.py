@@ -20,8 +20,8 @@ from .errors import InputError
 from .image import DetectorImage
 from .products import QcValue
 from .qc import (
-    block_mean,
     clipped_stats,
+    good_block_mean,
     periodic_pattern_metric,
     read_noise_from_pair,
     robust_std,
@@ -137,20 +137,16 @@ class _PassStatistics:
         self.binned = [[] for _ in range(self.nframes)]
         self.finite = np.zeros(self.nframes, dtype=np.int64)
 
-    def __call__(self, start: int, stop: int, data, errors, qual) -> None:
+    def __call__(self, k: int, start: int, stop: int, data, errors, qual) -> None:
+        """Sample frame k's band (rows start:stop); one frame's calls never overlap."""
         first = (-start) % SAMPLE_STEP
         rows = slice(first, stop - start, SAMPLE_STEP)
-        for k in range(self.nframes):
-            usable = qual[k, rows] == 0
-            self.samples[k].append(np.where(usable, data[k, rows], np.nan))
-            self.finite[k] += int(np.isfinite(data[k, ::SAMPLE_STEP]).sum())
-            # flagged inputs (static bad pixels, saturation) would swamp the Fourier
-            # spectrum with their spikes: they enter at the band's typical level instead
-            flagged = qual[k] != 0
-            frame = data[k]
-            if flagged.any():
-                frame = np.where(flagged, np.median(data[k][::7, ::7]), frame)
-            self.binned[k].append(block_mean(frame, FPN_BLOCK))
+        usable = qual[rows] == 0
+        self.samples[k].append(np.where(usable, data[rows], np.nan))
+        self.finite[k] += int(np.isfinite(data[::SAMPLE_STEP]).sum())
+        # flagged inputs (static bad pixels, saturation) would swamp the Fourier spectrum
+        # with their spikes: cells average the good pixels only
+        self.binned[k].append(good_block_mean(data, qual, FPN_BLOCK))
 
     def frame_sample(self, k: int) -> np.ndarray:
         return np.concatenate(self.samples[k], axis=0)
@@ -172,22 +168,20 @@ def _stack(frames: Sequence[RawFrame], settings: MasterSettings,
     bpm = load_bad_pixel_map(first.arm, first.binning)
     bpm_bits = (bpm * np.uint8(Qual.STATIC_BAD)).astype(np.uint8)
 
-    nthreads = default_threads(threads)
-
     def make_reader(k: int, frame: RawFrame):
         level = None if bias_level is None else bias_level[k]
 
         def fill(start: int, stop: int, electrons, error, qual) -> None:
             base = level[start:stop] if isinstance(level, np.ndarray) else level
             frame.prepare_into(start, stop, electrons, error, qual, bpm_bits[start:stop],
-                               frame.read_noise, base, threads=nthreads)
+                               frame.read_noise, base, threads=1)
         return fill
 
     readers = [make_reader(k, f) for k, f in enumerate(frames)]
     stats = _PassStatistics(len(frames))
     result = clip_and_stack(readers, shape, settings.clip,
                             band_rows=_band_rows(len(frames), shape[1]), threads=threads,
-                            on_band=stats)
+                            on_frame=stats)
     for k, frame in enumerate(frames):
         if stats.finite[k] == 0:
             raise InputError(f"{frame.path}: no finite pixel value (all NaN)")
@@ -233,15 +227,16 @@ def _finish_master(result, raw_noise: float, settings: MasterSettings,
     resid = value - model
     threshold = settings.frame_clipping_sigma * raw_noise
     hot = good & (resid > threshold)
-    qual[hot] |= np.uint8(Qual.HOT)
+    qual |= hot.view(np.uint8) * np.uint8(Qual.HOT)
     if flag_cold:
         cold = good & (resid < -threshold)
-        qual[cold] |= np.uint8(Qual.COLD)
+        qual |= cold.view(np.uint8) * np.uint8(Qual.COLD)
     nodata = (qual & np.uint8(Qual.NO_DATA)) != 0
     value[nodata] = model[nodata]
     error[nodata] = np.float32(raw_noise)
-    # every 3rd row is plenty for a noise figure and keeps this cheap
-    master_noise = robust_std(resid[::4, ::2][qual[::4, ::2] == 0])
+    # a quarter of a million pixels is plenty for a noise figure and keeps this cheap
+    sample = (slice(None, None, 8), slice(None, None, 4))
+    master_noise = robust_std(resid[sample][qual[sample] == 0])
     return DetectorImage(data=value, error=error, qual=qual), model, master_noise
 
 
@@ -315,9 +310,8 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     good = image.qual == 0
     structx, structy = structure_slopes(image.data, good)
     input_flags = np.uint8(Qual.STATIC_BAD | Qual.SATURATED | Qual.NON_FINITE | Qual.NO_DATA)
-    flagged = (image.qual & input_flags) != 0
-    binned_master = block_mean(np.where(flagged, np.median(image.data[::7, ::7]), image.data),
-                               FPN_BLOCK)
+    binned_master = good_block_mean(image.data, image.qual & input_flags, FPN_BLOCK,
+                                    default_threads(threads))
     fpn = max(parallel_map(lambda k: periodic_pattern_metric(stats.frame_binned(k),
                                                              binned_master),
                            range(len(frames)), threads))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _blocks
+
 __all__ = [
     "clipped_stats",
     "read_noise_from_pair",
@@ -14,6 +16,8 @@ __all__ = [
     "structure_slopes",
     "periodic_pattern_metric",
     "block_mean",
+    "good_block_mean",
+    "good_block_mean_reference",
 ]
 
 MAD_TO_STD = 1.482602218505602
@@ -88,6 +92,43 @@ def block_mean(image: np.ndarray, block: int) -> np.ndarray:
     return rows.reshape(ny // block, nx // block, block).sum(axis=2) / np.float32(block * block)
 
 
+def good_block_mean(data: np.ndarray, qual: np.ndarray, block: int,
+                    threads: int = 1) -> np.ndarray:
+    """Mean over the good (QUAL 0, finite) pixels of non-overlapping ``block`` x ``block``
+    cells, in float32; NaN for a cell without good pixels.  Edges that do not fill a cell are
+    dropped.  One pass of the ``_blocks`` kernel; its numpy twin is
+    :func:`good_block_mean_reference`."""
+    data = np.ascontiguousarray(data, np.float32)
+    qual = np.ascontiguousarray(qual, np.uint8)
+    out = np.empty((data.shape[0] // block, data.shape[1] // block), np.float32)
+    _blocks.good_block_mean(data, qual, int(block), out, int(threads))
+    return out
+
+
+def good_block_mean_reference(data: np.ndarray, qual: np.ndarray, block: int) -> np.ndarray:
+    """Numpy twin of :func:`good_block_mean`: the same sums in the same order."""
+    data = np.asarray(data, np.float32)
+    qual = np.asarray(qual, np.uint8)
+    nby, nbx = data.shape[0] // block, data.shape[1] // block
+    colsum = np.zeros((nby, nbx * block), np.float64)
+    colcount = np.zeros((nby, nbx * block), np.int64)
+    for i in range(block):
+        cut = (slice(i, nby * block, block), slice(0, nbx * block))
+        values = data[cut]
+        ok = (qual[cut] == 0) & np.isfinite(values)
+        colsum += np.where(ok, values.astype(np.float64), 0.0)
+        colcount += ok
+    total = np.zeros((nby, nbx), np.float64)
+    count = np.zeros((nby, nbx), np.int64)
+    for j in range(block):
+        total += colsum[:, j::block]
+        count += colcount[:, j::block]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (total / count).astype(np.float32)
+    mean[count == 0] = np.nan
+    return mean
+
+
 def _interpolation_weights(n: int, cell: int, ncell: int
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lower/upper cell index and weight of the upper one, for linear interpolation from cell
@@ -98,19 +139,26 @@ def _interpolation_weights(n: int, cell: int, ncell: int
     return low, high, (pos - low).astype(np.float32)
 
 
-def _interpolate_cells(cells: np.ndarray, shape: tuple[int, int], cy: int, cx: int
-                       ) -> np.ndarray:
-    """Bilinear interpolation of a grid of cell values onto the full image (``np.take``
-    gathers: much faster than fancy indexing)."""
-    ly, hy, fy = _interpolation_weights(shape[0], cy, cells.shape[0])
-    lx, hx, fx = _interpolation_weights(shape[1], cx, cells.shape[1])
+def _interpolate_cells(cells: np.ndarray, shape: tuple[int, int], cy: int, cx: int,
+                       rows: slice = slice(None), cols: slice = slice(None)) -> np.ndarray:
+    """Bilinear interpolation of a grid of cell values onto the image of ``shape``, evaluated
+    at the pixels ``[rows, cols]`` (``np.take`` gathers: much faster than fancy indexing)."""
+    ly, hy, fy = (w[rows] for w in _interpolation_weights(shape[0], cy, cells.shape[0]))
+    lx, hx, fx = (w[cols] for w in _interpolation_weights(shape[1], cx, cells.shape[1]))
     cells = np.asarray(cells, np.float32)
-    rows = np.take(cells, ly, axis=0) * (1 - fy)[:, None] \
+    # interpolate along y on the small grid first: the full-size work is then one x pass
+    along_y = np.take(cells, ly, axis=0) * (1 - fy)[:, None] \
         + np.take(cells, hy, axis=0) * fy[:, None]
-    out = np.take(rows, lx, axis=1)
+    out = np.take(along_y, lx, axis=1)
     out *= (1 - fx)[None, :]
-    out += np.take(rows, hx, axis=1) * fx[None, :]
+    out += np.take(along_y, hx, axis=1) * fx[None, :]
     return out
+
+
+def _median_along_rows(values: np.ndarray) -> np.ndarray:
+    """Median of each column: partitioning contiguous rows of the transpose is several times
+    faster than partitioning along the strided axis."""
+    return np.median(np.ascontiguousarray(values.T), axis=1)
 
 
 def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
@@ -121,44 +169,76 @@ def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
     The cell medians follow gradients and smooth 2-D structure; the column (and row) medians
     of the residual then follow the column-to-column offsets that CCD biases have.  Pixels
     more than ``sigma`` robust standard deviations from the model are left out and the model
-    is refitted, up to ``iterations`` times.  Medians are taken over every ``step``-th row and
-    column, which is plenty for a smooth model and keeps this cheap on 8-Mpixel frames.
-    ``lines=False`` leaves out the row and column terms (a purely smooth model).
+    is refitted, up to ``iterations`` times.  Cell medians are taken over every ``step``-th
+    row and column, and the row and column terms (which average over a whole line) over every
+    ``2 * step``-th, which is plenty for a smooth model and keeps this cheap on 8-Mpixel
+    frames: only the final model is evaluated at every pixel.  ``lines=False`` leaves out the
+    row and column terms (a purely smooth model).
     """
     data = np.asarray(image, np.float32)
-    use = good & np.isfinite(data)
+    good = np.asarray(good, bool)
     ny, nx = data.shape
     cy, cx = max(1, min(cell, ny)), max(1, min(cell, nx))
     ncy, ncx = max(1, ny // cy), max(1, nx // cx)
-    sub = (slice(None, None, step), slice(None, None, step))
-    fill = float(np.median(data[use][::97])) if use.any() else 0.0
-    model = np.full(data.shape, fill, np.float32)
+    # cells are sampled on the step grid when it tiles them, else at every pixel
+    cstep = step if cy % step == 0 and cx % step == 0 else 1
+    every = slice(None, None, 2 * step)
+    sample = data[::97]
+    sample_use = good[::97] & np.isfinite(sample)
+    fill = float(np.median(sample[sample_use])) if sample_use.any() else 0.0
+    use = None  # pixels that enter the medians; None: the good, finite ones
+    cells = np.full((ncy, ncx), fill, np.float32)
+    col = np.zeros(nx, np.float32)
+    row = np.zeros(ny, np.float32)
+    fitted = False
+
+    def usable(rows: slice, cols: slice) -> np.ndarray:
+        if use is not None:
+            return use[rows, cols]
+        return good[rows, cols] & np.isfinite(data[rows, cols])
+
+    def current(rows: slice, cols: slice) -> np.ndarray:
+        """The current model at [rows, cols] (masked pixels take it, leaving medians
+        unbiased)."""
+        if not fitted:
+            return np.float32(fill)
+        part = _interpolate_cells(cells, (ny, nx), cy, cx, rows, cols)
+        part += col[cols][None, :]
+        part += row[rows][:, None]
+        return part
+
     for iteration in range(max(1, iterations)):
-        # masked pixels take the current model value, which leaves medians unbiased
-        filled = np.where(use, data, model)
-        cells = filled[: ncy * cy, : ncx * cx].reshape(ncy, cy, ncx, cx)
-        cells = cells[:, ::step, :, ::step]
-        med = np.median(cells.transpose(0, 2, 1, 3).reshape(ncy, ncx, -1), axis=2)
-        smooth = _interpolate_cells(med.astype(np.float32), (ny, nx), cy, cx)
+        grid = (slice(0, ncy * cy, cstep), slice(0, ncx * cx, cstep))
+        filled = np.where(usable(*grid), data[grid], current(*grid))
+        blocks = filled.reshape(ncy, cy // cstep, ncx, cx // cstep).transpose(0, 2, 1, 3)
+        new_cells = np.median(blocks.reshape(ncy, ncx, -1), axis=2).astype(np.float32)
         if lines:
-            col = np.median(filled[sub[0]] - smooth[sub[0]], axis=0)
-            row = np.median(filled[:, sub[1]] - smooth[:, sub[1]] - col[None, sub[1]], axis=1)
-            smooth += col[None, :]
-            smooth += row[:, None]
-            model = smooth
-        else:
-            model = smooth
+            rows_grid = (every, slice(None))
+            filled = np.where(usable(*rows_grid), data[rows_grid], current(*rows_grid))
+            filled -= _interpolate_cells(new_cells, (ny, nx), cy, cx, *rows_grid)
+            new_col = _median_along_rows(filled).astype(np.float32)
+            cols_grid = (slice(None), every)
+            filled = np.where(usable(*cols_grid), data[cols_grid], current(*cols_grid))
+            filled -= _interpolate_cells(new_cells, (ny, nx), cy, cx, *cols_grid)
+            filled -= new_col[every][None, :]
+            row = np.median(filled, axis=1).astype(np.float32)
+            col = new_col
+        cells = new_cells
+        fitted = True
         if iteration + 1 >= max(1, iterations):
             break
+        model = current(slice(None), slice(None))
         deviation = data - model
-        scale = robust_std(deviation[::4, ::4][use[::4, ::4]])
+        scale = robust_std(deviation[::4, ::4][usable(slice(None, None, 4),
+                                                       slice(None, None, 4))])
         if not np.isfinite(scale) or scale <= 0:
             break
         new_use = good & np.isfinite(data) & (np.abs(deviation) <= sigma * scale)
-        if np.array_equal(new_use, use):
+        if use is not None and np.array_equal(new_use, use):
             break
         use = new_use
-    return model.astype(np.float32, copy=False)
+    model = current(slice(None), slice(None))
+    return model
 
 
 def structure_slopes(image: np.ndarray, good: np.ndarray) -> tuple[float, float]:
@@ -180,6 +260,18 @@ def structure_slopes(image: np.ndarray, good: np.ndarray) -> tuple[float, float]
     return out[0], out[1]
 
 
+def _smooth_length(n: int) -> int:
+    """The largest length <= n whose only prime factors are 2, 3 and 5 (fast FFT sizes)."""
+    for m in range(n, 0, -1):
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+    return n
+
+
 def periodic_pattern_metric(binned: np.ndarray, reference: np.ndarray | None = None) -> float:
     """Periodic-pattern-noise indicator of one block-averaged raw frame.
 
@@ -194,25 +286,33 @@ def periodic_pattern_metric(binned: np.ndarray, reference: np.ndarray | None = N
     along those lines) do not count as a pattern while a spike within them still does.
     """
     data = np.asarray(binned, np.float64)
-    finite = np.isfinite(data)
-    data = np.where(finite, data, np.nanmedian(data))
     if reference is not None:
-        data = data - np.where(np.isfinite(reference), reference, 0.0)
-        data -= np.median(data)
+        data = data - np.asarray(reference, np.float64)
+    # a prime length (2048 / 5 = 409) makes the FFT several times slower: drop a few edge
+    # cells to reach a length with small factors
+    data = data[: _smooth_length(data.shape[0]), : _smooth_length(data.shape[1])]
+    finite = np.isfinite(data)
+    if not finite.any():
+        return float("nan")
+    if not finite.all():
+        # cells without data (in the frame or the reference) take the typical level: no spike
+        data = np.where(finite, data, np.median(data[finite]))
+    if reference is not None:
+        data = data - data.mean()  # zero frequency is ignored anyway
     else:
         data = data - smooth_background(data, finite, cell=16, iterations=1, step=1,
                                         lines=False)
     amp = np.abs(np.fft.rfft2(data))
     amp[:3, :3] = np.nan
     amp[-2:, :3] = np.nan
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        reference_level = np.nanmedian(amp[3:-2:2, 3::2])
-        lines = [amp[k, :] for k in (0, 1, 2, -1, -2)] + [amp[:, k] for k in (0, 1, 2)]
-        for line in lines:
-            level = np.nanmedian(line)
-            if np.isfinite(level) and level > 0:
+    reference_level = np.median(amp[3:-2:2, 3::2]) if amp.shape[0] > 5 and amp.shape[1] > 3 \
+        else np.nan
+    # the Fourier rows and columns next to zero frequency, without their blanked cells
+    lines = [amp[k, 3:] for k in (0, 1, 2, -1, -2)] + [amp[3:-2, k] for k in (0, 1, 2)]
+    for line in lines:
+        if line.size:
+            level = np.median(line)
+            if np.isfinite(level) and level > 0 and np.isfinite(reference_level):
                 line *= reference_level / level
     amp = amp[np.isfinite(amp)]
     if amp.size < 16:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,12 +125,7 @@ def clip_and_stack_arrays(
         count=np.empty((rows, cols), np.int16),
         qual=np.empty((rows, cols), np.uint8),
     )
-    _stacking.clip_and_stack_band(
-        data, errors, qual, settings.reject_bits & 0xFF, float(settings.sigma_lower),
-        float(settings.sigma_upper), int(settings.max_iters), _SCALES[settings.scale],
-        _COMBINES[settings.combine], out.value, out.error, out.count, out.qual,
-        default_threads(threads), int(settings.error_floor),
-    )
+    _stack_band(data, errors, qual, settings, out, 0, rows, default_threads(threads))
     return out
 
 
@@ -139,7 +135,8 @@ def clip_and_stack(
     settings: ClipSettings = ClipSettings(),
     band_rows: int | None = None,
     threads: int | None = None,
-    on_band: Callable[[int, int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+    on_frame: Callable[[int, int, int, np.ndarray, np.ndarray, np.ndarray], None]
+    | None = None,
 ) -> StackResult:
     """Stack frames delivered in row bands.
 
@@ -154,10 +151,14 @@ def clip_and_stack(
     band_rows : int, optional
         Rows per band; by default about 96 MB of stack is held at once.
     threads : int, optional
-        Kernel threads (default: all cores this process may use).
-    on_band : callable, optional
-        Called as ``on_band(start, stop, data, errors, qual)`` with each band cube before it
-        is stacked, so that per-frame statistics can be gathered in the same single pass.
+        Threads (default: all cores this process may use): the kernel's, and as many workers
+        that fill the frames of a band in parallel, one frame each (so readers should run
+        single-threaded, and must be safe to call for different frames at once).
+    on_frame : callable, optional
+        Called as ``on_frame(k, start, stop, data, errors, qual)`` with each frame's band
+        right after it is filled, in the same worker, so that per-frame statistics are
+        gathered in the same single pass while the band is still in cache.  Calls for
+        different frames may run at once.
 
     Returns
     -------
@@ -179,24 +180,49 @@ def clip_and_stack(
     cube, ecube = np.empty(size, np.float32), np.empty(size, np.float32)
     qcube = np.empty(size, np.uint8)
     nthreads = default_threads(threads)
-    for start in range(0, rows, band_rows):
-        stop = min(rows, start + band_rows)
-        shape3 = (nframes, stop - start, cols)
-        used = nframes * (stop - start) * cols
-        # views of the leading part of the buffers: C-contiguous whatever the band height
-        d, e, q = (a[:used].reshape(shape3) for a in (cube, ecube, qcube))
-        for k, reader in enumerate(readers):
-            reader(start, stop, d[k], e[k], q[k])
-        if on_band is not None:
-            on_band(start, stop, d, e, q)
-        _stacking.clip_and_stack_band(
-            d, e, q, settings.reject_bits & 0xFF, float(settings.sigma_lower),
-            float(settings.sigma_upper), int(settings.max_iters), _SCALES[settings.scale],
-            _COMBINES[settings.combine], result.value[start:stop], result.error[start:stop],
-            result.count[start:stop], result.qual[start:stop], nthreads,
-            int(settings.error_floor),
-        )
+    # workers fill whole frames: fewer, larger tasks than threading inside each frame's
+    # preparation, and no idle spinning between them when the machine is busy
+    pool = ThreadPoolExecutor(min(nthreads, nframes)) if nthreads > 1 and nframes > 1 \
+        else None
+    try:
+        for start in range(0, rows, band_rows):
+            stop = min(rows, start + band_rows)
+            shape3 = (nframes, stop - start, cols)
+            used = nframes * (stop - start) * cols
+            # views of the leading part of the buffers: C-contiguous whatever the band height
+            d, e, q = (a[:used].reshape(shape3) for a in (cube, ecube, qcube))
+
+            tasks = [(k, start, stop, d[k], e[k], q[k]) for k in range(nframes)]
+            if pool is None:
+                for task in tasks:
+                    _fill_frame(readers, on_frame, task)
+            else:
+                list(pool.map(lambda task: _fill_frame(readers, on_frame, task), tasks))
+            _stack_band(d, e, q, settings, result, start, stop, nthreads)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     return result
+
+
+def _fill_frame(readers: Sequence[BandReader], on_frame, task: tuple) -> None:
+    """Fill one frame's band and gather its statistics (one worker task)."""
+    k, start, stop, data, errors, qual = task
+    readers[k](start, stop, data, errors, qual)
+    if on_frame is not None:
+        on_frame(k, start, stop, data, errors, qual)
+
+
+def _stack_band(d: np.ndarray, e: np.ndarray, q: np.ndarray, settings: ClipSettings,
+                result: StackResult, start: int, stop: int, nthreads: int) -> None:
+    """Run the kernel on one band cube into rows start:stop of the result."""
+    _stacking.clip_and_stack_band(
+        d, e, q, settings.reject_bits & 0xFF, float(settings.sigma_lower),
+        float(settings.sigma_upper), int(settings.max_iters), _SCALES[settings.scale],
+        _COMBINES[settings.combine], result.value[start:stop], result.error[start:stop],
+        result.count[start:stop], result.qual[start:stop], nthreads,
+        int(settings.error_floor),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
