@@ -116,7 +116,11 @@ def test_params_man_page_recipes_and_config(night, tmp_path, capsys):
     rc = tmp_path / "mbias.rc"
     assert esorex(["--create-config", str(rc), "soxs_mbias"]) == 0
     assert "soxs.soxs_mbias.stacked-clipping-iterations=" in rc.read_text()
+    capsys.readouterr()
     assert esorex(["--version"]) == 0
+    # the version baked in at build time is the installed distribution's
+    from importlib.metadata import version
+    assert version("soxs") in capsys.readouterr().out
     assert esorex(["--plugin-dir"]) == 0
     assert Path(capsys.readouterr().out.strip().splitlines()[-1]) == plugin_dir()
 
