@@ -203,7 +203,8 @@ def _frame_statistics(stats: _PassStatistics, settings: MasterSettings,
                       threads: int | None = None):
     """Per-frame clipped levels and the raw read noise from consecutive frame pairs."""
     samples = [stats.frame_sample(k) for k in range(stats.nframes)]
-    levels = parallel_map(lambda v: clipped_stats(v, settings.frame_clipping_sigma,
+    # every other sampled value is plenty for a frame's level (the pairs need them all)
+    levels = parallel_map(lambda v: clipped_stats(v[::2], settings.frame_clipping_sigma,
                                                   settings.frame_clipping_iterations)[0],
                           samples, threads)
     noises = parallel_map(lambda k: read_noise_from_pair(samples[k], samples[k + 1]),
@@ -306,15 +307,19 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     result, stats = _stack(frames, settings, None, threads)
     levels, raw_noise = _frame_statistics(stats, settings, threads)
     _errors_from_measured_noise(result, frames[0], raw_noise)
-    image, _, master_noise = _finish_master(result, raw_noise, settings, flag_cold=True)
-    good = image.qual == 0
-    structx, structy = structure_slopes(image.data, good)
+    # the pattern-noise metric needs only the input flags, which finishing leaves alone (it
+    # adds HOT/COLD and fills NO_DATA pixels, both excluded here): it runs beside finishing
     input_flags = np.uint8(Qual.STATIC_BAD | Qual.SATURATED | Qual.NON_FINITE | Qual.NO_DATA)
-    binned_master = good_block_mean(image.data, image.qual & input_flags, FPN_BLOCK,
+    binned_master = good_block_mean(result.value, result.qual & input_flags, FPN_BLOCK,
                                     default_threads(threads))
-    fpn = max(parallel_map(lambda k: periodic_pattern_metric(stats.frame_binned(k),
-                                                             binned_master),
-                           range(len(frames)), threads))
+    with ThreadPoolExecutor(1) as beside:
+        pattern = beside.submit(lambda: max(
+            periodic_pattern_metric(stats.frame_binned(k), binned_master)
+            for k in range(len(frames))))
+        image, _, master_noise = _finish_master(result, raw_noise, settings, flag_cold=True)
+        good = image.qual == 0
+        structx, structy = structure_slopes(image.data, good)
+        fpn = pattern.result()
     nbad = int(np.count_nonzero(image.qual))
     qc = dict([
         _qc("RAW RON", raw_noise, "read noise of a raw bias [e-]", ranges),
