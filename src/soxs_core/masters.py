@@ -155,9 +155,13 @@ class _PassStatistics:
         return np.concatenate(self.binned[k], axis=0)
 
 
+#: Bytes of the band cube (values, errors, QUAL of every frame) held at once.
+BAND_BUDGET = 96 << 20
+
+
 def _band_rows(nframes: int, ncols: int) -> int:
-    unit = SAMPLE_STEP * FPN_BLOCK
-    return max(unit, band_rows_for(nframes, ncols) // unit * unit)
+    """Rows per band: within the budget, and whole cells of the pattern-noise blocks."""
+    return max(FPN_BLOCK, band_rows_for(nframes, ncols, BAND_BUDGET) // FPN_BLOCK * FPN_BLOCK)
 
 
 def _stack(frames: Sequence[RawFrame], settings: MasterSettings,
