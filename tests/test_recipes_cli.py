@@ -210,3 +210,20 @@ def test_console_script_exit_status(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode != 0
     assert done.stderr.strip().count("\n") == 0 and "missing.sof" in done.stderr
+
+
+def test_console_script_success_flushes_everything(night, tmp_path):
+    """The runner leaves without the interpreter's teardown: output, log and products SOF
+    must still be complete, and the status 0."""
+    root, *_ = night
+    exe = Path(sys.executable).parent / "soxs-esorex"
+    log_file, psof = tmp_path / "run.log", tmp_path / "products.sof"
+    done = subprocess.run([str(exe), "--output-dir", str(tmp_path / "out"), "--log-file",
+                           str(log_file), "--products-sof", str(psof), "soxs_mbias",
+                           str(root / "bias.sof")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    product = tmp_path / "out" / "master_bias_vis.fits"
+    assert psof.read_text().split() == [str(product), "MASTER_BIAS_VIS"]
+    log_text = log_file.read_text()
+    assert "master_bias_vis.fits" in log_text and log_text.endswith("\n")
+    assert fits.getheader(product)["ESO PRO CATG"] == "MASTER_BIAS_VIS"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -220,6 +221,34 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 3
 
 
+def _reuse_freed_memory() -> None:
+    """Let glibc serve large arrays from the heap and keep freed ones there for reuse.
+
+    A master is built from many short-lived arrays of tens of MB.  By default each one is a
+    fresh mapping whose pages the kernel faults in and zeroes again, about a fifth of a run's
+    time on a virtual machine.  Only this runner does this (one short process per recipe);
+    importing the package changes nothing.  Elsewhere than glibc the call is skipped.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 1 << 30)
+    mallopt(m_trim_threshold, 1 << 30)
+
+
 def main() -> None:
     """Console-script entry point."""
-    sys.exit(run())
+    _reuse_freed_memory()
+    status = run()
+    # The interpreter's teardown (a garbage collection of every module) would add a tenth of
+    # a second to each run; everything the run opened is closed by now, so flush and leave.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
