@@ -76,8 +76,10 @@ def load_bad_pixel_map(arm: Arm, binning: str) -> np.ndarray:
 @functools.cache
 def load_defaults() -> dict:
     """The parsed ``defaults.yaml`` (recipe -> parameter -> arm code -> value)."""
+    # libyaml's loader when PyYAML has it: ten times faster than the pure-Python one
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with open(static_dir() / "defaults.yaml") as fh:
-        return yaml.safe_load(fh)
+        return yaml.load(fh, Loader=loader)
 
 
 def arm_defaults(recipe: str, arm: Arm | None) -> dict:
