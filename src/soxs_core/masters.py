@@ -217,7 +217,7 @@ def _frame_statistics(stats: _PassStatistics, settings: MasterSettings,
 
 
 def _finish_master(result, raw_noise: float, settings: MasterSettings,
-                   flag_cold: bool) -> tuple[DetectorImage, np.ndarray, float]:
+                   flag_cold: bool) -> tuple[DetectorImage, float]:
     """Flag outliers against the smooth level, fill pixels without data, measure master noise.
 
     A pixel is flagged when it lies more than ``frame_clipping_sigma`` single-frame sigmas
@@ -229,20 +229,21 @@ def _finish_master(result, raw_noise: float, settings: MasterSettings,
     good = qual == 0
     # one pass is enough for the model: outliers are few and its medians robust to them
     model = smooth_background(value, good, iterations=1, step=4)
-    resid = value - model
+    # pixels without data take the model (they are not good, so nothing below sees them)
+    nodata = (qual & np.uint8(Qual.NO_DATA)) != 0
+    value[nodata] = model[nodata]
+    error[nodata] = np.float32(raw_noise)
+    resid = np.subtract(value, model, out=model)  # the model's memory is not needed again
     threshold = settings.frame_clipping_sigma * raw_noise
     hot = good & (resid > threshold)
     qual |= hot.view(np.uint8) * np.uint8(Qual.HOT)
     if flag_cold:
         cold = good & (resid < -threshold)
         qual |= cold.view(np.uint8) * np.uint8(Qual.COLD)
-    nodata = (qual & np.uint8(Qual.NO_DATA)) != 0
-    value[nodata] = model[nodata]
-    error[nodata] = np.float32(raw_noise)
     # a quarter of a million pixels is plenty for a noise figure and keeps this cheap
     sample = (slice(None, None, 8), slice(None, None, 4))
     master_noise = robust_std(resid[sample][qual[sample] == 0])
-    return DetectorImage(data=value, error=error, qual=qual), model, master_noise
+    return DetectorImage(data=value, error=error, qual=qual), master_noise
 
 
 def _errors_from_measured_noise(result, frame: RawFrame, raw_noise: float) -> None:
@@ -320,7 +321,7 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
         pattern = beside.submit(lambda: max(
             periodic_pattern_metric(stats.frame_binned(k), binned_master)
             for k in range(len(frames))))
-        image, _, master_noise = _finish_master(result, raw_noise, settings, flag_cold=True)
+        image, master_noise = _finish_master(result, raw_noise, settings, flag_cold=True)
         good = image.qual == 0
         structx, structy = structure_slopes(image.data, good)
         fpn = pattern.result()
@@ -385,7 +386,7 @@ def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
         result.value -= master_bias.data
         np.sqrt(result.error ** 2 + master_bias.error ** 2, out=result.error)
         result.qual |= master_bias.qual & np.uint8(Qual.STATIC_BAD | Qual.NO_DATA)
-    image, model, master_noise = _finish_master(result, raw_noise, settings, flag_cold=False)
+    image, master_noise = _finish_master(result, raw_noise, settings, flag_cold=False)
     hot = (image.qual & np.uint8(Qual.HOT)) != 0
     nhot = int(np.count_nonzero(hot))
     good = image.qual == 0

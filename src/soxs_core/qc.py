@@ -151,7 +151,9 @@ def _interpolate_cells(cells: np.ndarray, shape: tuple[int, int], cy: int, cx: i
         + np.take(cells, hy, axis=0) * fy[:, None]
     out = np.take(along_y, lx, axis=1)
     out *= (1 - fx)[None, :]
-    out += np.take(along_y, hx, axis=1) * fx[None, :]
+    upper = np.take(along_y, hx, axis=1)
+    upper *= fx[None, :]
+    out += upper
     return out
 
 
