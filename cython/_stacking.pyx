@@ -496,7 +496,7 @@ def clip_and_stack_band(
         raise MemoryError("no memory for the stacking scratch buffers")
     try:
         with nogil:
-            for i in prange(rows, num_threads=num_threads, schedule="static"):
+            for i in prange(rows, num_threads=num_threads, schedule="dynamic", chunksize=4):
                 base = buffers + threadid() * floats
                 for j0 in range(0, cols, TILE):
                     width = <int>(cols - j0) if cols - j0 < TILE else TILE
