@@ -203,17 +203,21 @@ def parallel_map(func, items, threads: int | None = None) -> list:
         return list(pool.map(func, items))
 
 
-def _frame_statistics(stats: _PassStatistics, settings: MasterSettings,
-                      threads: int | None = None):
-    """Per-frame clipped levels and the raw read noise from consecutive frame pairs."""
-    samples = [stats.frame_sample(k) for k in range(stats.nframes)]
-    # every other sampled value is plenty for a frame's level (the pairs need them all)
-    levels = parallel_map(lambda v: clipped_stats(v[::2], settings.frame_clipping_sigma,
-                                                  settings.frame_clipping_iterations)[0],
-                          samples, threads)
-    noises = parallel_map(lambda k: read_noise_from_pair(samples[k], samples[k + 1]),
+def _raw_read_noise(stats: _PassStatistics, threads: int | None = None) -> float:
+    """Raw read noise: the mean over consecutive frame pairs of their difference's noise."""
+    noises = parallel_map(lambda k: read_noise_from_pair(stats.frame_sample(k),
+                                                         stats.frame_sample(k + 1)),
                           range(stats.nframes - 1), threads)
-    return levels, float(np.mean(noises)) if noises else float("nan")
+    return float(np.mean(noises)) if noises else float("nan")
+
+
+def _frame_levels(stats: _PassStatistics, settings: MasterSettings,
+                  threads: int | None = None) -> list[float]:
+    """Clipped level of every frame; every other sampled value is plenty for that."""
+    return parallel_map(lambda k: clipped_stats(stats.frame_sample(k)[::2],
+                                                settings.frame_clipping_sigma,
+                                                settings.frame_clipping_iterations)[0],
+                        range(stats.nframes), threads)
 
 
 def _finish_master(result, raw_noise: float, settings: MasterSettings,
@@ -310,21 +314,23 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     """
     ranges = qc_ranges or {}
     result, stats = _stack(frames, settings, None, threads)
-    levels, raw_noise = _frame_statistics(stats, settings, threads)
+    raw_noise = _raw_read_noise(stats, threads)
     _errors_from_measured_noise(result, frames[0], raw_noise)
-    # the pattern-noise metric needs only the input flags, which finishing leaves alone (it
-    # adds HOT/COLD and fills NO_DATA pixels, both excluded here): it runs beside finishing
+    # The frame levels and the pattern-noise metric run beside the finishing step: they need
+    # only the samples and the input flags, which finishing leaves alone (it adds HOT/COLD
+    # and fills NO_DATA pixels, both excluded here).
     input_flags = np.uint8(Qual.STATIC_BAD | Qual.SATURATED | Qual.NON_FINITE | Qual.NO_DATA)
     binned_master = good_block_mean(result.value, result.qual & input_flags, FPN_BLOCK,
                                     default_threads(threads))
     with ThreadPoolExecutor(1) as beside:
+        frame_levels = beside.submit(_frame_levels, stats, settings, 1)
         pattern = beside.submit(lambda: max(
             periodic_pattern_metric(stats.frame_binned(k), binned_master)
             for k in range(len(frames))))
         image, master_noise = _finish_master(result, raw_noise, settings, flag_cold=True)
         good = image.qual == 0
         structx, structy = structure_slopes(image.data, good)
-        fpn = pattern.result()
+        levels, fpn = frame_levels.result(), pattern.result()
     nbad = int(np.count_nonzero(image.qual))
     qc = dict([
         _qc("RAW RON", raw_noise, "read noise of a raw bias [e-]", ranges),
@@ -381,7 +387,7 @@ def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
     else:
         bias_level = _quick_levels(frames, settings)
     result, stats = _stack(frames, settings, bias_level, threads)
-    levels, raw_noise = _frame_statistics(stats, settings, threads)
+    levels, raw_noise = _frame_levels(stats, settings, threads), _raw_read_noise(stats, threads)
     if master_bias is not None:
         result.value -= master_bias.data
         np.sqrt(result.error ** 2 + master_bias.error ** 2, out=result.error)

@@ -66,8 +66,8 @@ def read_noise_from_pair(a: np.ndarray, b: np.ndarray, sigma: float = 5.0,
     """
     diff = (np.asarray(a, np.float32) - np.asarray(b, np.float32)).ravel()
     diff = diff[np.isfinite(diff)]
-    if diff.size > 200_000:  # plenty for a noise figure
-        diff = diff[:: diff.size // 100_000]
+    if diff.size > 100_000:  # 50 000 values give the noise to 0.3 %: plenty for a QC figure
+        diff = diff[:: diff.size // 50_000]
     diff = diff.astype(np.float64)
     if diff.size == 0:
         return float("nan")
