@@ -1,6 +1,6 @@
 """Benchmark soxs_mbias / soxs_mdark end to end and the stacking kernel alone.
 
-    python benchmarks/bench_masters.py [--workdir DIR] [--soxspipe-venv VENV] [--repeat 3]
+    python benchmarks/bench_masters.py [--workdir DIR] [--soxspipe-venv VENV] [--repeat 5]
 
 * generates 11 (and 21) X-shooter VIS 1x1 raw bias frames (2106x4000 uint16) and 11 darks
   with the project's simulator;
@@ -50,7 +50,8 @@ def best(cmd: list[str], repeat: int, cwd: Path | None = None) -> tuple[float, f
 
 RECIPE_ONLY = """
 import sys, time
-from soxs_recipes.cli import run
+from soxs_recipes.cli import _reuse_freed_memory, run
+_reuse_freed_memory()  # as the soxs-esorex entry point does
 start = time.perf_counter()
 status = run(sys.argv[1:])
 print(time.perf_counter() - start)
@@ -112,7 +113,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="/tmp/soxs-bench")
     parser.add_argument("--soxspipe-venv", help="virtual environment with soxspipe 0.17.4")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
