@@ -293,6 +293,20 @@ cdef inline double _sorted_median_strided(const float* a, int n) noexcept nogil:
     return (<double>a[(mid - 1) * TILE] + <double>a[mid * TILE]) / 2.0
 
 
+cdef inline void _kth_deviation_tile(const float* ts, const double* centre, int nframes,
+                                     int k, double* best) noexcept nogil:
+    """:func:`_kth_deviation` for every pixel of a fully usable tile at once: the smallest,
+    over windows of k+1 consecutive sorted values, of the larger end deviation."""
+    cdef int i, jj
+    cdef double left, right, widest
+    for i in range(nframes - k):
+        for jj in range(TILE):
+            left = fabs(centre[jj] - <double>ts[i * TILE + jj])
+            right = fabs(<double>ts[(i + k) * TILE + jj] - centre[jj])
+            widest = left if left > right else right
+            best[jj] = widest if widest < best[jj] else best[jj]
+
+
 cdef void _first_pass(
     const float* ts, int nframes, int width, double sigma_lower, double sigma_upper,
     int max_iters, int scale_method, int error_floor, const double* sumsq,
@@ -306,11 +320,11 @@ cdef void _first_pass(
     :func:`_clip_pixel`'s first iteration, written as loops across the tile that the compiler
     vectorises; the other pixels go through :func:`_clip_pixel` from the start.
     """
-    cdef int jj, i, k
+    cdef int jj
     cdef double centre[TILE]
     cdef double best[TILE]
     cdef double best2[TILE]
-    cdef double left, right, widest, scale, floor, lower, upper
+    cdef double scale, floor, lower, upper
     cdef int mid = nframes // 2
     if max_iters < 1 or scale_method != 0:
         for jj in range(width):
@@ -323,23 +337,10 @@ cdef void _first_pass(
             centre[jj] = (<double>ts[(mid - 1) * TILE + jj] + <double>ts[mid * TILE + jj]) / 2.0
         best[jj] = INFINITY
         best2[jj] = INFINITY
-    # MAD: the k-th smallest deviation is the smallest, over windows of k+1 consecutive
-    # sorted values, of the larger end deviation (see _kth_deviation)
-    k = mid if nframes % 2 else mid - 1
-    for i in range(nframes - k):
-        for jj in range(TILE):
-            left = fabs(centre[jj] - <double>ts[i * TILE + jj])
-            right = fabs(<double>ts[(i + k) * TILE + jj] - centre[jj])
-            widest = left if left > right else right
-            best[jj] = widest if widest < best[jj] else best[jj]
+    # MAD: the middle deviation(s), as in _mad
+    _kth_deviation_tile(ts, centre, nframes, mid if nframes % 2 else mid - 1, best)
     if nframes % 2 == 0:
-        k = mid
-        for i in range(nframes - k):
-            for jj in range(TILE):
-                left = fabs(centre[jj] - <double>ts[i * TILE + jj])
-                right = fabs(<double>ts[(i + k) * TILE + jj] - centre[jj])
-                widest = left if left > right else right
-                best2[jj] = widest if widest < best2[jj] else best2[jj]
+        _kth_deviation_tile(ts, centre, nframes, mid, best2)
     for jj in range(width):
         if nframes % 2:
             scale = MAD_TO_STD * best[jj]

@@ -583,7 +583,39 @@ def _open_error(path: Path, exc: OSError) -> InputError:
     return InputError(f"{path}: cannot be read ({exc.strerror or exc})")
 
 
-class FitsFile:
+class HduSequence:
+    """The HDU list of an open file: ``len``, iteration, and lookup by index or EXTNAME.
+
+    Subclasses set ``hdus`` (list of :class:`HDUInfo`) and ``name`` (for messages).
+    """
+
+    hdus: list[HDUInfo]
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.hdus)
+
+    def __iter__(self) -> Iterator[HDUInfo]:
+        return iter(self.hdus)
+
+    def __getitem__(self, key: int | str) -> HDUInfo:
+        if isinstance(key, str):
+            index = self.index_of(key)
+            if index is None:
+                raise KeyError(f"{self.name}: no HDU named {key!r}")
+            key = index
+        return self.hdus[key]
+
+    def index_of(self, name: str) -> int | None:
+        """Index of the first HDU whose EXTNAME is ``name`` (case-insensitive)."""
+        name = name.strip().upper()
+        for i, hdu in enumerate(self.hdus):
+            if hdu.name == name:
+                return i
+        return None
+
+
+class FitsFile(HduSequence):
     """The HDUs of a plain or gzip-compressed FITS file; pixels read on demand.
 
     A gzip file is decompressed into memory once (meant for small files such as static maps);
@@ -626,28 +658,6 @@ class FitsFile:
 
     def _buffer_at(self, offset: int, n: int) -> bytes:
         return self._buffer[offset:offset + n]
-
-    def __len__(self) -> int:
-        return len(self.hdus)
-
-    def __iter__(self) -> Iterator[HDUInfo]:
-        return iter(self.hdus)
-
-    def __getitem__(self, key: int | str) -> HDUInfo:
-        if isinstance(key, str):
-            index = self.index_of(key)
-            if index is None:
-                raise KeyError(f"{self.name}: no HDU named {key!r}")
-            key = index
-        return self.hdus[key]
-
-    def index_of(self, name: str) -> int | None:
-        """Index of the first HDU whose EXTNAME is ``name`` (case-insensitive)."""
-        name = name.strip().upper()
-        for i, hdu in enumerate(self.hdus):
-            if hdu.name == name:
-                return i
-        return None
 
     def read(self, key: int | str | HDUInfo = 0) -> np.ndarray:
         """Stored pixels of an image HDU: big-endian dtype of BITPIX, BZERO/BSCALE not applied.

@@ -16,13 +16,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
-from .fitsfile import FitsFile, HDUInfo, Header
+from .fitsfile import FitsFile, HduSequence, Header
 
 __all__ = ["open_fits", "OpenFits", "image_hdu_index", "ScratchDir", "scaled_float32",
            "read_scaled"]
@@ -85,7 +84,7 @@ def _expand_compress(path: Path, out: Path) -> None:
         raise InputError(f"{path}: corrupt or truncated .Z file ({msg[0]})")
 
 
-class OpenFits:
+class OpenFits(HduSequence):
     """An opened FITS file: HDU layout from :mod:`soxs_core.fitsfile`, tile-compressed images
     through astropy (imported only for them).
 
@@ -96,6 +95,7 @@ class OpenFits:
 
     def __init__(self, source: Path, path: Path, scratch: ScratchDir | None = None) -> None:
         self.source = source  #: the file as given
+        self.name = str(source)
         self.path = path  #: the plain FITS file that is read (``source`` or its expansion)
         self._scratch = scratch  # an expansion lives as long as this object
         self._file = FitsFile(path, name=str(source))
@@ -128,28 +128,6 @@ class OpenFits:
 
     def filename(self) -> str:
         return str(self.source)
-
-    def __len__(self) -> int:
-        return len(self.hdus)
-
-    def __iter__(self) -> Iterator[HDUInfo]:
-        return iter(self.hdus)
-
-    def __getitem__(self, key: int | str) -> HDUInfo:
-        if isinstance(key, str):
-            index = self.index_of(key)
-            if index is None:
-                raise KeyError(f"{self.source}: no HDU named {key!r}")
-            key = index
-        return self.hdus[key]
-
-    def index_of(self, name: str) -> int | None:
-        """Index of the first HDU whose EXTNAME is ``name`` (case-insensitive)."""
-        name = name.strip().upper()
-        for i, hdu in enumerate(self.hdus):
-            if hdu.name == name:
-                return i
-        return None
 
     def astropy_hdu(self, index: int):
         """The astropy ``CompImageHDU`` of a tile-compressed image."""
