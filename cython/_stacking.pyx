@@ -61,7 +61,7 @@ cdef extern from *:
        comparator is a min and a max of two rows, which the compiler turns into SIMD
        min/max (the ternaries are exactly MINPS/MAXPS).  Compiled for AVX2 too where the
        compiler can, and picked at run time. */
-    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+    #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__)
     __attribute__((target_clones("avx2", "default")))
     #endif
     static void soxs_sort_tile(float *ts, int tile, const int *network, int npairs, int n) {
