@@ -843,16 +843,7 @@ def _full_header(user: Header | None, data: np.ndarray | None, primary: bool,
         cards.append(card)
     cards.append(Card("DATASUM", "0", f"data unit checksum {stamp}"))
     cards.append(Card("CHECKSUM", "0" * 16, f"HDU checksum {stamp}"))
-    header = Header()
-    header._cards = cards
-    header._reindex()
-    return header
-
-
-def _set_card(header: Header, key: str, value: Any) -> None:
-    i = header._index[key]
-    card = header._cards[i]
-    header._cards[i] = Card(card.keyword, value, card.comment)
+    return Header(cards)
 
 
 def _write_data(fh: BinaryIO, data: np.ndarray, md5: _Md5Thread | None) -> int:
@@ -912,7 +903,7 @@ def write_fits(target: str | os.PathLike | BinaryIO,
                for i, ((header, _), data) in enumerate(zip(hdus, arrays))]
     with_md5 = "DATAMD5" in headers[0]
     if with_md5:
-        _set_card(headers[0], "DATAMD5", "0" * 32)
+        headers[0]["DATAMD5"] = "0" * 32
     blocks = [h.tobytes() for h in headers]
     if isinstance(target, (str, os.PathLike)):
         with open(target, "wb") as fh:
@@ -937,14 +928,14 @@ def _write_hdus(fh: BinaryIO, headers: list[Header], blocks: list[bytes],
             md5.stop()
     end = fh.tell()
     if digest is not None:
-        _set_card(headers[0], "DATAMD5", digest)
+        headers[0]["DATAMD5"] = digest
     for header, block, offset, total in zip(headers, blocks, offsets, sums):
         datasum = _fold(total)
-        _set_card(header, "DATASUM", str(datasum))
-        _set_card(header, "CHECKSUM", "0" * 16)
+        header["DATASUM"] = str(datasum)
+        header["CHECKSUM"] = "0" * 16
         raw = header.tobytes()
         hdu_sum = _fold(_word_sum(raw) + datasum)
-        _set_card(header, "CHECKSUM", checksum_encode(~hdu_sum & 0xFFFFFFFF))
+        header["CHECKSUM"] = checksum_encode(~hdu_sum & 0xFFFFFFFF)
         raw = header.tobytes()
         if len(raw) != len(block):  # cannot happen: every card keeps its one image
             raise RuntimeError("FITS header changed length while completing it")

@@ -59,7 +59,7 @@ class DetectorImage:
 def image_hdus(image: DetectorImage, header: Header) -> list[tuple[Header, np.ndarray]]:
     """FLUX/QUAL/ERRS HDUs, as ``(header, data)`` pairs for :func:`~soxs_core.fitsfile.write_fits`,
     of an image and its (complete) primary header; ``header`` itself is not modified."""
-    primary = Header.from_cards(header.cards)
+    primary = header.copy()
     primary["EXTNAME"] = ("FLUX", "flux in electrons")
     primary["BUNIT"] = ("electron", "unit of the FLUX plane")
     qual_header = Header()

@@ -149,10 +149,19 @@ class _PassStatistics:
         self.binned[k].append(good_block_mean(data, qual, FPN_BLOCK))
 
     def frame_sample(self, k: int) -> np.ndarray:
-        return np.concatenate(self.samples[k], axis=0)
+        """Frame k's sampled rows (after the pass; joined once, then kept joined)."""
+        return self._joined(self.samples, k)
 
     def frame_binned(self, k: int) -> np.ndarray:
-        return np.concatenate(self.binned[k], axis=0)
+        """Frame k's pattern-noise cells (after the pass)."""
+        return self._joined(self.binned, k)
+
+    @staticmethod
+    def _joined(parts: list[list[np.ndarray]], k: int) -> np.ndarray:
+        # the read noise uses each frame in two pairs and the levels once more
+        if len(parts[k]) != 1:
+            parts[k] = [np.concatenate(parts[k], axis=0)]
+        return parts[k][0]
 
 
 #: Bytes of the band cube (values, errors, QUAL of every frame) held at once.

@@ -92,20 +92,27 @@ class ParameterEnum(_Parameter):
         self.alternatives = tuple(alternatives)
 
 
-class ParameterList:
-    """Stand-in for ``cpl.ui.ParameterList``."""
+class _ItemList:
+    """List behaviour shared by the stand-in containers: append, iterate, count, index."""
 
-    def __init__(self, parameters: Iterable[_Parameter] = ()) -> None:
-        self._items = list(parameters)
+    def __init__(self, items: Iterable[Any] = ()) -> None:
+        self._items = list(items)
 
-    def append(self, parameter: _Parameter) -> None:
-        self._items.append(parameter)
+    def append(self, item: Any) -> None:
+        self._items.append(item)
 
-    def __iter__(self) -> Iterator[_Parameter]:
+    def __iter__(self) -> Iterator[Any]:
         return iter(self._items)
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self._items[index]
+
+
+class ParameterList(_ItemList):
+    """Stand-in for ``cpl.ui.ParameterList``; also indexed by parameter name."""
 
     def __getitem__(self, key: int | str) -> _Parameter:
         if isinstance(key, int):
@@ -152,7 +159,7 @@ class Frame:
         return f"Frame({self.file!r}, tag={self.tag!r}, group={self.group.name})"
 
 
-class FrameSet:
+class FrameSet(_ItemList):
     """Stand-in for ``cpl.ui.FrameSet``: a list of frames, optionally read from an SOF.
 
     An SOF has one frame per line: ``path TAG`` and an optional third column ``RAW`` or
@@ -161,7 +168,7 @@ class FrameSet:
     """
 
     def __init__(self, source: str | os.PathLike | Iterable[Frame] | None = None) -> None:
-        self._frames: list[Frame] = []
+        super().__init__()
         if source is None:
             return
         if isinstance(source, (str, os.PathLike)):
@@ -182,19 +189,7 @@ class FrameSet:
             file = Path(fields[0]).expanduser()
             if not file.is_absolute():
                 file = path.parent / file
-            self._frames.append(Frame(str(file), tag=tag, group=group))
-
-    def append(self, frame: Frame) -> None:
-        self._frames.append(frame)
-
-    def __iter__(self) -> Iterator[Frame]:
-        return iter(self._frames)
-
-    def __len__(self) -> int:
-        return len(self._frames)
-
-    def __getitem__(self, index: int) -> Frame:
-        return self._frames[index]
+            self.append(Frame(str(file), tag=tag, group=group))
 
 
 class PyRecipe:
