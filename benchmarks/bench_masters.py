@@ -89,7 +89,7 @@ def make_frames(workdir: Path) -> dict[str, list[Path]]:
 
 
 def kernel_times(repeat: int) -> dict[str, float]:
-    from soxs_core.stacking import ClipSettings, clip_and_stack_arrays, default_threads
+    from soxs_core.combine.stacking import ClipSettings, clip_and_stack_arrays, default_threads
 
     rng = np.random.default_rng(0)
     shape = (11, 4000, 2048)

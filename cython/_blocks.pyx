@@ -2,7 +2,7 @@
 # cython: initializedcheck=False, nonecheck=False
 """Block means over the good pixels of an image, in one pass.
 
-The pure-numpy twin is :func:`soxs_core.qc.good_block_mean_reference`; the tests hold the
+The pure-numpy twin is :func:`soxs_core.combine.qc.good_block_mean_reference`; the tests hold the
 two equal bit for bit.  Keep them in step.
 
 For each ``block`` x ``block`` cell (edges that do not fill a cell are dropped), in double

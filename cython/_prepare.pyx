@@ -2,7 +2,7 @@
 # cython: initializedcheck=False, nonecheck=False
 """Raw 16-bit FITS rows to prepared electrons, 1-sigma errors and QUAL in one pass.
 
-The pure-numpy twin is :func:`soxs_core.rawframe.prepare_band_reference`; the tests hold the
+The pure-numpy twin is :func:`soxs_core.detector.rawframe.prepare_band_reference`; the tests hold the
 two equal bit for bit.  Keep them in step.
 
 For each pixel, in float32 arithmetic and this order:

@@ -2,7 +2,7 @@
 # cython: initializedcheck=False, nonecheck=False
 """Per-pixel sigma-clipped stacking of a band of detector rows.
 
-The pure-numpy twin of this kernel is :func:`soxs_core.stacking.clip_and_stack_reference`;
+The pure-numpy twin of this kernel is :func:`soxs_core.combine.stacking.clip_and_stack_reference`;
 the tests hold the two equal bit for bit.  Keep them in step.
 
 Algorithm, for each pixel independently:

@@ -13,7 +13,8 @@ import pytest
 from astropy.io import fits
 
 from soxs_core.errors import InputError
-from soxs_core.fitsfile import (
+from soxs_core.io.compressed import scaled_float32
+from soxs_core.io.fits import (
     BLOCK_SIZE,
     Card,
     FitsFile,
@@ -24,8 +25,7 @@ from soxs_core.fitsfile import (
     scan_hdus,
     write_fits,
 )
-from soxs_core.fitsio import scaled_float32
-from soxs_core.products import data_md5
+from soxs_core.io.products import data_md5
 
 #: values that must come back exactly (type and, for floats, every bit)
 VALUES = {
@@ -402,7 +402,7 @@ def test_bad_files_give_one_line_input_errors(tmp_path):
 def test_dfs_header_inherits_from_astropy_and_our_headers_alike(tmp_path):
     from pathlib import Path
 
-    from soxs_core.products import FrameRef, ProductInfo, QcValue, dfs_header
+    from soxs_core.io.products import FrameRef, ProductInfo, QcValue, dfs_header
 
     raw = fits.Header()
     raw["INSTRUME"] = ("XSHOOTER", "Instrument used")

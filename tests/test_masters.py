@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from soxs_core.image import read_image_product
-from soxs_core.quality import Qual
+from soxs_core.detector.quality import Qual
+from soxs_core.io.image import read_image_product
 from soxs_core.simulate import DetectorSimulator
 from soxs_recipes.cli import run as esorex
 

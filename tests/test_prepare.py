@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from soxs_core.instruments import ARMS
-from soxs_core.quality import Qual
-from soxs_core.rawframe import RawFrame, prepare_band_reference, rotated_rows
+from soxs_core.detector.instruments import ARMS
+from soxs_core.detector.quality import Qual
+from soxs_core.detector.rawframe import RawFrame, prepare_band_reference, rotated_rows
 
 
 @pytest.mark.parametrize("rotation", [0, 1, 2, 3])

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from soxs_core.qc import (
+from soxs_core.combine.qc import (
     block_mean,
     clipped_stats,
     good_block_mean,
@@ -13,7 +13,7 @@ from soxs_core.qc import (
     smooth_background,
     structure_slopes,
 )
-from soxs_core.quality import Qual
+from soxs_core.detector.quality import Qual
 
 
 def test_pattern_metric_is_one_for_white_noise_and_large_for_a_pattern():
@@ -73,7 +73,7 @@ def test_clipped_stats_and_block_mean():
 
 
 def test_cell_interpolation_equals_separable_np_interp():
-    from soxs_core.qc import _interpolate_cells
+    from soxs_core.combine.qc import _interpolate_cells
 
     cells = np.random.default_rng(6).normal(0, 1, (7, 5)).astype(np.float32)
     for shape, cy, cx in [((230, 170), 32, 32), ((21, 16), 3, 3), ((7, 5), 1, 1)]:

@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from soxs_core.qc import block_mean, periodic_pattern_metric, read_noise_from_pair, robust_std
-from soxs_core.stacking import ClipSettings, clip_and_stack_arrays
+from soxs_core.combine.qc import (
+    block_mean,
+    periodic_pattern_metric,
+    read_noise_from_pair,
+    robust_std,
+)
+from soxs_core.combine.stacking import ClipSettings, clip_and_stack_arrays
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "real_data" / "keck_hires_bias"
 FILES = sorted(DATA.glob("hires*.fits.gz"))

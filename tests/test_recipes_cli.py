@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from soxs_core.products import data_md5
+from soxs_core.io.products import data_md5
 from soxs_core.simulate import DetectorSimulator
 from soxs_recipes import soxs_mbias, soxs_mdark
 from soxs_recipes.cli import plugin_dir

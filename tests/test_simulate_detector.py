@@ -7,9 +7,9 @@ import pytest
 from astropy.io import fits
 from astropy.stats import mad_std, sigma_clipped_stats
 
+from soxs_core.detector.quality import Qual
+from soxs_core.detector.rawframe import RawFrame
 from soxs_core.errors import InputError
-from soxs_core.quality import Qual
-from soxs_core.rawframe import RawFrame
 from soxs_core.simulate import DetectorSimulator
 
 

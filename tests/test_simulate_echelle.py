@@ -9,8 +9,8 @@ import pytest
 from astropy.io import fits
 
 from soxs_core.calib import static_path
-from soxs_core.instruments import ARMS
-from soxs_core.rawframe import RawFrame
+from soxs_core.detector.instruments import ARMS
+from soxs_core.detector.rawframe import RawFrame
 from soxs_core.simulate import EchelleFormat, InstrumentSimulator, SceneParameters
 from soxs_core.simulate.spectra import (
     TELESCOPE_AREA_M2,

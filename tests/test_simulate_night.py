@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from soxs_core.rawframe import RawFrame
+from soxs_core.detector.rawframe import RawFrame
 from soxs_core.simulate import DetectorSimulator, simulate_night
 from soxs_core.simulate.cli import main
 

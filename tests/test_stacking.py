@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 
-from soxs_core.quality import Qual
-from soxs_core.stacking import (
+from soxs_core.combine.stacking import (
     ClipSettings,
     clip_and_stack,
     clip_and_stack_arrays,
     clip_and_stack_reference,
 )
+from soxs_core.detector.quality import Qual
 
 
 def _cube(rng, nframes, shape=(37, 53), clean=False):

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .errors import InputError
-from .fitsfile import FitsFile
-from .fitsio import scaled_float32
-from .instruments import Arm
+from soxs_core.detector.instruments import Arm
+from soxs_core.errors import InputError
+from soxs_core.io.compressed import scaled_float32
+from soxs_core.io.fits import FitsFile
 
 __all__ = ["static_dir", "static_path", "load_bad_pixel_map", "arm_defaults", "load_defaults"]
 

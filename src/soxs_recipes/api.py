@@ -17,10 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from soxs_core.errors import InputError
-from soxs_core.fitsio import open_fits
-from soxs_core.image import DetectorImage, read_image_product
-from soxs_core.qc import (
+from soxs_core.combine.qc import (
     block_mean,
     periodic_pattern_metric,
     read_noise_from_pair,
@@ -28,7 +25,10 @@ from soxs_core.qc import (
     smooth_background,
     structure_slopes,
 )
-from soxs_core.rawframe import RawFrame
+from soxs_core.detector.rawframe import RawFrame
+from soxs_core.errors import InputError
+from soxs_core.io.compressed import open_fits
+from soxs_core.io.image import DetectorImage, read_image_product
 
 from . import mbias, mdark
 from .framework import execute, frames_from_sof
@@ -163,7 +163,7 @@ class _SoxspipeStyleRecipe:
 
     def qc_periodic_pattern_noise(self, frames: Sequence[Any] | None = None) -> float:
         """Max over raw frames of the FFT peak pattern-noise indicator (5x5 binned; white
-        noise scores ~1; see :func:`soxs_core.qc.periodic_pattern_metric`)."""
+        noise scores ~1; see :func:`soxs_core.combine.qc.periodic_pattern_metric`)."""
         values = [periodic_pattern_metric(block_mean(f.read_band()[0], 5))
                   for f in self._raw(frames)]
         return float(max(values))

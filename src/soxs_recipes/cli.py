@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from soxs_core import __version__
+from soxs_core.detector.instruments import arm_from_header
 from soxs_core.errors import SoxsError
-from soxs_core.fitsfile import read_header
-from soxs_core.instruments import arm_from_header
+from soxs_core.io.fits import read_header
 
 from .compat import HAVE_PYCPL, ui
 from .framework import RecipeSpec, frames_from_sof, man_page, params_text, resolve_parameters

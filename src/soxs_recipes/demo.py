@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from soxs_core.fitsfile import read_header
+from soxs_core.io.fits import read_header
 from soxs_core.simulate import simulate_night
 
 from .cli import run as esorex

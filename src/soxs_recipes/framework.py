@@ -18,12 +18,12 @@ from typing import Any
 
 from soxs_core import __version__
 from soxs_core.calib import arm_defaults, qc_ranges
+from soxs_core.detector.instruments import ARMS, Arm, arm_from_header
+from soxs_core.detector.rawframe import RawFrame
 from soxs_core.errors import InputError
-from soxs_core.fitsio import ScratchDir
-from soxs_core.image import DetectorImage, image_hdus, read_image_product
-from soxs_core.instruments import ARMS, Arm, arm_from_header
-from soxs_core.products import FrameRef, ProductInfo, QcValue, dfs_header, write_product_atomic
-from soxs_core.rawframe import RawFrame
+from soxs_core.io.compressed import ScratchDir
+from soxs_core.io.image import DetectorImage, image_hdus, read_image_product
+from soxs_core.io.products import FrameRef, ProductInfo, QcValue, dfs_header, write_product_atomic
 
 from .compat import HAVE_PYCPL, cpl_version, ui
 

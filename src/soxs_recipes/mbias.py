@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from soxs_core.masters import MasterSettings, make_master_bias, verify_frames
+from soxs_core.combine.masters import MasterSettings, make_master_bias, verify_frames
 
 from .compat import ui
 from .framework import InputSpec, OutputSpec, QcSpec, RecipeContext, RecipeSpec

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from soxs_core.masters import make_master_dark, verify_frames
+from soxs_core.combine.masters import make_master_dark, verify_frames
 
 from .compat import ui
 from .framework import InputSpec, OutputSpec, QcSpec, RecipeContext, RecipeSpec

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
+from soxs_core.detector.instruments import Arm
 from soxs_core.errors import InputError
-from soxs_core.instruments import Arm
 
 from .framework import RecipeSpec
 

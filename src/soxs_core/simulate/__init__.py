@@ -12,10 +12,10 @@ See ``docs/simulator.md``.
 
 from __future__ import annotations
 
-from .detector import DETECTOR_DEFAULTS, DetectorSimulator, DetectorTruth
-from .echelle import EchelleFormat, load_format
-from .instrument import InstrumentSimulator, SceneParameters
-from .night import NightResult, simulate_night
+from soxs_core.simulate.detector import DETECTOR_DEFAULTS, DetectorSimulator, DetectorTruth
+from soxs_core.simulate.echelle import EchelleFormat, load_format
+from soxs_core.simulate.instrument import InstrumentSimulator, SceneParameters
+from soxs_core.simulate.night import NightResult, simulate_night
 
 __all__ = ["DetectorSimulator", "DetectorTruth", "DETECTOR_DEFAULTS", "EchelleFormat",
            "load_format", "InstrumentSimulator", "SceneParameters", "simulate_night",

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InputError
-from ..instruments import ARMS, Arm
+from soxs_core.detector.instruments import ARMS, Arm
+from soxs_core.errors import InputError
 
 __all__ = ["rng_for", "parse_binning", "resolve_arm", "ReadoutMode", "readout_mode",
            "PIXEL_SIZE_UM"]

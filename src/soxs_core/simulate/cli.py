@@ -7,10 +7,10 @@ import logging
 import sys
 from pathlib import Path
 
-from ..errors import InputError
-from ..instruments import ARMS
-from .instrument import SceneParameters
-from .night import simulate_night
+from soxs_core.detector.instruments import ARMS
+from soxs_core.errors import InputError
+from soxs_core.simulate.instrument import SceneParameters
+from soxs_core.simulate.night import simulate_night
 
 __all__ = ["main", "build_parser"]
 

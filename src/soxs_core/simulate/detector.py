@@ -2,8 +2,9 @@
 
 :class:`DetectorSimulator` owns the *truth* of one detector on one night — everything that does
 not change from frame to frame — and renders raw frames from it.  Pixels are produced in the
-*prepared* orientation (rotated and trimmed, as :meth:`soxs_core.rawframe.RawFrame.read_band`
-returns them) and then put back into the raw layout by the inverse of the preparation:
+*prepared* orientation (rotated and trimmed, as
+:meth:`soxs_core.detector.rawframe.RawFrame.read_band` returns them) and then put back into
+the raw layout by the inverse of the preparation:
 prescan/overscan columns are filled with bias and read noise, and the frame is rotated with
 ``np.rot90(..., -arm.rotation)``.
 
@@ -23,11 +24,24 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-from ..calib import load_bad_pixel_map
-from ..errors import InputError
-from ..instruments import Arm
-from ._common import PIXEL_SIZE_UM, ReadoutMode, parse_binning, readout_mode, resolve_arm, rng_for
-from .headers import FrameKind, build_header, default_mjd, frame_kind, raw_file_name
+from soxs_core.calib import load_bad_pixel_map
+from soxs_core.detector.instruments import Arm
+from soxs_core.errors import InputError
+from soxs_core.simulate._common import (
+    PIXEL_SIZE_UM,
+    ReadoutMode,
+    parse_binning,
+    readout_mode,
+    resolve_arm,
+    rng_for,
+)
+from soxs_core.simulate.headers import (
+    FrameKind,
+    build_header,
+    default_mjd,
+    frame_kind,
+    raw_file_name,
+)
 
 __all__ = ["DetectorSimulator", "DetectorTruth", "DETECTOR_DEFAULTS"]
 

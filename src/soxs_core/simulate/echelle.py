@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.polynomial import polynomial as npoly
 
-from ..calib import static_dir
-from ..instruments import Arm
-from ._common import resolve_arm
+from soxs_core.calib import static_dir
+from soxs_core.detector.instruments import Arm
+from soxs_core.simulate._common import resolve_arm
 
 __all__ = ["EchelleFormat", "load_format", "OrderGeometry", "poly2d_raw"]
 
@@ -56,7 +56,7 @@ class EchelleFormat:
     Parameters
     ----------
     arm : str or Arm
-        Arm code (``xsh_vis`` ...) or :class:`~soxs_core.instruments.Arm`.
+        Arm code (``xsh_vis`` ...) or :class:`~soxs_core.detector.instruments.Arm`.
     """
 
     def __init__(self, arm: str | Arm) -> None:

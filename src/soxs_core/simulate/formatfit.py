@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from ..instruments import ARMS
+from soxs_core.detector.instruments import ARMS
 
 __all__ = ["fit_arm", "main", "MULTI_PINHOLE_TABLES"]
 

@@ -16,8 +16,8 @@ from typing import Any
 from astropy.io import fits
 from astropy.time import Time
 
-from ..instruments import Arm
-from ._common import PIXEL_SIZE_UM, ReadoutMode
+from soxs_core.detector.instruments import Arm
+from soxs_core.simulate._common import PIXEL_SIZE_UM, ReadoutMode
 
 __all__ = ["FrameKind", "FRAME_KINDS", "frame_kind", "build_header", "default_mjd",
            "NIGHT_ORIGIN", "raw_file_name", "slit_keyword"]

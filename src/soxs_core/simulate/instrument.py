@@ -14,13 +14,20 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-from ..instruments import Arm
-from ._common import rng_for
-from .detector import DetectorSimulator
-from .echelle import EchelleFormat, load_format
-from .headers import slit_keyword
-from .scene import PointProfile, Renderer, RenderResult, SlitIllumination, Source, scattered_light
-from .spectra import (
+from soxs_core.detector.instruments import Arm
+from soxs_core.simulate._common import rng_for
+from soxs_core.simulate.detector import DetectorSimulator
+from soxs_core.simulate.echelle import EchelleFormat, load_format
+from soxs_core.simulate.headers import slit_keyword
+from soxs_core.simulate.scene import (
+    PointProfile,
+    Renderer,
+    RenderResult,
+    SlitIllumination,
+    Source,
+    scattered_light,
+)
+from soxs_core.simulate.spectra import (
     DEFAULT_SLIT_WIDTH,
     RESOLVING_POWER,
     d2_lamp,
@@ -33,7 +40,7 @@ from .spectra import (
     stellar_spectrum,
     telescope_area_cm2,
 )
-from .tables import disp_image_hdul, disp_table_hdul, order_table_hdul
+from soxs_core.simulate.tables import disp_image_hdul, disp_table_hdul, order_table_hdul
 
 __all__ = ["InstrumentSimulator", "SceneParameters", "FLAT_EXPTIME", "STANDARD_COORDS"]
 

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
-from .instrument import InstrumentSimulator, SceneParameters
-from .tables import write
+from soxs_core.simulate.instrument import InstrumentSimulator, SceneParameters
+from soxs_core.simulate.tables import write
 
 __all__ = ["simulate_night", "NightResult", "write_detector_truth", "product_path"]
 

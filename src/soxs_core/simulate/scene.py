@@ -18,8 +18,8 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, gaussian_filter1d
 from scipy.special import ndtr
 
-from .echelle import EchelleFormat
-from .spectra import blaze, efficiency
+from soxs_core.simulate.echelle import EchelleFormat
+from soxs_core.simulate.spectra import blaze, efficiency
 
 __all__ = ["Source", "SlitIllumination", "PointProfile", "Renderer", "scattered_light",
            "RenderResult"]

@@ -13,9 +13,9 @@ import functools
 import numpy as np
 from astropy.io import fits
 
-from ..calib import static_dir, static_path
-from ..instruments import Arm
-from .echelle import EchelleFormat
+from soxs_core.calib import static_dir, static_path
+from soxs_core.detector.instruments import Arm
+from soxs_core.simulate.echelle import EchelleFormat
 
 __all__ = [
     "H_PLANCK", "C_LIGHT", "TELESCOPE_AREA_M2", "RESOLVING_POWER", "DEFAULT_SLIT_WIDTH",

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from .echelle import EchelleFormat
-from .headers import _set
+from soxs_core.simulate.echelle import EchelleFormat
+from soxs_core.simulate.headers import _set
 
 __all__ = ["order_table_hdul", "disp_table_hdul", "disp_image_hdul", "fit_disp_solution",
            "DISP_DEGREES", "sample_format"]

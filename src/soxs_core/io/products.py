@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
-from .errors import ProductError
-from .fitsfile import Card, Header, write_fits
+from soxs_core import __version__
+from soxs_core.errors import ProductError
+from soxs_core.io.fits import Card, Header, write_fits
 
 __all__ = [
     "FrameRef",
@@ -130,7 +130,7 @@ def dfs_header(
 
     Returns
     -------
-    soxs_core.fitsfile.Header
+    soxs_core.io.fits.Header
         With ``DATAMD5`` set to a placeholder, filled in by :func:`write_product_atomic`.
         Comments too long for their card are shortened when it is written.
     """
@@ -221,7 +221,7 @@ def write_product_atomic(hdus: Sequence[tuple[Header, np.ndarray]], path: str | 
     """Write a product atomically: to a temporary file beside the target, then rename.
 
     ``hdus`` are ``(header, data)`` pairs (primary first, see
-    :func:`soxs_core.fitsfile.write_fits`).  ``DATAMD5`` is computed when the primary header
+    :func:`soxs_core.io.fits.write_fits`).  ``DATAMD5`` is computed when the primary header
     has it, and CHECKSUM/DATASUM are written on every HDU.  An existing file is replaced only
     with ``overwrite``; an input frame (``protected``) never is.
 

@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .calib import load_bad_pixel_map
-from .errors import InputError
-from .image import DetectorImage
-from .products import QcValue
-from .qc import (
+from soxs_core.calib import load_bad_pixel_map
+from soxs_core.combine.qc import (
     clipped_stats,
     good_block_mean,
     periodic_pattern_metric,
@@ -28,9 +25,12 @@ from .qc import (
     smooth_background,
     structure_slopes,
 )
-from .quality import Qual
-from .rawframe import RawFrame
-from .stacking import ClipSettings, band_rows_for, clip_and_stack, default_threads
+from soxs_core.combine.stacking import ClipSettings, band_rows_for, clip_and_stack, default_threads
+from soxs_core.detector.quality import Qual
+from soxs_core.detector.rawframe import RawFrame
+from soxs_core.errors import InputError
+from soxs_core.io.image import DetectorImage
+from soxs_core.io.products import QcValue
 
 __all__ = [
     "MasterSettings",

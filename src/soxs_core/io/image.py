@@ -1,8 +1,8 @@
 """The detector image data model: FLUX, QUAL and ERRS planes with a header.
 
 Image products are written as three HDUs — ``FLUX`` (primary, float32, electrons), ``QUAL``
-(uint8 bitmask, see :mod:`soxs_core.quality`) and ``ERRS`` (float32, 1-sigma electrons) — the
-layout soxspipe uses, so either pipeline can read the other's masters.
+(uint8 bitmask, see :mod:`soxs_core.detector.quality`) and ``ERRS`` (float32, 1-sigma
+electrons) — the layout soxspipe uses, so either pipeline can read the other's masters.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .fitsfile import Header
-from .fitsio import open_fits, scaled_float32
-from .quality import describe_bits
+from soxs_core.detector.quality import describe_bits
+from soxs_core.errors import InputError
+from soxs_core.io.compressed import open_fits, scaled_float32
+from soxs_core.io.fits import Header
 
 __all__ = ["DetectorImage", "read_image_product", "image_hdus"]
 
@@ -33,7 +33,7 @@ class DetectorImage:
         1-sigma uncertainty of ``data`` in electrons.
     qual : ndarray of uint8
         Quality bits; 0 = good.
-    header : soxs_core.fitsfile.Header
+    header : soxs_core.io.fits.Header
         Primary header.
     """
 
@@ -57,7 +57,7 @@ class DetectorImage:
 
 
 def image_hdus(image: DetectorImage, header: Header) -> list[tuple[Header, np.ndarray]]:
-    """FLUX/QUAL/ERRS HDUs, as ``(header, data)`` pairs for :func:`~soxs_core.fitsfile.write_fits`,
+    """FLUX/QUAL/ERRS HDUs, as ``(header, data)`` pairs for :func:`~soxs_core.io.fits.write_fits`,
     of an image and its (complete) primary header; ``header`` itself is not modified."""
     primary = header.copy()
     primary["EXTNAME"] = ("FLUX", "flux in electrons")

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
-from .errors import InputError
+from soxs_core.errors import InputError
 
 __all__ = [
     "Card",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _blocks
+from soxs_core import _blocks
 
 __all__ = [
     "clipped_stats",

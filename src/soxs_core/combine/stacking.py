@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _stacking
-from .quality import REJECT_FOR_STACKING, Qual
+from soxs_core import _stacking
+from soxs_core.detector.quality import REJECT_FOR_STACKING, Qual
 
 __all__ = [
     "ClipSettings",

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import InputError
+from soxs_core.errors import InputError
 
 __all__ = ["Arm", "ARMS", "get_arm", "arm_from_header", "INSTRUMENT_NAMES"]
 

@@ -15,12 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _prepare
-from .errors import InputError
-from .fitsfile import Header
-from .fitsio import OpenFits, ScratchDir, image_hdu_index, open_fits, read_scaled, scaled_float32
-from .instruments import Arm, arm_from_header
-from .quality import Qual
+from soxs_core import _prepare
+from soxs_core.detector.instruments import Arm, arm_from_header
+from soxs_core.detector.quality import Qual
+from soxs_core.errors import InputError
+from soxs_core.io.compressed import (
+    OpenFits,
+    ScratchDir,
+    image_hdu_index,
+    open_fits,
+    read_scaled,
+    scaled_float32,
+)
+from soxs_core.io.fits import Header
 
 __all__ = ["RawFrame", "rotated_rows", "FRAME_TYPES", "frame_type_from_dpr"]
 

@@ -3,7 +3,7 @@
 Raw frames arrive as plain FITS, gzip (``.fits.gz``), Unix ``compress`` (``.fits.Z``) or
 tile-compressed (``.fits.fz``).  ``.gz`` and ``.Z`` files are expanded once into a private
 temporary file so that pixels can always be read in row bands: memory then stays flat however
-many frames are stacked.  Plain FITS is read by :mod:`soxs_core.fitsfile`; astropy is imported
+many frames are stacked.  Plain FITS is read by :mod:`soxs_core.io.fits`; astropy is imported
 only for tile-compressed images.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .fitsfile import FitsFile, HduSequence, Header
+from soxs_core.errors import InputError
+from soxs_core.io.fits import FitsFile, HduSequence, Header
 
 __all__ = ["open_fits", "OpenFits", "image_hdu_index", "ScratchDir", "scaled_float32",
            "read_scaled"]
@@ -85,10 +85,10 @@ def _expand_compress(path: Path, out: Path) -> None:
 
 
 class OpenFits(HduSequence):
-    """An opened FITS file: HDU layout from :mod:`soxs_core.fitsfile`, tile-compressed images
+    """An opened FITS file: HDU layout from :mod:`soxs_core.io.fits`, tile-compressed images
     through astropy (imported only for them).
 
-    Items are :class:`~soxs_core.fitsfile.HDUInfo`; for a tile-compressed image the item's
+    Items are :class:`~soxs_core.io.fits.HDUInfo`; for a tile-compressed image the item's
     header is the image header astropy reconstructs (NAXISn, BITPIX, BSCALE... of the image)
     and ``compressed`` is true.
     """
