@@ -19,11 +19,21 @@ from typing import Any
 from soxs_core import __version__
 from soxs_core.calib import arm_defaults, qc_ranges
 from soxs_core.detector.instruments import ARMS, Arm, arm_from_header
+from soxs_core.detector.quality import legend as qual_legend
 from soxs_core.detector.rawframe import RawFrame
 from soxs_core.errors import InputError
 from soxs_core.io.compressed import ScratchDir
 from soxs_core.io.image import DetectorImage, image_hdus, read_image_product
-from soxs_core.io.products import FrameRef, ProductInfo, QcValue, dfs_header, write_product_atomic
+from soxs_core.io.products import (
+    QC_SUMMARY,
+    FrameRef,
+    ProductInfo,
+    QcMeasurements,
+    QcValue,
+    dfs_header,
+    qc_comment_room,
+    write_product_atomic,
+)
 
 from .compat import HAVE_PYCPL, cpl_version, ui
 
@@ -62,6 +72,18 @@ class Param:
         names = {self.name, *self.synonyms}
         names |= {n.replace("-", "_") for n in names}
         return names | {f"soxs.{recipe}.{n}" for n in names}
+
+    def allowed(self) -> str:
+        """The values accepted, in words: the choices, or the minimum and maximum."""
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.type is bool:
+            return "true or false"
+        if self.minimum is None and self.maximum is None:
+            return f"any {self.type.__name__}"
+        low = "no minimum" if self.minimum is None else f"minimum {self.minimum:g}"
+        high = "no maximum" if self.maximum is None else f"maximum {self.maximum:g}"
+        return f"{low}, {high}"
 
     def convert(self, value: Any, source: str) -> Any:
         """Convert and validate a value; raises InputError naming the parameter."""
@@ -128,11 +150,40 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class QcSpec:
-    """A QC keyword written as ``ESO QC <name>``."""
+    """A QC keyword written as ``ESO QC <name>``.
+
+    The recipe's science returns a value under ``name``; the header card gets
+    :attr:`header_comment`, the man page and the README get ``description`` and ``unit``.
+
+    Attributes
+    ----------
+    name : str
+        Keyword after ``ESO QC``, e.g. ``RAW RON``.
+    comment : str
+        Short header comment; with `` [unit]`` added it must fit on the card beside any value
+        (checked here, so a declaration that does not fit fails at import).
+    description : str
+        What the value is and how it is measured.
+    unit : str
+        Unit of the value, empty for counts and ratios.
+    """
 
     name: str
+    comment: str
     description: str
     unit: str = ""
+
+    def __post_init__(self) -> None:
+        room = qc_comment_room(self.name)
+        if len(self.header_comment) > room:
+            raise ValueError(f"QcSpec {self.name!r}: header comment {self.header_comment!r} "
+                             f"is {len(self.header_comment)} characters, the card has room "
+                             f"for {room}")
+
+    @property
+    def header_comment(self) -> str:
+        """The comment of the header card: the short comment and the unit."""
+        return f"{self.comment} [{self.unit}]" if self.unit else self.comment
 
 
 @dataclass(frozen=True)
@@ -153,6 +204,11 @@ class RecipeSpec:
             if name in p.spellings(self.name):
                 return p
         raise KeyError(name)
+
+    def accepted_arms(self) -> list[Arm]:
+        """The arms whose raw frames the recipe takes (the arms of its RAW inputs)."""
+        names = {name for i in self.inputs if i.group == "RAW" for name in i.arms}
+        return [arm for arm in ARMS.values() if arm.name in names]
 
     def input_for_tag(self, tag: str) -> InputSpec | None:
         for spec in self.inputs:
@@ -198,14 +254,17 @@ def parameter_list(spec: RecipeSpec) -> Any:
 
 
 def _per_arm_defaults(spec: RecipeSpec, p: Param) -> str:
-    values = {code: arm_defaults(spec.name, arm)[p.name] for code, arm in ARMS.items()}
+    """Defaults of a parameter on the arms the recipe accepts (one value when all agree)."""
+    values = {arm.code: arm_defaults(spec.name, arm)[p.name] for arm in spec.accepted_arms()}
     if len(set(map(str, values.values()))) == 1:
         return str(next(iter(values.values())))
     return ", ".join(f"{code} {value}" for code, value in values.items())
 
 
 def _describe_param(spec: RecipeSpec, p: Param) -> str:
-    return f"{p.description} Default per arm: {_per_arm_defaults(spec, p)}."
+    """A parameter's help: meaning, allowed values and defaults (man page, PyCPL)."""
+    return (f"{p.description} Allowed: {p.allowed()}. "
+            f"Default per arm: {_per_arm_defaults(spec, p)}.")
 
 
 def resolve_parameters(spec: RecipeSpec, settings: Mapping[str, Any] | None,
@@ -236,9 +295,8 @@ def params_text(spec: RecipeSpec, arm: Arm | None = None) -> str:
                 "the data's instrument and arm select the value used)") + ":", ""]
     for p in spec.params:
         lines.append(f"  --{p.name}  [{p.full_name(spec.name)}]")
-        lines.append(f"      value: {values[p.name]}   (type {p.type.__name__}"
-                     + (f", one of {', '.join(map(str, p.choices))}" if p.choices else "")
-                     + ")")
+        lines.append(f"      value: {values[p.name]}   (type {p.type.__name__}; "
+                     f"{p.allowed()})")
         lines.append(f"      per arm: {_per_arm_defaults(spec, p)}")
         for chunk in textwrap.wrap(p.description, 88):
             lines.append(f"      {chunk}")
@@ -275,12 +333,22 @@ def man_page(spec: RecipeSpec, include_header: bool = True) -> str:
         out += ["", "QC KEYWORDS"]
         for q in spec.qc:
             unit = f" [{q.unit}]" if q.unit else ""
-            out += textwrap.wrap(f"ESO QC {q.name}{unit}: {q.description}", 88,
-                                 initial_indent="  ", subsequent_indent="      ")
-    out += ["", "IMAGE PRODUCTS", "  FLUX (e-), QUAL (uint8 bits: 1 static bad pixel, 2 hot, "
-            "4 cold/low sensitivity, 8 saturated, 16 cosmic ray, 32 no data, 64 non-finite, "
-            "128 outside orders), ERRS (1-sigma e-)."]
+            text = f"ESO QC {q.name}{unit}: {q.description}{_qc_ranges_text(spec, q)}."
+            out += textwrap.wrap(text, 88, initial_indent="  ", subsequent_indent="      ")
+        out += [f"  ESO QC {name}: {meaning}." for name, meaning in QC_SUMMARY]
+        out += ["  A QC value that cannot be computed is left out, and the log says why."]
+    out += ["", "IMAGE PRODUCTS", "  FLUX (e-), QUAL (uint8 bits, 0 = good), ERRS (1-sigma e-).",
+            "  QUAL bits:"]
+    width = max(len(name) for _, name, _ in qual_legend())
+    out += [f"  {value:>5}  {name:<{width}}  {meaning}" for value, name, meaning in qual_legend()]
     return "\n".join(out)
+
+
+def _qc_ranges_text(spec: RecipeSpec, q: QcSpec) -> str:
+    """`` Acceptable range: <arm> (min, max), ...`` on the arms that have one, else ``""``."""
+    ranges = [(arm.code, qc_ranges(spec.name, arm).get(q.name)) for arm in spec.accepted_arms()]
+    ranges = [f"{code} ({low:g}, {high:g})" for code, r in ranges if r for low, high in [r]]
+    return f". Acceptable range: {', '.join(ranges)}" if ranges else ""
 
 
 # ------------------------------------------------------------------------------ running
@@ -339,10 +407,43 @@ class RecipeContext:
                                          md5=str(image.header.get("DATAMD5", "")) or None))
         return image
 
+    def declared_qc(self, qc: QcMeasurements) -> dict[str, QcValue]:
+        """Each declared QC with its value (or why it has none), comment and range.
+
+        Raises
+        ------
+        RuntimeError
+            When ``qc`` holds a name the recipe does not declare, or leaves a declared QC
+            without a value or a reason: a bug in the recipe, which the tests catch.
+        """
+        declared = {q.name: q for q in self.spec.qc}
+        stray = sorted(qc.names() - set(declared))
+        if stray:
+            raise RuntimeError(f"{self.spec.name}: QC {', '.join(stray)} not declared in its "
+                               "RecipeSpec")
+        silent = [name for name in declared if name not in qc.names()]
+        if silent:
+            raise RuntimeError(f"{self.spec.name}: declared QC {', '.join(silent)} given "
+                               "neither a value nor the reason it has none")
+        ranges = self.qc_ranges()
+        return {name: QcValue(value=qc.values.get(name), comment=q.header_comment,
+                              valid_range=ranges.get(name),
+                              missing_reason=qc.missing.get(name, ""))
+                for name, q in declared.items()}
+
     def save_image(self, output: OutputSpec, image: DetectorImage,
-                   qc: Mapping[str, QcValue]) -> Product:
-        """Write an image product with its full DFS header."""
+                   qc: QcMeasurements) -> Product:
+        """Write an image product with its full DFS header.
+
+        ``qc`` holds the QC values under their declared names; see :meth:`declared_qc`.
+        """
         catg = output.catg_for(self.arm)
+        header_qc = self.declared_qc(qc)
+        for name, item in header_qc.items():
+            if item.out_of_range:
+                low, high = item.valid_range
+                log.warning("%s: QC %s = %.4g is outside the acceptable range (%g, %g)",
+                            catg, name, item.value, low, high)
         filename = f"{catg.lower()}.fits"
         first = next(iter(self.raw.values()))[0]
         header = dfs_header(
@@ -350,7 +451,7 @@ class RecipeContext:
             product=ProductInfo(catg=catg, type=output.type, tech=output.tech,
                                 science=any(f.dpr_catg.upper() == "SCIENCE"
                                             for frames in self.raw.values() for f in frames),
-                                qc=dict(qc)),
+                                qc=header_qc),
             filename=filename,
             raw_frames=self._raw_refs,
             calib_frames=self._calib_refs,
@@ -365,9 +466,10 @@ class RecipeContext:
         product = Product(path=path, tag=catg)
         self.products.append(product)
         log.info("%s: wrote %s (%s)", self.spec.name, path, catg)
-        for name, item in qc.items():
-            status = "" if item.in_range else "   <-- outside acceptable range"
-            log.info("  QC %-14s = %s%s", name, _fmt(item.value), status)
+        for name, item in header_qc.items():
+            if item.computed:
+                status = "   <-- outside acceptable range" if item.out_of_range else ""
+                log.info("  QC %-14s = %s%s", name, _fmt(item.value), status)
         return product
 
 

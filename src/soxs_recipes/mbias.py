@@ -31,18 +31,25 @@ SPEC = RecipeSpec(
         OutputSpec("MBIAS", "MASTER_BIAS", "Master bias frame (FLUX/QUAL/ERRS, electrons)."),
     ),
     qc=(
-        QcSpec("RAW RON", "read noise of a single raw bias, from frame-pair differences",
-               "e-"),
-        QcSpec("MASTER RON", "noise of the master about its smooth level", "e-"),
-        QcSpec("MBIAS MEDIAN", "median of the raw frames' clipped mean levels", "e-"),
-        QcSpec("STRUCTX", "slope of a line fitted to the mean column profile", "e-/px"),
-        QcSpec("STRUCTY", "slope of a line fitted to the mean row profile", "e-/px"),
-        QcSpec("FPN FRACMAX", "periodic pattern noise: max over raw frames of the highest 2-D "
+        QcSpec("RAW RON", "raw bias read noise", unit="e-",
+               description="read noise of a single raw bias, from frame-pair differences"),
+        QcSpec("MASTER RON", "master bias noise", unit="e-",
+               description="noise of the master about its smooth level"),
+        QcSpec("MBIAS MEDIAN", "raw bias level", unit="e-",
+               description="median of the raw frames' clipped mean levels"),
+        QcSpec("STRUCTX", "bias slope along x", unit="e-/px",
+               description="slope of a line fitted to the mean column profile"),
+        QcSpec("STRUCTY", "bias slope along y", unit="e-/px",
+               description="slope of a line fitted to the mean row profile"),
+        QcSpec("FPN FRACMAX", "FFT peak, white noise=1",
+               description="periodic pattern noise: max over raw frames of the highest 2-D "
                "FFT amplitude of the 5x5-binned frame minus the master, over the median "
                "amplitude, in units of the white-noise expectation (white noise ~1)"),
-        QcSpec("BADPIX NUM", "pixels flagged in QUAL"),
-        QcSpec("BADPIX FRAC", "fraction of pixels flagged in QUAL"),
-        QcSpec("DETECTOR TEMP", "detector temperature from the header, when present", "K"),
+        QcSpec("BADPIX NUM", "pixels flagged in QUAL", description="pixels flagged in QUAL"),
+        QcSpec("BADPIX FRAC", "flagged pixel fraction",
+               description="fraction of pixels flagged in QUAL"),
+        QcSpec("DETECTOR TEMP", "detector temp.", unit="K",
+               description="detector temperature from the first frame's header, when present"),
     ),
 )
 
@@ -68,7 +75,7 @@ def reduce(context: RecipeContext) -> None:
     """Combine the bias frames and write the master bias."""
     verify(context)
     frames = context.raw_frames("BIAS")
-    result = make_master_bias(frames, master_settings(context), context.qc_ranges())
+    result = make_master_bias(frames, master_settings(context))
     context.save_image(SPEC.outputs[0], result.image, result.qc)
 
 

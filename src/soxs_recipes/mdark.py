@@ -36,12 +36,17 @@ SPEC = RecipeSpec(
                    "bias was given)."),
     ),
     qc=(
-        QcSpec("HOTPIX NUM", "number of hot pixels"),
-        QcSpec("HOTPIX FRAC", "fraction of hot pixels"),
-        QcSpec("MDARK MEDIAN", "median of the master dark", "e-"),
-        QcSpec("RAW RON", "noise of a single raw dark, from frame-pair differences", "e-"),
-        QcSpec("MASTER RON", "noise of the master about its smooth level", "e-"),
-        QcSpec("DETECTOR TEMP", "detector temperature from the header, when present", "K"),
+        QcSpec("HOTPIX NUM", "number of hot pixels", description="number of pixels flagged HOT"),
+        QcSpec("HOTPIX FRAC", "fraction of hot pixels",
+               description="fraction of the pixels flagged HOT"),
+        QcSpec("MDARK MEDIAN", "median dark level", unit="e-",
+               description="median of the master dark's good pixels"),
+        QcSpec("RAW RON", "raw dark read noise", unit="e-",
+               description="noise of a single raw dark, from frame-pair differences"),
+        QcSpec("MASTER RON", "master dark noise", unit="e-",
+               description="noise of the master about its smooth level"),
+        QcSpec("DETECTOR TEMP", "detector temp.", unit="K",
+               description="detector temperature from the first frame's header, when present"),
     ),
 )
 
@@ -57,8 +62,7 @@ def reduce(context: RecipeContext) -> None:
     verify(context)
     frames = context.raw_frames("DARK")
     master_bias = context.calib_image("MASTER_BIAS")
-    result = make_master_dark(frames, master_settings(context), master_bias,
-                              context.qc_ranges())
+    result = make_master_dark(frames, master_settings(context), master_bias)
     context.save_image(SPEC.outputs[0], result.image, result.qc)
 
 

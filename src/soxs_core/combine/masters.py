@@ -30,7 +30,7 @@ from soxs_core.detector.quality import Qual
 from soxs_core.detector.rawframe import RawFrame
 from soxs_core.errors import InputError
 from soxs_core.io.image import DetectorImage
-from soxs_core.io.products import QcValue
+from soxs_core.io.products import QcMeasurements
 
 __all__ = [
     "MasterSettings",
@@ -85,10 +85,14 @@ class MasterSettings:
 
 @dataclass
 class MasterResult:
-    """A master frame with its QC values and the statistics behind them."""
+    """A master frame with its QC values and the statistics behind them.
+
+    ``qc`` holds values keyed by the names the recipe declares (``RAW RON``, ...); comments,
+    units and acceptable ranges come from the declaration when the product is written.
+    """
 
     image: DetectorImage
-    qc: dict[str, QcValue] = field(default_factory=dict)
+    qc: QcMeasurements = field(default_factory=QcMeasurements)
     frame_levels: list[float] = field(default_factory=list)
     raw_read_noise: float = float("nan")
 
@@ -276,32 +280,30 @@ def _errors_from_measured_noise(result, frame: RawFrame, raw_noise: float) -> No
     result.error *= np.float32(ratio)
 
 
-def _qc(name: str, value, comment: str, ranges: dict) -> tuple[str, QcValue]:
-    return name, QcValue(value=value, comment=comment, valid_range=ranges.get(name))
+#: Why a QC value measured on the master's good pixels may be missing.
+_NO_GOOD_PIXEL = "no good pixel in the master"
 
 
-def _report(qc: dict[str, QcValue], what: str) -> None:
-    for name, item in qc.items():
-        if not item.in_range:
-            low, high = item.valid_range
-            log.warning("QC %s = %.4g of the %s is outside the acceptable range (%g, %g)",
-                        name, item.value, what, low, high)
-
-
-def _temperature_qc(frame: RawFrame, ranges: dict) -> list[tuple[str, QcValue]]:
+def _temperature_qc(frame: RawFrame, qc: QcMeasurements) -> None:
+    """``DETECTOR TEMP`` from the first frame's header, or why there is none."""
     key = frame.arm.keywords.get("temperature")
-    if key and key in frame.header:
+    if not key:
+        qc.omit("DETECTOR TEMP", f"{frame.arm.instrument} {frame.arm.name} frames have no "
+                "detector temperature keyword")
+    elif key not in frame.header:
+        qc.omit("DETECTOR TEMP", f"{frame.path.name} has no {key}")
+    else:
+        text = frame.header[key]
         try:
-            value = float(frame.header[key])
+            value = float(text)
         except (TypeError, ValueError):
-            return []
-        return [_qc("DETECTOR TEMP", value, "detector temperature [K]", ranges)]
-    return []
+            qc.omit("DETECTOR TEMP", f"{frame.path.name}: {key} = {text!r} is not a number")
+        else:
+            qc.add("DETECTOR TEMP", value, f"{frame.path.name}: {key} = {text!r}")
 
 
 def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
-                     qc_ranges: dict | None = None, threads: int | None = None
-                     ) -> MasterResult:
+                     threads: int | None = None) -> MasterResult:
     """Combine raw bias frames into a master bias.
 
     Parameters
@@ -309,8 +311,6 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     frames : sequence of RawFrame
         Verified raw bias frames of one arm and setup.
     settings : MasterSettings
-    qc_ranges : dict, optional
-        Acceptable ranges ``{QC NAME: (min, max)}``.
     threads : int, optional
         Threads of the stacking kernel.
 
@@ -319,9 +319,8 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     MasterResult
         FLUX/ERRS in electrons, QUAL with STATIC_BAD, HOT, COLD and NO_DATA bits, and the QC
         values RAW RON, MASTER RON, MBIAS MEDIAN, STRUCTX, STRUCTY, FPN FRACMAX, BADPIX NUM,
-        BADPIX FRAC.
+        BADPIX FRAC and DETECTOR TEMP.
     """
-    ranges = qc_ranges or {}
     result, stats = _stack(frames, settings, None, threads)
     raw_noise = _raw_read_noise(stats, threads)
     _errors_from_measured_noise(result, frames[0], raw_noise)
@@ -341,18 +340,16 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
         structx, structy = structure_slopes(image.data, good)
         levels, fpn = frame_levels.result(), pattern.result()
     nbad = int(np.count_nonzero(image.qual))
-    qc = dict([
-        _qc("RAW RON", raw_noise, "read noise of a raw bias [e-]", ranges),
-        _qc("MASTER RON", master_noise, "noise of the master bias [e-]", ranges),
-        _qc("MBIAS MEDIAN", float(np.median(levels)), "median raw bias level [e-]", ranges),
-        _qc("STRUCTX", structx, "bias slope along x [e-/px]", ranges),
-        _qc("STRUCTY", structy, "bias slope along y [e-/px]", ranges),
-        _qc("FPN FRACMAX", fpn, "pattern noise: FFT peak, white=1", ranges),
-        _qc("BADPIX NUM", nbad, "flagged pixels in the master", ranges),
-        _qc("BADPIX FRAC", nbad / image.data.size, "fraction of flagged pixels", ranges),
-        *_temperature_qc(frames[0], ranges),
-    ])
-    _report(qc, "master bias")
+    qc = QcMeasurements()
+    qc.add("RAW RON", raw_noise, "no finite difference in a frame pair")
+    qc.add("MASTER RON", master_noise, _NO_GOOD_PIXEL)
+    qc.add("MBIAS MEDIAN", float(np.median(levels)), "a frame has no unflagged sampled pixel")
+    qc.add("STRUCTX", structx, _NO_GOOD_PIXEL)
+    qc.add("STRUCTY", structy, _NO_GOOD_PIXEL)
+    qc.add("FPN FRACMAX", fpn, "a frame has no unflagged pattern-noise cell")
+    qc.add("BADPIX NUM", nbad)
+    qc.add("BADPIX FRAC", nbad / image.data.size)
+    _temperature_qc(frames[0], qc)
     return MasterResult(image=image, qc=qc, frame_levels=levels, raw_read_noise=raw_noise)
 
 
@@ -370,8 +367,7 @@ def _quick_levels(frames: Sequence[RawFrame], settings: MasterSettings) -> list[
 
 
 def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
-                     master_bias: DetectorImage | None = None,
-                     qc_ranges: dict | None = None, threads: int | None = None
+                     master_bias: DetectorImage | None = None, threads: int | None = None
                      ) -> MasterResult:
     """Combine raw dark frames into a master dark.
 
@@ -384,9 +380,8 @@ def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
     -------
     MasterResult
         QUAL carries the HOT bit on hot pixels; QC HOTPIX NUM/FRAC, MDARK MEDIAN, RAW RON,
-        MASTER RON.
+        MASTER RON and DETECTOR TEMP.
     """
-    ranges = qc_ranges or {}
     first = frames[0]
     if master_bias is not None and master_bias.shape != first.prepared_shape:
         raise InputError(f"master bias is {master_bias.shape[1]}x{master_bias.shape[0]} px, "
@@ -405,14 +400,12 @@ def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
     hot = (image.qual & np.uint8(Qual.HOT)) != 0
     nhot = int(np.count_nonzero(hot))
     good = image.qual == 0
-    qc = dict([
-        _qc("HOTPIX NUM", nhot, "number of hot pixels", ranges),
-        _qc("HOTPIX FRAC", nhot / image.data.size, "fraction of hot pixels", ranges),
-        _qc("MDARK MEDIAN", float(np.median(image.data[good])) if good.any() else float("nan"),
-            "median of the master dark [e-]", ranges),
-        _qc("RAW RON", raw_noise, "read noise of a raw dark [e-]", ranges),
-        _qc("MASTER RON", master_noise, "noise of the master dark [e-]", ranges),
-        *_temperature_qc(first, ranges),
-    ])
-    _report(qc, "master dark")
+    qc = QcMeasurements()
+    qc.add("HOTPIX NUM", nhot)
+    qc.add("HOTPIX FRAC", nhot / image.data.size)
+    qc.add("MDARK MEDIAN", float(np.median(image.data[good])) if good.any() else None,
+           _NO_GOOD_PIXEL)
+    qc.add("RAW RON", raw_noise, "no finite difference in a frame pair")
+    qc.add("MASTER RON", master_noise, _NO_GOOD_PIXEL)
+    _temperature_qc(first, qc)
     return MasterResult(image=image, qc=qc, frame_levels=levels, raw_read_noise=raw_noise)

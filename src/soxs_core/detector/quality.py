@@ -3,18 +3,9 @@
 QUAL is ``uint8``; a pixel is good when QUAL == 0.  Readers that only know "0 good, non-zero
 bad" (soxspipe reads QUAL as a boolean) see the same pixels as bad.
 
-=====  ==============  ================================================================
-bit    name            meaning
-=====  ==============  ================================================================
-1      STATIC_BAD      in the static bad-pixel map shipped for the arm and binning
-2      HOT             dark/bias level far above its neighbourhood (found by mdark/mbias)
-4      COLD            level far below its neighbourhood, or low sensitivity (mflat)
-8      SATURATED       raw value at or above the detector saturation level
-16     COSMIC          hit by a cosmic ray (single-frame detection)
-32     NO_DATA         no good value survived (every input flagged, clipped or non-finite)
-64     NON_FINITE      NaN or infinite input value
-128    OUTSIDE         outside the illuminated orders / slit (spectroscopic products)
-=====  ==============  ================================================================
+Each bit's meaning is written once, in :data:`MEANING`; the table below, the recipes' man
+pages and the README's table are generated from it.
+
 """
 
 from __future__ import annotations
@@ -23,11 +14,11 @@ import enum
 
 import numpy as np
 
-__all__ = ["Qual", "describe_bits", "REJECT_FOR_STACKING"]
+__all__ = ["Qual", "MEANING", "legend", "describe_bits", "REJECT_FOR_STACKING"]
 
 
 class Qual(enum.IntFlag):
-    """QUAL bit values."""
+    """QUAL bit values (their meanings: :data:`MEANING`)."""
 
     STATIC_BAD = 1
     HOT = 2
@@ -37,6 +28,24 @@ class Qual(enum.IntFlag):
     NO_DATA = 32
     NON_FINITE = 64
     OUTSIDE = 128
+
+
+#: What each bit means, in one line: the single source of the QUAL legend.
+MEANING: dict[Qual, str] = {
+    Qual.STATIC_BAD: "in the static bad-pixel map shipped for the arm and binning",
+    Qual.HOT: "dark/bias level far above its neighbourhood (found by mdark/mbias)",
+    Qual.COLD: "level far below its neighbourhood, or low sensitivity (mflat)",
+    Qual.SATURATED: "raw value at or above the detector saturation level",
+    Qual.COSMIC: "hit by a cosmic ray (single-frame detection)",
+    Qual.NO_DATA: "no good value survived (every input flagged, clipped or non-finite)",
+    Qual.NON_FINITE: "NaN or infinite input value",
+    Qual.OUTSIDE: "outside the illuminated orders / slit (spectroscopic products)",
+}
+
+
+def legend() -> list[tuple[int, str, str]]:
+    """``(value, name, meaning)`` of every QUAL bit, lowest bit first."""
+    return [(int(bit.value), bit.name, MEANING[bit]) for bit in Qual]
 
 
 #: Bits that exclude an input pixel from a stack.
@@ -53,3 +62,15 @@ def describe_bits() -> list[tuple[int, str]]:
 def count_flagged(qual: np.ndarray, bits: int = 0xFF) -> int:
     """Number of pixels with any of ``bits`` set."""
     return int(np.count_nonzero(qual & np.uint8(bits)))
+
+
+def _legend_table() -> str:
+    """The legend as a reStructuredText table, for this module's docstring."""
+    width = max(len(name) for _, name, _ in legend())
+    rule = f"=====  {'=' * width}  {'=' * max(len(m) for *_, m in legend())}"
+    rows = [f"{value:<5}  {name:<{width}}  {meaning}" for value, name, meaning in legend()]
+    head = f"{'bit':<5}  {'name':<{width}}  meaning"
+    return "\n".join([rule, head, rule, *rows, rule, ""])
+
+
+__doc__ += _legend_table()

@@ -20,12 +20,15 @@ import numpy as np
 
 from soxs_core import __version__
 from soxs_core.errors import ProductError
-from soxs_core.io.fits import Card, Header, write_fits
+from soxs_core.io.fits import Card, Header, card_images, write_fits
 
 __all__ = [
     "FrameRef",
     "ProductInfo",
     "QcValue",
+    "QcMeasurements",
+    "QC_SUMMARY",
+    "qc_comment_room",
     "dfs_header",
     "write_product_atomic",
     "data_md5",
@@ -58,18 +61,86 @@ class FrameRef:
 
 @dataclass(frozen=True)
 class QcValue:
-    """One QC parameter: value, comment and, when defined, its acceptable range."""
+    """One QC parameter as the header gets it: value, comment and its acceptable range.
 
-    value: float | int
+    A value that is None or not finite could not be computed: the header leaves it out and
+    the log says why (``missing_reason``).
+    """
+
+    value: float | int | None
     comment: str
     valid_range: tuple[float, float] | None = None
+    missing_reason: str = ""
 
     @property
-    def in_range(self) -> bool:
-        if self.valid_range is None or not np.isfinite(self.value):
-            return self.valid_range is None
+    def computed(self) -> bool:
+        """Whether there is a finite value to write."""
+        return self.value is not None and bool(np.isfinite(self.value))
+
+    @property
+    def out_of_range(self) -> bool:
+        """A computed value outside its acceptable range (the ends are outside too)."""
+        if self.valid_range is None or not self.computed:
+            return False
         low, high = self.valid_range
-        return low < self.value < high
+        return not low < self.value < high
+
+
+@dataclass
+class QcMeasurements:
+    """The QC values of one product, keyed by their declared names, and why any is missing.
+
+    Science code fills it; the recipe framework pairs every entry with its declaration (header
+    comment, unit, acceptable range), so names are the only thing the two share.
+
+    Attributes
+    ----------
+    values : dict
+        ``{QC NAME: finite value}``.
+    missing : dict
+        ``{QC NAME: reason}`` for the QC values that could not be computed.
+    """
+
+    values: dict[str, float | int] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, value: float | int | None, reason_if_missing: str = "") -> None:
+        """Record a value; one that is None or not finite is recorded as missing instead.
+
+        ``reason_if_missing`` says why the value could not be computed in that case
+        (e.g. "no finite difference in a frame pair").
+        """
+        if value is None or not np.isfinite(value):
+            self.omit(name, reason_if_missing or f"its value is {value}")
+        else:
+            self.values[name] = value
+
+    def omit(self, name: str, reason: str) -> None:
+        """Record that a QC value could not be computed, and why."""
+        self.values.pop(name, None)
+        self.missing[name] = reason
+
+    def names(self) -> set[str]:
+        """Every QC name recorded, with a value or a reason."""
+        return set(self.values) | set(self.missing)
+
+
+#: The keywords summing up the range checks, written whenever a product has QC values, with
+#: their meanings (header comment of NFAIL, man pages, README).
+QC_SUMMARY = (
+    ("NFAIL", "QC values outside their acceptable range"),
+    ("FAILi", "the i-th of them, as 'NAME = value not in (min, max)'"),
+)
+
+#: The QC value whose card text is the widest (sign, 17 digits, three-digit exponent): a
+#: comment that fits beside it fits beside any value.
+WIDEST_QC_VALUE = -2.2250738585072014e-308
+
+
+def qc_comment_room(name: str, value: float | int = WIDEST_QC_VALUE) -> int:
+    """Characters left for the comment of ``ESO QC <name>`` beside ``value`` on its card."""
+    body = card_images(Card(f"ESO QC {name}", value, ""))[0]
+    return 80 - len(body) - len(" / ")
 
 
 @dataclass
@@ -132,7 +203,17 @@ def dfs_header(
     -------
     soxs_core.io.fits.Header
         With ``DATAMD5`` set to a placeholder, filled in by :func:`write_product_atomic`.
-        Comments too long for their card are shortened when it is written.
+        Inherited comments too long for their card are shortened when it is written.
+
+    Raises
+    ------
+    ValueError
+        When a QC comment does not fit on its card: QC comments are never cut.
+
+    Notes
+    -----
+    A QC value that is None or not finite is left out, with a warning giving its
+    ``missing_reason``; ``ESO QC NFAIL`` counts the written values outside their range.
     """
     header = Header()
     if inherit_from is not None:
@@ -168,16 +249,24 @@ def dfs_header(
         header[f"HIERARCH ESO PRO REC1 PARAM{i} VALUE"] = (_param_string(value), "")
     failed = []
     for name, qc in product.qc.items():
+        if not qc.computed:
+            # a QC is a number or absent: never a 'NaN' string that archive queries trip on
+            log.warning("QC %s not written: could not be computed (%s)", name,
+                        qc.missing_reason or f"its value is {qc.value}")
+            continue
         value = qc.value
         if isinstance(value, (np.floating, float)):
-            value = float(value) if np.isfinite(value) else "NaN"
+            value = float(value)
         elif isinstance(value, (np.integer, int)) and not isinstance(value, bool):
             value = int(value)
-        header[f"HIERARCH ESO QC {name}"] = (value, qc.comment[:40])
-        if not qc.in_range:
+        if len(qc.comment) > qc_comment_room(name, value):
+            raise ValueError(f"ESO QC {name}: comment {qc.comment!r} does not fit on the card "
+                             f"beside {value!r} ({qc_comment_room(name, value)} characters)")
+        header[f"HIERARCH ESO QC {name}"] = (value, qc.comment)
+        if qc.out_of_range:
             failed.append((name, qc))
     if product.qc:
-        header["HIERARCH ESO QC NFAIL"] = (len(failed), "QC values outside acceptable range")
+        header["HIERARCH ESO QC NFAIL"] = (len(failed), QC_SUMMARY[0][1])
         for i, (name, qc) in enumerate(failed, start=1):
             low, high = qc.valid_range
             header[f"HIERARCH ESO QC FAIL{i}"] = (f"{name} = {qc.value:.4g} not in "
