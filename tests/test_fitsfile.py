@@ -402,7 +402,7 @@ def test_bad_files_give_one_line_input_errors(tmp_path):
 def test_dfs_header_inherits_from_astropy_and_our_headers_alike(tmp_path):
     from pathlib import Path
 
-    from soxs_core.io.products import FrameRef, ProductInfo, QcValue, dfs_header
+    from soxs_core.io.products import FrameRef, ParamRecord, ProductInfo, QcValue, dfs_header
 
     raw = fits.Header()
     raw["INSTRUME"] = ("XSHOOTER", "Instrument used")
@@ -418,7 +418,8 @@ def test_dfs_header_inherits_from_astropy_and_our_headers_alike(tmp_path):
                       "STRUCTX": QcValue(-0.0004357391482324417, "slope", (-1.0, 1.0)),
                       "BAD": QcValue(float("nan"), "not finite", (0.0, 1.0))}),
                   raw_frames=[FrameRef(Path("/x/raw1.fits"), "BIAS_VIS")],
-                  parameters=[("stacking-method", "mean"), ("sigma", 5.0), ("flag", True)])
+                  parameters=[ParamRecord("stacking-method", "mean", "mean"),
+                              ParamRecord("sigma", 5.0, 5.0), ParamRecord("flag", True, True)])
     from_astropy = dfs_header(inherit_from=raw, **kwargs)
     from_ours = dfs_header(inherit_from=Header.from_cards(raw.cards), **kwargs)
     assert isinstance(from_astropy, Header)
@@ -426,7 +427,7 @@ def test_dfs_header_inherits_from_astropy_and_our_headers_alike(tmp_path):
     h = from_astropy
     assert h["ESO DET OUT1 RON"] == 3.2 and h["RADESYS"] == "FK5" and "RADECSYS" not in h
     assert "ESO DPR TYPE" not in h and "BZERO" not in h and "COMMENT" not in h
-    assert h["ANCESTOR"] == raw["ARCFILE"] and h["DATAMD5"] == "Not computed"
+    assert h["ESO PRO ANCESTOR"] == raw["ARCFILE"] and h["DATAMD5"] == "Not computed"
     # a QC that could not be computed is left out (never a 'NaN' string) and fails nothing
     assert h["ESO QC STRUCTX"] == -0.0004357391482324417 and "ESO QC BAD" not in h
     assert h["ESO QC NFAIL"] == 0 and "ESO QC FAIL1" not in h

@@ -16,7 +16,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ui", "HAVE_PYCPL", "standin", "cpl_version"]
+from soxs_core.io.products import NO_CPL_DRS_ID
+
+__all__ = ["ui", "HAVE_PYCPL", "standin", "cpl_version", "drs_id", "STANDIN_DRS_ID"]
 
 
 def _load_pycpl():
@@ -225,22 +227,56 @@ HAVE_PYCPL: bool = _real is not None
 ui = _real if _real is not None else standin
 
 
-def cpl_version() -> str:
-    """``cpl-<version>`` of the CPL library under PyCPL (what cpl_dfs writes as DRS ID), or
-    ``cpl`` when it cannot be told; the stand-in's name without PyCPL."""
-    if not HAVE_PYCPL:
-        return "soxs-standin"
-    import ctypes
+def _loaded_cplcore() -> list[str]:
+    """Paths of the libcplcore PyCPL's extension module has loaded (Linux), then the one the
+    linker would find: the first is the library that actually runs."""
+    paths = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if "libcplcore" in Path(path).name and path not in paths:
+                    paths.append(path)
+    except OSError:  # no /proc (macOS)
+        pass
     import ctypes.util
 
     for name in ("cplcore", "cplcore-7"):
         found = ctypes.util.find_library(name)
-        if not found:
-            continue
+        if found:
+            paths.append(found)
+    return paths
+
+
+def cpl_version() -> str | None:
+    """Version of the CPL library under PyCPL (``7.2.3``); None without PyCPL or when the
+    library cannot be asked."""
+    if not HAVE_PYCPL:
+        return None
+    import ctypes
+
+    for path in _loaded_cplcore():
         try:
-            lib = ctypes.CDLL(found)
+            lib = ctypes.CDLL(path)
             lib.cpl_version_get_version.restype = ctypes.c_char_p
-            return "cpl-" + lib.cpl_version_get_version().decode()
+            return lib.cpl_version_get_version().decode()
         except (OSError, AttributeError):
             continue
-    return "cpl"
+    return None
+
+
+#: ``ESO PRO RECi DRS ID`` when no CPL runs: the stand-in's own name and version.
+STANDIN_DRS_ID = NO_CPL_DRS_ID
+
+
+def drs_id() -> str:
+    """``ESO PRO RECi DRS ID``: the data reduction system that ran.
+
+    Under PyCPL it is what cpl_dfs writes, ``cpl-<version>`` of the CPL library (``cpl``
+    alone when its version cannot be told); without PyCPL, :data:`STANDIN_DRS_ID`, since
+    no CPL ran.
+    """
+    if not HAVE_PYCPL:
+        return STANDIN_DRS_ID
+    version = cpl_version()
+    return f"cpl-{version}" if version else "cpl"

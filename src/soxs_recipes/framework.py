@@ -9,6 +9,7 @@ per-arm default resolution, DFS product headers, atomic writing — lives here, 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -27,6 +28,7 @@ from soxs_core.io.image import DetectorImage, image_hdus, read_image_product
 from soxs_core.io.products import (
     QC_SUMMARY,
     FrameRef,
+    ParamRecord,
     ProductInfo,
     QcMeasurements,
     QcValue,
@@ -34,8 +36,9 @@ from soxs_core.io.products import (
     qc_comment_room,
     write_product_atomic,
 )
+from soxs_core.io.safety import find_same_file, remove_stale_temporaries
 
-from .compat import HAVE_PYCPL, cpl_version, ui
+from .compat import drs_id, ui
 
 __all__ = [
     "Param", "InputSpec", "OutputSpec", "QcSpec", "RecipeSpec", "RecipeContext",
@@ -86,7 +89,12 @@ class Param:
         return f"{low}, {high}"
 
     def convert(self, value: Any, source: str) -> Any:
-        """Convert and validate a value; raises InputError naming the parameter."""
+        """Convert and validate a value; raises InputError naming the parameter.
+
+        Numbers must be finite: NaN, infinities and values that overflow to them (``1e400``)
+        are refused like any other value out of range, whatever the source.
+        """
+        given = value
         try:
             if self.type is bool:
                 if isinstance(value, str):
@@ -96,16 +104,20 @@ class Param:
                     value = low in ("true", "1", "yes", "t")
                 else:
                     value = bool(value)
-            elif self.type is int:
-                as_float = float(value)
-                if as_float != int(as_float):
-                    raise ValueError(value)
-                value = int(as_float)
+            elif self.type in (int, float):
+                value = float(value)
+                if self.type is int and math.isfinite(value):
+                    if value != int(value):
+                        raise ValueError(value)
+                    value = int(value)
             else:
                 value = self.type(value)
-        except (TypeError, ValueError):
-            raise InputError(f"{source}: parameter {self.name}={value!r} is not a valid "
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(f"{source}: parameter {self.name}={given!r} is not a valid "
                              f"{self.type.__name__}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{source}: parameter {self.name}={given!r} is not a finite "
+                             "number")
         if self.choices and value not in self.choices:
             raise InputError(f"{source}: parameter {self.name}={value!r} is not one of "
                              f"{', '.join(map(str, self.choices))}")
@@ -146,6 +158,10 @@ class OutputSpec:
 
     def catg_for(self, arm: Arm) -> str:
         return f"{self.catg}_{arm.name}"
+
+    def filename_for(self, arm: Arm) -> str:
+        """Base name of the product file for ``arm`` (``master_bias_vis.fits``)."""
+        return f"{self.catg_for(arm).lower()}.fits"
 
 
 @dataclass(frozen=True)
@@ -284,6 +300,20 @@ def resolve_parameters(spec: RecipeSpec, settings: Mapping[str, Any] | None,
             raise InputError(f"{spec.name}: unknown parameter {key!r}") from None
         values[p.name] = p.convert(value, spec.name)
     return values
+
+
+def _explicit_names(spec: RecipeSpec, settings: Mapping[str, Any] | None,
+                    arm: Arm | None) -> set[str]:
+    """Names of the parameters that ``settings`` sets explicitly for ``arm``."""
+    if hasattr(settings, "for_arm"):
+        settings = settings.for_arm(arm)
+    names = set()
+    for key in settings or {}:
+        try:
+            names.add(spec.param(str(key)).name)
+        except KeyError:
+            continue
+    return names
 
 
 # ------------------------------------------------------------------------------ text
@@ -431,6 +461,15 @@ class RecipeContext:
                               missing_reason=qc.missing.get(name, ""))
                 for name, q in declared.items()}
 
+    def param_records(self) -> list[ParamRecord]:
+        """The parameters as the product records them: CLI alias, value used, this arm's
+        default and the help text PyCPL's parameter list carries."""
+        defaults = arm_defaults(self.spec.name, self.arm)
+        return [ParamRecord(name=p.name, value=self.params[p.name],
+                            default=p.type(defaults[p.name]),
+                            help=_describe_param(self.spec, p))
+                for p in self.spec.params]
+
     def save_image(self, output: OutputSpec, image: DetectorImage,
                    qc: QcMeasurements) -> Product:
         """Write an image product with its full DFS header.
@@ -444,20 +483,22 @@ class RecipeContext:
                 low, high = item.valid_range
                 log.warning("%s: QC %s = %.4g is outside the acceptable range (%g, %g)",
                             catg, name, item.value, low, high)
-        filename = f"{catg.lower()}.fits"
-        first = next(iter(self.raw.values()))[0]
+        filename = output.filename_for(self.arm)
+        # CPL inherits from the first raw frame of the set of frames; PRO SCIENCE follows its
+        # DPR CATG (science=None)
+        first = self._raw_refs[0].path
+        first_frame = next(f for frames in self.raw.values() for f in frames
+                           if f.path == first)
         header = dfs_header(
             recipe=self.spec.name,
-            product=ProductInfo(catg=catg, type=output.type, tech=output.tech,
-                                science=any(f.dpr_catg.upper() == "SCIENCE"
-                                            for frames in self.raw.values() for f in frames),
+            product=ProductInfo(catg=catg, type=output.type, tech=output.tech, science=None,
                                 qc=header_qc),
             filename=filename,
             raw_frames=self._raw_refs,
             calib_frames=self._calib_refs,
-            parameters=[(name, value) for name, value in self.params.items()],
-            inherit_from=first.header,
-            drs_id=cpl_version() if HAVE_PYCPL else "cpl-7.2",
+            parameters=self.param_records(),
+            inherit_from=first_frame.header,
+            drs_id=drs_id(),
         )
         protected = [f.path for frames in self.raw.values() for f in frames]
         protected += [p for entries in self.calib.values() for p, _ in entries]
@@ -478,13 +519,39 @@ def _fmt(value: Any) -> str:
 
 
 def _check_output_dir(path: Path) -> Path:
+    """Create the output directory if needed, check it is writable and tidy it.
+
+    Temporary files that killed runs of ours left there are removed (see
+    :func:`soxs_core.io.safety.remove_stale_temporaries`).
+    """
     try:
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{path}: output directory is not a directory")
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"{path}: cannot create output directory ({exc.strerror})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise InputError(f"{path}: output directory is not writable")
+    for stale in remove_stale_temporaries(path):
+        log.info("removed %s, left by an interrupted run", stale)
     return path
+
+
+def _check_products_can_be_written(spec: RecipeSpec, arm: Arm, output_dir: Path,
+                                   inputs: Sequence[str], overwrite: bool) -> None:
+    """Refuse, before any reduction, a product that would replace an input or, without
+    ``overwrite``, an existing file (the writer checks again when it writes)."""
+    for output in spec.outputs:
+        path = output_dir / output.filename_for(arm)
+        if find_same_file(path, inputs) is not None:
+            raise InputError(f"{path}: the {output.label} product would overwrite an input "
+                             "frame (choose another --output-dir)")
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory, the {output.label} product cannot be "
+                             "written")
+        if path.exists() and not overwrite:
+            raise InputError(f"{path}: product exists already (use --overwrite to replace "
+                             "it)")
 
 
 def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mapping | None,
@@ -531,7 +598,11 @@ def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mappi
                 known = ", ".join(t for i in spec.inputs for t in i.tags())
                 raise InputError(f"{path}: unknown tag {tag!r} for {spec.name} "
                                  f"(expected one of {known})")
-            if not path.exists():
+            try:
+                found = path.exists()
+            except OSError as exc:  # e.g. a name longer than the file system allows
+                raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+            if not found:
                 raise InputError(f"{path}: file not found")
             if inp.group == "RAW":
                 frame = RawFrame.open(path, scratch)
@@ -542,6 +613,7 @@ def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mappi
                 raw_refs.append(FrameRef(path=path, tag=tag))
             else:
                 calib.setdefault(inp.stem, []).append((path, tag))
+            log.debug("%s: %s is a %s frame tagged %s", spec.name, path, inp.group, tag)
         for stem, inp in raw_specs.items():
             if inp.required and not raw.get(stem):
                 raise InputError(f"{spec.name}: no {' or '.join(inp.tags())} frame in the "
@@ -559,6 +631,13 @@ def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mappi
                 raise InputError(f"{spec.name}: {count} {inp.stem}_{arm.name} frames given, "
                                  f"at most {inp.max_count} allowed")
         params = resolve_parameters(spec, settings, arm)
+        explicit = _explicit_names(spec, settings, arm)
+        for name, value in params.items():
+            log.debug("%s: parameter %s = %r (%s)", spec.name, name, value,
+                      "set explicitly" if name in explicit else
+                      f"default for {arm.instrument} {arm.name}")
+        _check_products_can_be_written(spec, arm, output_dir, [p for p, _ in frames],
+                                       overwrite)
         context = RecipeContext(spec=spec, arm=arm, params=params, raw=raw, calib=calib,
                                 output_dir=output_dir, overwrite=overwrite,
                                 _raw_refs=raw_refs)
@@ -573,6 +652,55 @@ def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mappi
         scratch.cleanup()
 
 
+_FITS_MAGIC = b"SIMPLE  ="
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"\x1f\x9d", b"BZh", b"\xfd7zXZ")
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``, false for a name the system cannot look up (too long, say)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def read_text_input(path: str | os.PathLike, what: str) -> str:
+    """The text of an input text file (SOF, rc or settings file), or one clear refusal.
+
+    A UTF-8 byte-order mark is dropped (editors on Windows write one).
+
+    Raises
+    ------
+    InputError
+        Naming the file, when it is missing, unreadable, a FITS or compressed file, or not
+        UTF-8 text.
+    """
+    path = Path(path)
+    article = "an" if what in ("SOF", "rc") or what[0] in "aeiou" else "a"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not {article} {what} file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: {what} file cannot be read ({exc.strerror or exc})") \
+            from None
+    if data.startswith(_FITS_MAGIC):
+        raise InputError(f"{path}: is a FITS file, not {article} {what} file")
+    if data.startswith(_COMPRESSED_MAGIC):
+        raise InputError(f"{path}: is a compressed file, not {article} {what} file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: is a binary file, not {article} {what} file (byte "
+                         f"{exc.start} is not UTF-8 text)") from None
+    if "\x00" in text:
+        raise InputError(f"{path}: is a binary file, not {article} {what} file (it holds NUL "
+                         "bytes)")
+    return text
+
+
 def frames_from_sof(path: str | os.PathLike) -> list[tuple[str, str]]:
     """``(path, tag)`` pairs of an SOF file.
 
@@ -585,12 +713,7 @@ def frames_from_sof(path: str | os.PathLike) -> list[tuple[str, str]]:
         When the SOF is missing, unreadable or has a line without a tag.
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise InputError(f"{path}: SOF file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: SOF file cannot be read ({exc})") from None
+    text = read_text_input(path, "SOF")
     out = []
     for number, line in enumerate(text.splitlines(), start=1):
         fields = line.split("#", 1)[0].split()
@@ -599,7 +722,7 @@ def frames_from_sof(path: str | os.PathLike) -> list[tuple[str, str]]:
         if len(fields) < 2:
             raise InputError(f"{path}: line {number} has no tag ({line.strip()!r})")
         frame = Path(fields[0]).expanduser()
-        if not frame.is_absolute() and (path.parent / frame).exists():
+        if not frame.is_absolute() and _exists(path.parent / frame):
             frame = path.parent / frame
         out.append((str(frame), fields[1]))
     if not out:

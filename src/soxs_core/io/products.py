@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
+import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,14 @@ import numpy as np
 from soxs_core import __version__
 from soxs_core.errors import ProductError
 from soxs_core.io.fits import Card, Header, card_images, write_fits
+from soxs_core.io.safety import find_same_file, remove_stale_temporaries, sibling_temporary
 
 __all__ = [
     "FrameRef",
     "ProductInfo",
+    "ParamRecord",
+    "param_text",
+    "dicb_sorted",
     "QcValue",
     "QcMeasurements",
     "QC_SUMMARY",
@@ -33,21 +38,44 @@ __all__ = [
     "write_product_atomic",
     "data_md5",
     "PIPE_ID",
+    "NO_CPL_DRS_ID",
 ]
 
 log = logging.getLogger(__name__)
 
 PIPE_ID = f"soxs/{__version__}"
 PRO_DID = "PRO-1.16"  # what cpl_dfs writes with CPL 7.2
+#: ``ESO PRO RECi DRS ID`` when no CPL runs: soxs with its stand-in for PyCPL's ``cpl.ui``
+#: (:mod:`soxs_recipes.compat`) is then the data reduction system.
+NO_CPL_DRS_ID = f"soxs-standin-{__version__}"
 
-#: Raw keywords that must not be inherited by a product.
-_NOT_INHERITED_PREFIXES = ("ESO DPR ", "ESO PRO ", "ESO QC ")
-_NOT_INHERITED = {
-    "SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "NAXIS3", "EXTEND", "BZERO", "BSCALE",
-    "CHECKSUM", "DATASUM", "ARCFILE", "ORIGFILE", "PIPEFILE", "DATAMD5", "EXTNAME", "BUNIT",
-    "XTENSION", "PCOUNT", "GCOUNT", "ZIMAGE", "ZBITPIX", "ZNAXIS", "ZNAXIS1", "ZNAXIS2",
-    "ZTILE1", "ZTILE2", "ZCMPTYPE", "ZQUANTIZ", "ZDITHER0", "ZSIMPLE", "ZEXTEND", "BLANK",
-}
+# What a product takes from the primary header of its first input frame (the first raw frame,
+# or the first calibration when there is none), as cpl_dfs_setup_product_header does: these
+# primary keywords, and the HIERARCH ESO ones except DPR, DRS, QC and PRO (but PRO's
+# processing history, PRO RECi, is kept).  Everything else (EXPTIME, DATE, ORIGFILE,
+# structural and compression keys, COMMENT/HISTORY) is left behind.  CPL 7.2 and 7.3 also
+# copy ARCFILE, although their documentation says it is removed; we do as the code does.
+INHERITED_PRIMARY = ("ORIGIN", "TELESCOP", "INSTRUME", "OBJECT", "RA", "DEC", "EPOCH",
+                     "EQUINOX", "RADESYS", "DATE-OBS", "MJD-OBS", "UTC", "LST", "PI-COI",
+                     "OBSERVER", "ARCFILE")
+#: The deprecated spelling of RADESYS, inherited under the new one.
+_OLD_RADESYS = "RADECSYS"
+NOT_INHERITED_ESO = ("ESO DPR ", "ESO DRS ", "ESO PRO ", "ESO QC ")
+PRO_HISTORY = "ESO PRO REC"
+PRO_ANCESTOR = "ESO PRO ANCESTOR"
+
+# Order of the written cards, as CPL sorts a header before writing it (the DICB order):
+# descriptive keywords, WCS, other primary keywords, then the HIERARCH ESO ones by their
+# first word (DPR, OBS, TPL, GEN, TEL, INS, DET, LOG, PRO, then all others such as QC), other
+# HIERARCH keywords, HISTORY, COMMENT.  The sort is stable: within a class, cards keep the
+# order in which they were set.
+_DESCRIPTIVE = frozenset((
+    "RA", "DEC", "LST", "UTC", "DATE", "BLANK", "ORIGIN", "OBJECT", "PI-COI", "EXPTIME",
+    "MJD-OBS", "MJD-END", "EQUINOX", "TIMESYS", "RADESYS", "RADECSYS", "TELESCOP", "INSTRUME",
+    "DATE-OBS", "DATE-END", "OBSERVER"))
+_WCS = re.compile(r"(CRVAL|CRPIX|CDELT|CTYPE|CUNIT|CRDER|CSYER)[1-9][0-9]{0,2}\Z"
+                  r"|(PC|PV|PS|CD)[1-9][0-9]{0,2}_[1-9][0-9]{0,2}\Z|WCSAXES\Z|WCSNAME\Z")
+_ESO_CLASSES = ("DPR", "OBS", "TPL", "GEN", "TEL", "INS", "DET", "LOG", "PRO")
 
 
 @dataclass(frozen=True)
@@ -145,29 +173,144 @@ def qc_comment_room(name: str, value: float | int = WIDEST_QC_VALUE) -> int:
 
 @dataclass
 class ProductInfo:
-    """What a product is, in DFS terms."""
+    """What a product is, in DFS terms, as a recipe states it (CPL's ``applist``).
+
+    ``type``, ``tech`` or ``science`` left None get CPL's value: ``REDUCED``; the first input
+    frame's ``ESO DPR TECH`` (else ``UNDEFINED``); whether its ``ESO DPR CATG`` is
+    ``SCIENCE``.
+    """
 
     catg: str
-    type: str = "REDUCED"
-    tech: str = "IMAGE"
-    science: bool = False
+    type: str | None = "REDUCED"
+    tech: str | None = "IMAGE"
+    science: bool | None = None
     qc: dict[str, QcValue] = field(default_factory=dict)
 
 
-def _inherited_cards(header: Any) -> Iterable[Any]:
-    """Cards of a raw header (ours or astropy's) that a product inherits."""
-    for card in header.cards:
-        key = card.keyword
-        if not key or key in _NOT_INHERITED or key in ("COMMENT", "HISTORY", ""):
-            continue
-        if key.startswith(_NOT_INHERITED_PREFIXES):
-            continue
-        if key.startswith(("NAXIS", "ZNAXIS", "ZTILE", "ZNAME", "ZVAL", "TTYPE", "TFORM")):
-            continue
-        if key == "RADECSYS":
-            yield Card("RADESYS", card.value, card.comment)
-            continue
-        yield card
+@dataclass(frozen=True)
+class ParamRecord:
+    """A recipe parameter as ``ESO PRO RECi PARAMj NAME/VALUE`` record it.
+
+    Attributes
+    ----------
+    name : str
+        The command-line alias (``stacked-clipping-sigma``), as CPL writes it.
+    value, default : bool, int, float or str
+        The value used and the value that applies when none is given.
+    help : str
+        The parameter's help text, the comment of the NAME card (cut to fit it, as CFITSIO
+        does); when empty, CPL's generic text for the type.
+    """
+
+    name: str
+    value: bool | int | float | str
+    default: bool | int | float | str
+    help: str = ""
+
+
+def param_text(value: bool | int | float | str) -> str:
+    """A parameter value as cpl_dfs writes it: ``true``/``false``, ``%d``, ``%g`` or the
+    string itself."""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):g}"  # Python's g is C's %g
+    return str(value)
+
+
+def _param_comments(param: ParamRecord) -> tuple[str, str]:
+    """Comments of the NAME and VALUE cards: the help (or CPL's text for the type) and
+    ``Default: <default>``, a string default in quotes."""
+    value = param.value
+    if isinstance(value, (bool, np.bool_)):
+        generic = "Boolean recipe parameter"
+    elif isinstance(value, (int, np.integer)):
+        generic = "Integer recipe parameter"
+    elif isinstance(value, (float, np.floating)):
+        generic = "Floating point recipe parameter"
+    else:
+        generic = "String recipe parameter"
+    default = param_text(param.default)
+    if isinstance(value, str):
+        default = f"'{default}'"
+    return (param.help or generic), f"Default: {default}"
+
+
+def dicb_class(keyword: str) -> int:
+    """Rank of a keyword in the order CPL writes a header (see the module's notes)."""
+    key = keyword.upper()
+    if key.startswith("ESO "):
+        if len(key) > 8 and key[4:7] in _ESO_CLASSES:
+            return 10 + _ESO_CLASSES.index(key[4:7])
+        return 20
+    if len(key) > 8:
+        return 21  # a HIERARCH keyword of another organisation
+    if key == "HISTORY":
+        return 30
+    if key == "COMMENT":
+        return 31
+    if key in _DESCRIPTIVE:
+        return 1
+    if _WCS.match(key):
+        return 2
+    return 3
+
+
+def dicb_sorted(header: Header) -> Header:
+    """The header's cards in the order CPL writes them (stable within each class)."""
+    return Header(sorted(header.cards, key=lambda card: dicb_class(card.keyword)))
+
+
+def _first_frame_cards(header: Any) -> list[Card]:
+    """The cards cpl_dfs reads from the first input frame: the HIERARCH ESO ones and
+    :data:`INHERITED_PRIMARY`, in the file's order, RADECSYS renamed RADESYS (at the end,
+    where CPL appends it) unless RADESYS is there too."""
+    wanted = set(INHERITED_PRIMARY) | {_OLD_RADESYS}
+    cards = [Card(card.keyword, card.value, card.comment or "") for card in header.cards
+             if card.keyword.startswith("ESO ") or card.keyword in wanted]
+    old = [card for card in cards if card.keyword == _OLD_RADESYS]
+    cards = [card for card in cards if card.keyword != _OLD_RADESYS]
+    if old and not any(card.keyword == "RADESYS" for card in cards):
+        cards.append(Card("RADESYS", old[0].value, old[0].comment))
+    return cards
+
+
+def _set_inherited(header: Header, card: Card) -> None:
+    """Set an inherited card (replacing one of the same keyword in place)."""
+    try:
+        header[card.keyword] = (card.value, card.comment)
+    except ValueError:
+        log.debug("not inheriting unwritable card %r", card.keyword)
+
+
+def _inherit(header: Header, first: Any) -> int:
+    """Copy into ``header`` what a product inherits from its first input frame's header,
+    ``first``, and its ancestor; return the product's processing level ``i`` of
+    ``ESO PRO RECi`` (1 for a product of raw frames, one more than the history it inherits).
+    """
+    cards = _first_frame_cards(first) if first is not None else []
+    names = {card.keyword for card in cards}
+    level = 1
+    while f"{PRO_HISTORY}{level} ID" in names:
+        level += 1
+    for card in cards:
+        if not card.keyword.startswith(NOT_INHERITED_ESO):
+            _set_inherited(header, card)
+    for card in cards:
+        if card.keyword.startswith(PRO_HISTORY):
+            _set_inherited(header, card)
+    if PRO_ANCESTOR not in header:
+        # the raw frame a product descends from: its own ancestor for an input product
+        ancestor = next((c for c in cards if c.keyword == PRO_ANCESTOR), None)
+        if ancestor is not None:
+            _set_inherited(header, ancestor)
+        else:
+            arcfile = next((c for c in cards if c.keyword == "ARCFILE"), None)
+            if arcfile is not None:
+                _set_inherited(header, Card(PRO_ANCESTOR, str(arcfile.value), ""))
+    return level
 
 
 def dfs_header(
@@ -177,33 +320,43 @@ def dfs_header(
     filename: str,
     raw_frames: Sequence[FrameRef],
     calib_frames: Sequence[FrameRef] = (),
-    parameters: Sequence[tuple[str, object]] = (),
+    parameters: Sequence[ParamRecord] = (),
     inherit_from: Any = None,
-    drs_id: str = "cpl-7.2",
+    drs_id: str = NO_CPL_DRS_ID,
+    date: str | None = None,
 ) -> Header:
-    """Build the primary header of a product.
+    """Build the primary header of a product, as ``cpl.dfs.save_image`` writes it.
 
     Parameters
     ----------
     recipe : str
-        Recipe name, e.g. ``soxs_mbias`` (``ESO PRO REC1 ID``).
+        Recipe name, e.g. ``soxs_mbias`` (``ESO PRO RECi ID``).
     product : ProductInfo
         PRO CATG/TYPE/TECH, science flag and QC values.
     filename : str
         Base name of the product file (``PIPEFILE``).
     raw_frames, calib_frames : sequences of FrameRef
-        Inputs, listed as ``ESO PRO REC1 RAWi`` / ``CALi`` in input order.
-    parameters : sequence of (name, value)
-        Recipe parameters with the values actually used (``ESO PRO REC1 PARAMi``).
+        Inputs, listed as ``ESO PRO RECi RAWj`` / ``CALj`` in input order.
+    parameters : sequence of ParamRecord
+        Recipe parameters with the values actually used (``ESO PRO RECi PARAMj``).
     inherit_from : Header, optional
-        Header of the first raw frame (ours or an ``astropy.io.fits.Header``); its keys are
-        copied except DPR, ARCFILE, ORIGFILE and structural keywords.
+        Primary header of the first raw frame, or of the first calibration when there is no
+        raw frame (ours or an ``astropy.io.fits.Header``).  A product inherits its
+        descriptive keywords, its HIERARCH ESO keywords but DPR, DRS, QC and PRO, its
+        processing history ``ESO PRO RECi`` (the new record then gets the next ``i``), and
+        its ``ESO PRO ANCESTOR`` or else its ``ARCFILE`` as ancestor.
+    drs_id : str
+        ``ESO PRO RECi DRS ID``: the data reduction system that runs, ``cpl-7.2.3`` under
+        PyCPL, :data:`NO_CPL_DRS_ID` (the default) without it.
+    date : str, optional
+        ``DATE``, the file's creation time (``YYYY-MM-DDThh:mm:ss`` UT); now when not given.
 
     Returns
     -------
     soxs_core.io.fits.Header
-        With ``DATAMD5`` set to a placeholder, filled in by :func:`write_product_atomic`.
-        Inherited comments too long for their card are shortened when it is written.
+        In CPL's (DICB) order, with ``DATAMD5`` set to a placeholder, filled in by
+        :func:`write_product_atomic`.  Comments too long for their card (inherited ones,
+        parameter help) are cut when it is written, as CFITSIO does.
 
     Raises
     ------
@@ -216,37 +369,17 @@ def dfs_header(
     ``missing_reason``; ``ESO QC NFAIL`` counts the written values outside their range.
     """
     header = Header()
-    if inherit_from is not None:
-        for card in _inherited_cards(inherit_from):
-            try:
-                header[card.keyword] = (card.value, card.comment)
-            except ValueError:
-                log.debug("not inheriting unwritable card %r", card.keyword)
-        if inherit_from.get("ARCFILE"):
-            # cpl_dfs keeps the raw ARCFILE as ANCESTOR of the product
-            header["ANCESTOR"] = (str(inherit_from["ARCFILE"]), "Inherited archive file name")
-    header["PIPEFILE"] = (filename, "Filename of data product")
-    header["DATAMD5"] = ("Not computed", "MD5 checksum")
-    header["HIERARCH ESO PRO DID"] = (PRO_DID, "Data dictionary for PRO")
+    # written by CFITSIO when CPL creates the file, ahead of the sorted cards
+    header["DATE"] = (date or time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()),
+                      "file creation date (YYYY-MM-DDThh:mm:ss UT)")
+    # the recipe's own cards first (CPL's applist), then what cpl_dfs adds
     header["HIERARCH ESO PRO CATG"] = (product.catg, "Category of pipeline product frame")
-    header["HIERARCH ESO PRO TYPE"] = (product.type, "Product type")
-    header["HIERARCH ESO PRO TECH"] = (product.tech, "Observation technique")
-    header["HIERARCH ESO PRO SCIENCE"] = (bool(product.science), "Scientific product if T")
-    header["HIERARCH ESO PRO REC1 ID"] = (recipe, "Pipeline recipe (unique) identifier")
-    header["HIERARCH ESO PRO REC1 DRS ID"] = (drs_id, "Data Reduction System identifier")
-    header["HIERARCH ESO PRO REC1 PIPE ID"] = (PIPE_ID, "Pipeline (unique) identifier")
-    for i, frame in enumerate(raw_frames, start=1):
-        header[f"HIERARCH ESO PRO REC1 RAW{i} NAME"] = (frame.path.name, "File name")
-        header[f"HIERARCH ESO PRO REC1 RAW{i} CATG"] = (frame.tag, "Frame category")
-    for i, frame in enumerate(calib_frames, start=1):
-        header[f"HIERARCH ESO PRO REC1 CAL{i} NAME"] = (frame.path.name, "File name")
-        header[f"HIERARCH ESO PRO REC1 CAL{i} CATG"] = (frame.tag, "Frame category")
-        if frame.md5:
-            header[f"HIERARCH ESO PRO REC1 CAL{i} DATAMD5"] = (frame.md5, "MD5 signature")
-    header["HIERARCH ESO PRO DATANCOM"] = (len(raw_frames), "Number of combined frames")
-    for i, (name, value) in enumerate(parameters, start=1):
-        header[f"HIERARCH ESO PRO REC1 PARAM{i} NAME"] = (name, "")
-        header[f"HIERARCH ESO PRO REC1 PARAM{i} VALUE"] = (_param_string(value), "")
+    if product.type is not None:
+        header["HIERARCH ESO PRO TYPE"] = (product.type, "Product type")
+    if product.tech is not None:
+        header["HIERARCH ESO PRO TECH"] = (product.tech, "Observation technique")
+    if product.science is not None:
+        header["HIERARCH ESO PRO SCIENCE"] = (bool(product.science), "Scientific product if T")
     failed = []
     for name, qc in product.qc.items():
         if not qc.computed:
@@ -271,16 +404,53 @@ def dfs_header(
             low, high = qc.valid_range
             header[f"HIERARCH ESO QC FAIL{i}"] = (f"{name} = {qc.value:.4g} not in "
                                                   f"({low:g}, {high:g})", "")
-    return header
+    level = _inherit(header, inherit_from)
+    _add_provenance(header, level, recipe=recipe, filename=filename, raw_frames=raw_frames,
+                    calib_frames=calib_frames, parameters=parameters, first=inherit_from,
+                    drs_id=drs_id)
+    return dicb_sorted(header)
 
 
-def _param_string(value: object) -> str:
-    """A parameter value formatted as cpl_dfs does (booleans lower case, floats as %g)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
+def _add_provenance(header: Header, level: int, *, recipe: str, filename: str,
+                    raw_frames: Sequence[FrameRef], calib_frames: Sequence[FrameRef],
+                    parameters: Sequence[ParamRecord], first: Any, drs_id: str) -> None:
+    """The cards cpl_dfs adds after the inherited ones, in its order: DATAMD5, PIPEFILE,
+    PRO DID/CATG, PRO TYPE/TECH/SCIENCE unless the recipe set them, then the processing
+    record ``ESO PRO REC<level>`` (recipe, DRS, pipeline, raw frames, PRO DATANCOM,
+    calibrations with their DATAMD5, parameters)."""
+    first = first if first is not None else Header()
+    header["DATAMD5"] = ("Not computed", "MD5 checksum")
+    header["PIPEFILE"] = (filename, "Filename of data product")
+    header["HIERARCH ESO PRO DID"] = (PRO_DID, "Data dictionary for PRO")
+    header["HIERARCH ESO PRO CATG"] = (header["ESO PRO CATG"],
+                                       "Category of pipeline product frame")
+    if "ESO PRO TYPE" not in header:
+        header["HIERARCH ESO PRO TYPE"] = ("REDUCED", "Product type")
+    if "ESO PRO TECH" not in header:
+        tech = first.get("ESO DPR TECH")
+        header["HIERARCH ESO PRO TECH"] = (str(tech) if tech is not None else "UNDEFINED",
+                                           "Observation technique")
+    if "ESO PRO SCIENCE" not in header:
+        header["HIERARCH ESO PRO SCIENCE"] = (first.get("ESO DPR CATG") == "SCIENCE",
+                                              "Scientific product if T")
+    rec = f"HIERARCH {PRO_HISTORY}{level}"
+    header[f"{rec} ID"] = (recipe, "Pipeline recipe (unique) identifier")
+    header[f"{rec} DRS ID"] = (drs_id, "Data Reduction System identifier")
+    header[f"{rec} PIPE ID"] = (PIPE_ID, "Pipeline (unique) identifier")
+    for i, frame in enumerate(raw_frames, start=1):
+        header[f"{rec} RAW{i} NAME"] = (frame.path.name, "File name of raw frame")
+        header[f"{rec} RAW{i} CATG"] = (frame.tag, "Category of raw frame")
+    if "ESO PRO DATANCOM" not in header:
+        header["HIERARCH ESO PRO DATANCOM"] = (len(raw_frames), "Number of combined frames")
+    for i, frame in enumerate(calib_frames, start=1):
+        header[f"{rec} CAL{i} NAME"] = (frame.path.name, "File name of calibration frame")
+        header[f"{rec} CAL{i} CATG"] = (frame.tag, "Category of calibration frame")
+        if frame.md5:
+            header[f"{rec} CAL{i} DATAMD5"] = (frame.md5, "MD5 signature of calib frame")
+    for i, param in enumerate(parameters, start=1):
+        name_comment, value_comment = _param_comments(param)
+        header[f"{rec} PARAM{i} NAME"] = (param.name, name_comment)
+        header[f"{rec} PARAM{i} VALUE"] = (param_text(param.value), value_comment)
 
 
 def data_md5(hdus: Iterable[Any]) -> str:
@@ -312,7 +482,9 @@ def write_product_atomic(hdus: Sequence[tuple[Header, np.ndarray]], path: str | 
     ``hdus`` are ``(header, data)`` pairs (primary first, see
     :func:`soxs_core.io.fits.write_fits`).  ``DATAMD5`` is computed when the primary header
     has it, and CHECKSUM/DATASUM are written on every HDU.  An existing file is replaced only
-    with ``overwrite``; an input frame (``protected``) never is.
+    with ``overwrite``; an input frame (``protected``, compared as files on disk, links
+    included) never is.  The temporary file is removed on any failure and, when the program
+    installed :func:`soxs_core.io.safety.install_signal_handlers`, on SIGTERM/SIGINT too.
 
     Raises
     ------
@@ -320,10 +492,8 @@ def write_product_atomic(hdus: Sequence[tuple[Header, np.ndarray]], path: str | 
         When the file exists, is an input, or cannot be written.
     """
     path = Path(path)
-    resolved = path.resolve()
-    for other in protected:
-        if Path(other).resolve() == resolved:
-            raise ProductError(f"{path}: refusing to overwrite an input frame")
+    if find_same_file(path, protected) is not None:
+        raise ProductError(f"{path}: refusing to overwrite an input frame")
     if path.exists() and not overwrite:
         raise ProductError(f"{path}: product exists already (use --overwrite to replace it)")
     directory = path.parent
@@ -334,20 +504,14 @@ def write_product_atomic(hdus: Sequence[tuple[Header, np.ndarray]], path: str | 
             from None
     if not os.access(directory, os.W_OK):
         raise ProductError(f"{directory}: output directory is not writable")
+    remove_stale_temporaries(directory)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    except OSError as exc:
-        raise ProductError(f"{path}: cannot write product ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write_fits(fh, hdus)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with sibling_temporary(path) as tmp:
+            with open(tmp, "wb") as fh:
+                write_fits(fh, hdus)
+            os.replace(tmp, path)
     except OSError as exc:
         raise ProductError(f"{path}: cannot write product ({exc.strerror or exc})") from None
     except ValueError as exc:
         raise ProductError(f"{path}: cannot write product ({exc})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
