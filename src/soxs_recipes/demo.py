@@ -71,4 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """Console-script entry point."""
+    from soxs_core.io.safety import install_signal_handlers
+
+    # SIGTERM/SIGINT: one line, no traceback, no temporary product left behind
+    install_signal_handlers("soxs-demo")
     sys.exit(main())

@@ -22,6 +22,7 @@ import numpy as np
 
 from soxs_core.errors import InputError
 from soxs_core.io.fits import FitsFile, HduSequence, Header
+from soxs_core.io.safety import track, untrack
 
 __all__ = ["open_fits", "OpenFits", "image_hdu_index", "ScratchDir", "scaled_float32",
            "read_scaled"]
@@ -37,9 +38,11 @@ class ScratchDir:
     def __init__(self) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="soxs-")
         self.path = Path(self._tmp.name)
+        track(self.path)  # removed on SIGTERM/SIGINT too, which skip finalisers
 
     def cleanup(self) -> None:
         self._tmp.cleanup()
+        untrack(self.path)
 
 
 def _magic(path: Path) -> bytes:

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``soxs-simulate``; returns the process exit code."""
+    if argv is None:  # run as the program: SIGTERM/SIGINT end it in one line, no traceback
+        from soxs_core.io.safety import install_signal_handlers
+
+        install_signal_handlers("soxs-simulate")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     arms = [a.strip().lower() for a in args.arm.split(",") if a.strip()]
