@@ -175,6 +175,17 @@ def test_unwritable_outputs_refused_before_reducing(night, tmp_path, capsys):
     assert not (tmp_path / "nowhere").exists()
 
 
+def test_log_and_products_sof_may_go_in_the_output_dir_it_creates(night, tmp_path):
+    _, arms = night
+    sof, _ = arms["xsh_vis"]
+    out = tmp_path / "new" / "out"
+    assert esorex(["--output-dir", str(out), "--log-file", str(out / "esorex.log"),
+                   "--products-sof", str(out / "products.sof"), "soxs_mbias", str(sof)]) == 0
+    assert "master_bias_vis.fits" in (out / "esorex.log").read_text()
+    assert (out / "products.sof").read_text().split() == [str(out / "master_bias_vis.fits"),
+                                                          "MASTER_BIAS_VIS"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
 def test_read_only_directories_refused_before_reducing(night, tmp_path, capsys):
     _, arms = night

@@ -518,7 +518,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.5g}" if isinstance(value, float) else str(value)
 
 
-def _check_output_dir(path: Path) -> Path:
+def check_output_dir(path: Path) -> Path:
     """Create the output directory if needed, check it is writable and tidy it.
 
     Temporary files that killed runs of ours left there are removed (see
@@ -584,7 +584,7 @@ def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mappi
     frames = [(str(p), str(t).strip()) for p, t in frames]
     if not frames:
         raise InputError(f"{spec.name}: the set of frames is empty")
-    output_dir = _check_output_dir(Path(output_dir))
+    output_dir = check_output_dir(Path(output_dir))
     raw_specs = {i.stem: i for i in spec.inputs if i.group == "RAW"}
     scratch = ScratchDir()
     raw: dict[str, list[RawFrame]] = {}

@@ -30,7 +30,13 @@ from soxs_core.io.safety import find_same_file, remove_stale_temporaries, siblin
 
 from .cli import PROGRAM, plugin_dir
 from .compat import HAVE_PYCPL, ui
-from .framework import RecipeSpec, frames_from_sof, man_page, params_text
+from .framework import (
+    RecipeSpec,
+    check_output_dir,
+    frames_from_sof,
+    man_page,
+    params_text,
+)
 from .registry import RECIPES, recipe_module
 from .settings import (
     ArmSettings,
@@ -205,11 +211,13 @@ def _refuse_clash(path: Path, what: str, others: Iterable[_Known],
 
 
 def _check_output_file(path: Path, what: str, others: Iterable[_Known], *,
-                       replace: bool = True, overwrite: bool = False) -> None:
+                       replace: bool = True, overwrite: bool = False,
+                       output_dir: Path | None = None) -> None:
     """Refuse an output file that is an input (or another output), or cannot be written.
 
     ``replace``: the file is replaced (atomically; an existing one only with ``overwrite``);
-    otherwise it is appended to (the log).
+    otherwise it is appended to (the log).  A file directly in ``output_dir``, which the run
+    creates when needed, may name it before it exists; no other directory is ever created.
     """
     try:
         _refuse_clash(path, what, others, "overwrite" if replace else "be written into")
@@ -217,6 +225,8 @@ def _check_output_file(path: Path, what: str, others: Iterable[_Known], *,
             raise InputError(f"{path}: is a directory, the {what} cannot be written there")
         parent = path.parent
         if not parent.exists():
+            if output_dir is not None and parent.resolve() == output_dir.resolve():
+                return  # created with the output directory (checked there)
             raise InputError(f"{path}: directory {parent} of the {what} does not exist")
         if not parent.is_dir():
             raise InputError(f"{path}: {parent} is not a directory, the {what} cannot be "
@@ -377,11 +387,15 @@ def _run(args: argparse.Namespace, log_files: list[logging.Handler]) -> int:
     outputs = list(products)
     if products_sof is not None:
         _check_output_file(products_sof, "products SOF", inputs + outputs,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, output_dir=output_dir)
         outputs.append(_Known(products_sof, "the --products-sof file"))
     log_path = _log_path(args)
     if log_path is not None:
-        _check_output_file(log_path, "log file", inputs + outputs, replace=False)
+        _check_output_file(log_path, "log file", inputs + outputs, replace=False,
+                           output_dir=output_dir)
+    if any(not path.parent.exists() for path in (products_sof, log_path) if path):
+        check_output_dir(output_dir)  # they go there: create it now
+    if log_path is not None:
         log_files.append(_open_log_file(log_path, args.log_level))
     log.debug("%s %s: %s, output directory %s%s%s", PROGRAM, __version__, sof, output_dir,
               f", products SOF {products_sof}" if products_sof else "",
