@@ -9,6 +9,7 @@ periodic-pattern noise).  Memory therefore stays flat however many frames are co
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from soxs_core.combine.qc import (
     smooth_background,
     structure_slopes,
 )
+from soxs_core.combine.screening import screen_frames
 from soxs_core.combine.stacking import ClipSettings, band_rows_for, clip_and_stack, default_threads
 from soxs_core.detector.quality import Qual
 from soxs_core.detector.rawframe import RawFrame
@@ -104,8 +106,11 @@ def verify_frames(frames: Sequence[RawFrame], frame_type: str, min_frames: int,
     Raises
     ------
     InputError
-        Naming the first offending file: wrong frame type, mixed instrument/arm/binning/
-        readout/gain/read noise/exposure time, or too few frames.
+        Naming the first offending file: wrong frame type, one file listed twice (under any
+        spelling of its path, or through a link), mixed instrument/arm/binning/readout/gain/
+        read noise/exposure time, or too few frames.  A setup value is compared with the one
+        most frames share, so the odd frame is named even when it is listed first, with the
+        keyword and the value found in each file.
     """
     if not frames:
         raise InputError(f"no {frame_type} frames given")
@@ -113,18 +118,39 @@ def verify_frames(frames: Sequence[RawFrame], frame_type: str, min_frames: int,
         if frame.frame_type != frame_type:
             raise InputError(f"{frame.path}: is a {frame.dpr_type} frame "
                              f"(DPR TECH {frame.dpr_tech}), expected {frame_type}")
+    _refuse_repeated_files(frames)
     first = frames[0]
+    for key in first.setup:
+        values = [frame.setup[key] for frame in frames]
+        common = max(values, key=values.count)  # ties: the earliest listed value
+        reference = frames[values.index(common)]
+        for frame, value in zip(frames, values):
+            if value != common:
+                raise InputError(f"{frame.path}: {key} differs from the other frames': "
+                                 f"{frame.setup_origin(key)} here, "
+                                 f"{reference.setup_origin(key)} in {reference.path.name}")
     for frame in frames[1:]:
-        for key, value in first.setup.items():
-            if frame.setup[key] != value:
-                raise InputError(f"{frame.path}: {key} {frame.setup[key]!r} differs from "
-                                 f"{value!r} of {first.path.name}")
         if same_exptime and abs(frame.exptime - first.exptime) > 0.01:
             raise InputError(f"{frame.path}: EXPTIME {frame.exptime:g} s differs from "
                              f"{first.exptime:g} s of {first.path.name}")
     if len(frames) < min_frames:
         raise InputError(f"{len(frames)} {frame_type} frame(s) given, at least {min_frames} "
                          f"are needed ({first.path.name} ...)")
+
+
+def _refuse_repeated_files(frames: Sequence[RawFrame]) -> None:
+    """One file given twice would be stacked as two independent exposures (ERRS too small by
+    sqrt(2)); the device and inode identify it whatever the path's spelling or links."""
+    seen: dict[tuple[int, int], RawFrame] = {}
+    for frame in frames:
+        try:
+            stat = os.stat(frame.path)
+        except OSError:  # gone since it was opened: the pixel reads will say so
+            continue
+        earlier = seen.setdefault((stat.st_dev, stat.st_ino), frame)
+        if earlier is not frame:
+            raise InputError(f"{frame.path}: is the same file as {earlier.path}, listed "
+                             "twice; each exposure may be stacked only once")
 
 
 @dataclass
@@ -263,6 +289,16 @@ def _finish_master(result, raw_noise: float, settings: MasterSettings,
     return DetectorImage(data=value, error=error, qual=qual), master_noise
 
 
+def _noise_or_header(raw_noise: float, frames: Sequence[RawFrame]) -> float:
+    """The measured single-frame noise, or the header's when no frame pair shared a usable
+    sampled pixel: the flagging threshold and the error of filled pixels need a number."""
+    if np.isfinite(raw_noise) and raw_noise > 0:
+        return raw_noise
+    log.warning("%s ...: no read noise could be measured from frame pairs; flags and filled "
+                "pixels use the header's %.3g e-", frames[0].path.name, frames[0].read_noise)
+    return frames[0].read_noise
+
+
 def _errors_from_measured_noise(result, frame: RawFrame, raw_noise: float) -> None:
     """Rescale a bias stack's errors from the header read noise to the measured one.
 
@@ -320,7 +356,13 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
         FLUX/ERRS in electrons, QUAL with STATIC_BAD, HOT, COLD and NO_DATA bits, and the QC
         values RAW RON, MASTER RON, MBIAS MEDIAN, STRUCTX, STRUCTY, FPN FRACMAX, BADPIX NUM,
         BADPIX FRAC and DETECTOR TEMP.
+
+    Raises
+    ------
+    InputError
+        When a frame cannot belong to the set (see :func:`screen_frames`).
     """
+    screen_frames(frames)
     result, stats = _stack(frames, settings, None, threads)
     raw_noise = _raw_read_noise(stats, threads)
     _errors_from_measured_noise(result, frames[0], raw_noise)
@@ -335,7 +377,8 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
         pattern = beside.submit(lambda: max(
             periodic_pattern_metric(stats.frame_binned(k), binned_master)
             for k in range(len(frames))))
-        image, master_noise = _finish_master(result, raw_noise, settings, flag_cold=True)
+        image, master_noise = _finish_master(result, _noise_or_header(raw_noise, frames),
+                                             settings, flag_cold=True)
         good = image.qual == 0
         structx, structy = structure_slopes(image.data, good)
         levels, fpn = frame_levels.result(), pattern.result()
@@ -353,19 +396,6 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     return MasterResult(image=image, qc=qc, frame_levels=levels, raw_read_noise=raw_noise)
 
 
-def _quick_levels(frames: Sequence[RawFrame], settings: MasterSettings) -> list[float]:
-    """Clipped level of each frame from a few row blocks (before the main pass)."""
-    levels = []
-    for frame in frames:
-        rows = frame.prepared_shape[0]
-        blocks = [frame.read_band(r, min(rows, r + 8))[0]
-                  for r in np.linspace(0, max(0, rows - 8), 8).astype(int)]
-        mean, _, _ = clipped_stats(np.concatenate(blocks), settings.frame_clipping_sigma,
-                                   max(1, settings.frame_clipping_iterations))
-        levels.append(mean)
-    return levels
-
-
 def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
                      master_bias: DetectorImage | None = None, threads: int | None = None
                      ) -> MasterResult:
@@ -381,22 +411,33 @@ def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
     MasterResult
         QUAL carries the HOT bit on hot pixels; QC HOTPIX NUM/FRAC, MDARK MEDIAN, RAW RON,
         MASTER RON and DETECTOR TEMP.
+
+    Raises
+    ------
+    InputError
+        When a frame cannot belong to the set (see :func:`screen_frames`) or the master bias
+        does not fit the darks.
     """
     first = frames[0]
     if master_bias is not None and master_bias.shape != first.prepared_shape:
         raise InputError(f"master bias is {master_bias.shape[1]}x{master_bias.shape[0]} px, "
                          f"the darks are {first.prepared_shape[1]}x{first.prepared_shape[0]}")
     if master_bias is not None:
+        screen_frames(frames)
         bias_level: list = [master_bias.data] * len(frames)
     else:
-        bias_level = _quick_levels(frames, settings)
+        # the frame's own clipped level, from the rows the screening samples anyway
+        samples = screen_frames(frames, (settings.frame_clipping_sigma,
+                                         settings.frame_clipping_iterations))
+        bias_level = [sample.clipped_level for sample in samples]
     result, stats = _stack(frames, settings, bias_level, threads)
     levels, raw_noise = _frame_levels(stats, settings, threads), _raw_read_noise(stats, threads)
     if master_bias is not None:
         result.value -= master_bias.data
         np.sqrt(result.error ** 2 + master_bias.error ** 2, out=result.error)
         result.qual |= master_bias.qual & np.uint8(Qual.STATIC_BAD | Qual.NO_DATA)
-    image, master_noise = _finish_master(result, raw_noise, settings, flag_cold=False)
+    image, master_noise = _finish_master(result, _noise_or_header(raw_noise, frames), settings,
+                                         flag_cold=False)
     hot = (image.qual & np.uint8(Qual.HOT)) != 0
     nhot = int(np.count_nonzero(hot))
     good = image.qual == 0

@@ -26,6 +26,7 @@ from soxs_core.io.compressed import (
     open_fits,
     read_scaled,
     scaled_float32,
+    scaling,
 )
 from soxs_core.io.fits import Header
 
@@ -106,6 +107,13 @@ class RawFrame:
     read_noise: float
     read_noise_source: str
     saturation_adu: float
+    #: BSCALE and BZERO of the image (checked when the frame is opened).
+    bscale: float = 1.0
+    bzero: float = 0.0
+    #: Where each :attr:`setup` value that comes from a header keyword was found, as text
+    #: naming the keyword and the value in the file (``ESO DET OUT1 CONAD = 0.6``), or saying
+    #: that it is missing or unusable and which default replaced it.
+    origins: dict[str, str] = field(default_factory=dict)
     _hdul: OpenFits = field(repr=False, default=None)
     _hdu_index: int = field(repr=False, default=0)
 
@@ -140,15 +148,26 @@ class RawFrame:
             raise InputError(f"{path}: binning {binx}x{biny} is not supported for "
                              f"{arm.instrument} {arm.name}")
         keys = arm.keywords
-        gain, gain_src = _positive(header, keys.get("gain"), arm.gain)
-        ron, ron_src = _positive(header, keys.get("ron"), arm.read_noise)
-        if gain_src != "header":
-            log.warning("%s: no %s in header, using the %s %s default gain %.3f e-/ADU",
-                        path.name, keys.get("gain"), arm.instrument, arm.name, gain)
-        if ron_src != "header":
-            log.info("%s: no %s in header, using the %s %s default read noise %.2f e-",
-                     path.name, keys.get("ron"), arm.instrument, arm.name, ron)
-        saturation, _ = _positive(header, keys.get("saturation"), arm.saturation_adu)
+        gain = _HeaderNumber.read(header, keys.get("gain"), arm.gain, arm, "gain", "e-/ADU")
+        ron = _HeaderNumber.read(header, keys.get("ron"), arm.read_noise, arm, "read noise",
+                                 "e-")
+        saturation = _HeaderNumber.read(header, keys.get("saturation"), arm.saturation_adu,
+                                        arm, "saturation level", "ADU")
+        # a missing read noise or saturation level is common (NIR raws carry none) and the
+        # arm's value is the right one; a missing gain, or any value that is present but
+        # unusable, points at a damaged or unusual header
+        for number, missing_level in ((gain, logging.WARNING), (ron, logging.INFO),
+                                      (saturation, logging.DEBUG)):
+            if number.source != "header":
+                log.log(missing_level if number.found is None else logging.WARNING,
+                        "%s", number.warning(path.name))
+        readout_key = keys.get("readout")
+        readout = str(header.get(readout_key, "")).strip() if readout_key else ""
+        origins = {"gain": gain.origin, "read noise": ron.origin}
+        if readout_key:
+            origins["readout mode"] = (f"{readout_key} = {readout!r}" if readout_key in header
+                                       else f"no {readout_key}")
+        bscale, bzero = scaling(hdul[index].header, str(path))
         shape = _image_shape(hdul[index])
         expected = arm.raw_shape_binned(binx, biny)
         if tuple(shape) != expected:
@@ -164,10 +183,10 @@ class RawFrame:
             dpr_catg=str(header.get("ESO DPR CATG", "")).strip(),
             dpr_type=str(header["ESO DPR TYPE"]).strip(),
             dpr_tech=str(header["ESO DPR TECH"]).strip(),
-            readout=str(header.get(keys.get("readout", ""), "")).strip() if keys.get("readout")
-            else "",
-            gain=gain, gain_source=gain_src, read_noise=ron, read_noise_source=ron_src,
-            saturation_adu=saturation, _hdul=hdul, _hdu_index=index,
+            readout=readout,
+            gain=gain.value, gain_source=gain.source, read_noise=ron.value,
+            read_noise_source=ron.source, saturation_adu=saturation.value, bscale=bscale,
+            bzero=bzero, origins=origins, _hdul=hdul, _hdu_index=index,
         )
 
     def close(self) -> None:
@@ -202,6 +221,11 @@ class RawFrame:
                 "binning": self.binning, "readout mode": self.readout,
                 "gain": round(self.gain, 4), "read noise": round(self.read_noise, 3)}
 
+    def setup_origin(self, key: str) -> str:
+        """Where the :attr:`setup` value ``key`` came from, for messages: the keyword and the
+        value found in the file (or that it is missing), else the value itself."""
+        return self.origins.get(key) or f"{key} {self.setup[key]!r}"
+
     # ------------------------------------------------------------------ pixels
     def read_adu(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Prepared rows ``start:stop`` in ADU (float32, rotated and trimmed)."""
@@ -209,13 +233,13 @@ class RawFrame:
         height = rows.stop - rows.start
         stop = height if stop is None else min(stop, height)
         hdu = self._hdul[self._hdu_index]
-        raw = _LazyScaled(self._hdul.astropy_hdu(self._hdu_index)) if self._compressed \
-            else self._pixels()
+        raw = _LazyScaled(self._hdul.astropy_hdu(self._hdu_index), str(self.path)) \
+            if self._compressed else self._pixels()
         block = rotated_rows(raw, self.arm.rotation, rows.start + start, rows.start + stop)
         block = block[:, cols]
         if self._compressed:
             return np.ascontiguousarray(block, dtype=np.float32)
-        return scaled_float32(block, hdu.header)
+        return scaled_float32(block, hdu.header, str(self.path))
 
     def prepare_into(self, start: int, stop: int, electrons: np.ndarray, error: np.ndarray,
                      qual: np.ndarray, static_bits: np.ndarray, read_noise: float,
@@ -226,7 +250,6 @@ class RawFrame:
         image block or a level in electrons; without one, read noise only).  Plain 16-bit
         files go through the Cython kernel; anything else through the numpy reference.
         """
-        hdu = self._hdul[self._hdu_index]
         ron2 = np.float32(read_noise) ** 2
         raw = None if self._compressed else self._pixels()
         if raw is not None and raw.dtype.itemsize == 2 and raw.dtype.kind in "iu" \
@@ -242,8 +265,7 @@ class RawFrame:
             elif bias is not None:
                 kwargs.update(has_bias_level=True, bias_level=float(bias))
             _prepare.prepare_rows_be16(
-                block, raw.dtype.kind == "i",
-                float(hdu.header.get("BSCALE", 1.0)), float(hdu.header.get("BZERO", 0.0)),
+                block, raw.dtype.kind == "i", float(self.bscale), float(self.bzero),
                 float(self.gain), float(ron2), float(self.saturation_adu), static_bits,
                 electrons, error, qual, num_threads=threads, **kwargs)
             return
@@ -258,11 +280,6 @@ class RawFrame:
     def _compressed(self) -> bool:
         """Whether the image is tile-compressed (read through astropy)."""
         return self._hdul[self._hdu_index].compressed
-
-    @property
-    def _image_header(self) -> Header:
-        """Header of the image HDU (for ``.fz``: the uncompressed image's, BSCALE/BZERO...)."""
-        return self._hdul[self._hdu_index].header
 
     def _pixels(self) -> _PlainImage:
         """Row reader of an uncompressed image (reads only the rows asked for)."""
@@ -353,13 +370,14 @@ class _PlainImage:
 class _LazyScaled:
     """Adapter that lets :func:`rotated_rows` slice a tile-compressed HDU."""
 
-    def __init__(self, hdu) -> None:  # an astropy CompImageHDU
+    def __init__(self, hdu, source: str) -> None:  # an astropy CompImageHDU
         self.hdu = hdu
+        self.source = source
         self.shape = _image_shape(hdu)
 
     def __getitem__(self, key):
         rows, cols = key if isinstance(key, tuple) else (key, slice(None))
-        return read_scaled(self.hdu, rows, cols)
+        return read_scaled(self.hdu, rows, cols, self.source)
 
 
 def _image_shape(hdu) -> tuple[int, int]:
@@ -385,13 +403,45 @@ def _binning(header: Header, arm: Arm) -> tuple[int, int]:
     return values[0], values[1]
 
 
-def _positive(header: Header, key: str | None, default: float) -> tuple[float, str]:
-    """A positive finite header number, or the default with the reason it was used."""
-    if key and key in header:
-        try:
-            value = float(header[key])
-        except (TypeError, ValueError):
-            return default, "default"
-        if math.isfinite(value) and value > 0:
-            return value, "header"
-    return default, "default"
+@dataclass(frozen=True)
+class _HeaderNumber:
+    """A positive number read from a header keyword, or the arm's default in its place."""
+
+    key: str | None
+    value: float
+    #: ``"header"`` or ``"default"``
+    source: str
+    #: The header value as found (None when the keyword is absent).
+    found: object
+    default_text: str
+
+    @classmethod
+    def read(cls, header: Header, key: str | None, default: float, arm: Arm, what: str,
+             unit: str) -> _HeaderNumber:
+        default_text = f"the {arm.instrument} {arm.name} default {what} {default:g} {unit}"
+        found = header[key] if key and key in header else None
+        if found is not None:
+            try:
+                value = float(found)
+            except (TypeError, ValueError):
+                value = float("nan")
+            if math.isfinite(value) and value > 0:
+                return cls(key, value, "header", found, default_text)
+        return cls(key, float(default), "default", found, default_text)
+
+    @property
+    def origin(self) -> str:
+        """The keyword and its value, or why the default is used instead."""
+        if self.source == "header":
+            return f"{self.key} = {self.found!r}"
+        if self.found is None:
+            return f"no {self.key or 'keyword'} ({self.default_text} used)"
+        return f"{self.key} = {self.found!r}, not a positive number ({self.default_text} used)"
+
+    def warning(self, filename: str) -> str:
+        """The log line for a default used in place of a header value."""
+        if self.found is None:
+            return f"{filename}: no {self.key or 'keyword'} in the header; using " \
+                   f"{self.default_text}"
+        return f"{self.key} = {self.found!r} in {filename} is not a positive number; " \
+               f"using {self.default_text}"

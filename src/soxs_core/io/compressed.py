@@ -24,8 +24,8 @@ from soxs_core.errors import InputError
 from soxs_core.io.fits import FitsFile, HduSequence, Header
 from soxs_core.io.safety import track, untrack
 
-__all__ = ["open_fits", "OpenFits", "image_hdu_index", "ScratchDir", "scaled_float32",
-           "read_scaled"]
+__all__ = ["open_fits", "OpenFits", "image_hdu_index", "ScratchDir", "scaling",
+           "scaled_float32", "read_scaled"]
 
 _FITS_MAGIC = b"SIMPLE  ="
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -112,6 +112,11 @@ class OpenFits(HduSequence):
 
         from astropy.io import fits
 
+        for hdu in self.hdus:
+            if hdu.compressed:
+                # astropy silently drops a tile-compressed HDU whose BSCALE/BZERO is not a
+                # number; say which keyword is wrong instead of "unreadable"
+                scaling(hdu.header, str(self.source))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -210,12 +215,47 @@ def open_fits(path: str | os.PathLike, scratch: ScratchDir | None = None) -> Ope
     return OpenFits(path, target, scratch if target is not path else None)
 
 
-def scaled_float32(stored: np.ndarray, header) -> np.ndarray:
+def scaling(header, source: str = "image") -> tuple[float, float]:
+    """``(BSCALE, BZERO)`` of an image header, checked.
+
+    Parameters
+    ----------
+    header : mapping
+        The image HDU's header (defaults 1 and 0 when the keywords are absent).
+    source : str
+        The file, named in the error.
+
+    Raises
+    ------
+    InputError
+        When either value is not a finite number, or BSCALE is 0 (which would erase the data).
+    """
+    values = []
+    for key, default in (("BSCALE", 1.0), ("BZERO", 0.0)):
+        text = header.get(key, default)
+        try:
+            value = float(text)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not np.isfinite(value) or (key == "BSCALE" and value == 0):
+            what = "a finite non-zero number" if key == "BSCALE" else "a finite number"
+            raise InputError(f"{source}: {key} = {text!r} in the image header is not {what}")
+        values.append(value)
+    return values[0], values[1]
+
+
+def scaled_float32(stored: np.ndarray, header, source: str = "image") -> np.ndarray:
     """Stored FITS values as float32 physical values: ``stored * BSCALE + BZERO``, in float32
-    and in that order (the ``_prepare`` kernel rounds the same way)."""
+    and in that order (the ``_prepare`` kernel rounds the same way).
+
+    Raises
+    ------
+    InputError
+        Naming ``source`` and the keyword, when BSCALE or BZERO is unusable (see
+        :func:`scaling`).
+    """
     out = np.asarray(stored).astype(np.float32)
-    bscale = float(header.get("BSCALE", 1.0))
-    bzero = float(header.get("BZERO", 0.0))
+    bscale, bzero = scaling(header, source)
     if bscale != 1.0:
         out *= np.float32(bscale)
     if bzero != 0.0:
@@ -223,15 +263,19 @@ def scaled_float32(stored: np.ndarray, header) -> np.ndarray:
     return out
 
 
-def read_scaled(hdu, rows: slice | None = None, cols: slice | None = None) -> np.ndarray:
-    """Read (part of) an astropy image HDU as float32 with BSCALE/BZERO applied."""
+def read_scaled(hdu, rows: slice | None = None, cols: slice | None = None,
+                source: str = "image") -> np.ndarray:
+    """Read (part of) an astropy image HDU as float32 with BSCALE/BZERO applied.
+
+    ``source`` names the file in errors (an unusable BSCALE/BZERO, no data).
+    """
     key = (rows or slice(None), cols or slice(None))
     fits = sys.modules.get("astropy.io.fits")  # an astropy HDU implies astropy is loaded
     if fits is not None and isinstance(hdu, fits.CompImageHDU):
         data = np.asarray(hdu.section[key])
         # integers come back unscaled (the file is opened without scaling), floats scaled
-        return scaled_float32(data, hdu.header) if data.dtype.kind in "iu" else \
+        return scaled_float32(data, hdu.header, source) if data.dtype.kind in "iu" else \
             data.astype(np.float32)
     if hdu.data is None:
-        raise InputError("image HDU has no data")
-    return scaled_float32(hdu.data[key], hdu.header)
+        raise InputError(f"{source}: image HDU has no data")
+    return scaled_float32(hdu.data[key], hdu.header, source)
