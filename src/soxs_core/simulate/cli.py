@@ -9,53 +9,94 @@ from pathlib import Path
 
 from soxs_core.detector.instruments import ARMS
 from soxs_core.errors import InputError
-from soxs_core.simulate.instrument import SceneParameters
-from soxs_core.simulate.night import simulate_night
+from soxs_core.simulate import options as opt
+from soxs_core.simulate.detector import DETECTOR_DEFAULTS
+from soxs_core.simulate.instrument import FLAT_EXPTIME, SceneParameters
+from soxs_core.simulate.night import reduction_commands, simulate_night
+from soxs_core.simulate.spectra import DEFAULT_SLIT_WIDTH, STANDARD_STARS
 
 __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    """The ``soxs-simulate`` parser: every option's range is checked while parsing."""
+    p = opt.OneLineParser(
         prog="soxs-simulate",
         description="Simulate a night of raw SOXS / X-shooter frames with known truth, the "
-                    "upstream calibration tables and one SOF per reduction step.")
-    p.add_argument("outdir", type=Path, help="night directory to write")
-    p.add_argument("--arm", default="xsh_vis",
+                    "upstream calibration tables and one SOF per reduction step, and print "
+                    "the soxs-esorex commands that reduce it.")
+    def per_arm(values: dict[str, float], unit: str = "") -> str:
+        return ", ".join(f"{code} {value:g}{unit}" for code, value in values.items())
+
+    cosmic_rates = {DETECTOR_DEFAULTS[code]["cosmic_rate"] for code in ARMS}
+    p.add_argument("outdir", type=Path, help="night directory to write (created)")
+    p.add_argument("--arm", type=opt.arm_list, default="xsh_vis",
                    help="arm code(s), comma separated: " + ", ".join(ARMS)
-                   + " (several arms go to <outdir>/<arm>/)")
-    p.add_argument("--binning", default="1x1", help="<binx>x<biny> (NIR: 1x1)")
-    p.add_argument("--readout", default="slow", choices=("slow", "fast"))
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--n-bias", type=int, default=5)
-    p.add_argument("--n-dark", type=int, default=3)
-    p.add_argument("--dark-exptime", type=float, default=None,
-                   help="dark exposure time [s] (default: the science exposure time)")
-    p.add_argument("--n-flat", type=int, default=5)
-    p.add_argument("--flat-exptime", type=float, default=None)
-    p.add_argument("--n-science", type=int, default=1)
-    p.add_argument("--science-exptime", type=float, default=600.0)
-    p.add_argument("--n-std", type=int, default=1)
-    p.add_argument("--std-exptime", type=float, default=None)
-    p.add_argument("--standard", default="GD71", help="flux standard of the STD frames")
-    p.add_argument("--object-mag", type=float, default=17.0, help="AB mag at 550 nm")
-    p.add_argument("--object-position", type=float, default=0.5,
-                   help="object slit position [arcsec]")
-    p.add_argument("--seeing", type=float, default=0.8, help="FWHM at 500 nm [arcsec]")
-    p.add_argument("--airmass", type=float, default=1.2)
-    p.add_argument("--slit-width", type=float, default=None, help="[arcsec]")
-    p.add_argument("--sky-level", type=float, default=1.0, help="dark-sky multiplier")
-    p.add_argument("--flat-level", type=float, default=None,
-                   help="lamp-flat peak level [e- per binned pixel]")
-    p.add_argument("--cosmic-rate", type=float, default=None,
-                   help="cosmic rays per cm^2 per s (default 0.025)")
-    p.add_argument("--orders", default=None, help="only these orders, e.g. 20,21,22")
+                   + "; several arms go to <outdir>/<arm>/")
+    p.add_argument("--binning", type=opt.binning, default="1x1",
+                   help="<binx>x<biny>, one the arm supports (NIR arms: 1x1 only)")
+    p.add_argument("--readout", default="slow", choices=("slow", "fast"),
+                   help="CCD readout mode (NIR arms have one mode: leave it out)")
+    p.add_argument("--seed", type=opt.SEED, default=1,
+                   help=f"master seed, 0 to {opt.SEED_LIMIT - 1}: the same seed gives the "
+                        "same night")
+    for kind, default, what in (("bias", 5, "bias frames (CCD arms only)"),
+                                ("dark", 3, "dark frames"),
+                                ("flat", 5, "lamp flats (UVB: that many D2 and QTH each; NIR: "
+                                            "that many lamp-on/off pairs)"),
+                                ("science", 1, "science (OBJECT) frames"),
+                                ("std", 1, "flux-standard (STD_FLUX) frames")):
+        p.add_argument(f"--n-{kind}", type=opt.COUNT, default=default,
+                       help=f"number of {what}, >= 0")
+    p.add_argument("--dark-exptime", type=opt.POSITIVE, default=None,
+                   help="dark exposure time [s], > 0 (default: the science exposure time)")
+    p.add_argument("--flat-exptime", type=opt.POSITIVE, default=None,
+                   help="lamp-flat exposure time [s], > 0 (default per arm: "
+                        f"{per_arm(FLAT_EXPTIME, ' s')})")
+    p.add_argument("--science-exptime", type=opt.POSITIVE, default=600.0,
+                   help="science exposure time [s], > 0")
+    p.add_argument("--std-exptime", type=opt.POSITIVE, default=None,
+                   help="standard-star exposure time [s], > 0 (default: 120 s for X-shooter, "
+                        "300 s for SOXS, the science exposure time for NIR arms)")
+    p.add_argument("--standard", type=opt.standard_name, default="GD71",
+                   help="flux standard of the STD frames: " + ", ".join(STANDARD_STARS))
+    p.add_argument("--object-mag", type=opt.FINITE, default=17.0,
+                   help="AB magnitude of the science target at 550 nm")
+    p.add_argument("--object-position", type=opt.FINITE, default=0.5,
+                   help="target position along the slit [arcsec from its centre], within "
+                        "half the slit length")
+    p.add_argument("--seeing", type=opt.POSITIVE, default=0.8,
+                   help="seeing FWHM at 500 nm [arcsec], > 0")
+    p.add_argument("--airmass", type=opt.AIRMASS, default=1.2,
+                   help="airmass of the science and standard frames, >= 1")
+    p.add_argument("--slit-width", type=opt.POSITIVE, default=None,
+                   help="slit width [arcsec], > 0 (default per arm: "
+                        f"{per_arm(DEFAULT_SLIT_WIDTH)})")
+    p.add_argument("--sky-level", type=opt.NON_NEGATIVE, default=1.0,
+                   help="multiplier of the dark-sky continuum and lines, >= 0")
+    p.add_argument("--flat-level", type=opt.POSITIVE, default=None,
+                   help="lamp-flat peak level [e- per binned pixel], > 0 (default: 45 %% of "
+                        "the saturation level, at most 45000 e-)")
+    p.add_argument("--cosmic-rate", type=opt.NON_NEGATIVE, default=None,
+                   help="cosmic rays per cm^2 per s, >= 0 (default: "
+                        f"{', '.join(f'{r:g}' for r in sorted(cosmic_rates))})")
+    p.add_argument("--orders", type=opt.order_list, default=None,
+                   help="illuminate only these orders of the arm, e.g. 20,21,22 "
+                        "(default: all)")
     p.add_argument("--models", action="store_true",
                    help="also write the noiseless model images (large)")
     p.add_argument("--relative-sof", action="store_true",
                    help="write SOF paths relative to the night directory")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print nothing but errors")
     return p
+
+
+def _available_recipes() -> set[str]:
+    # the recipes build on this package, so they are asked only here, to list the next steps
+    from soxs_recipes.registry import RECIPES
+
+    return set(RECIPES)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,35 +105,53 @@ def main(argv: list[str] | None = None) -> int:
         from soxs_core.io.safety import install_signal_handlers
 
         install_signal_handlers("soxs-simulate")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a refusal the parser printed in one line
+        return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING)
-    arms = [a.strip().lower() for a in args.arm.split(",") if a.strip()]
-    orders = [int(o) for o in args.orders.split(",")] if args.orders else None
+    # every argument is checked before the first directory is made
+    try:
+        for arm in args.arm:
+            opt.check_arm_options(arm, args.binning, args.readout, args.orders,
+                                  args.object_position)
+        opt.prepare_output_dir(args.outdir)
+    except InputError as exc:
+        print(opt.refusal("soxs-simulate", str(exc)), file=sys.stderr)
+        return 2
     scene = SceneParameters(seeing=args.seeing, airmass=args.airmass,
                             slit_width=args.slit_width, object_mag=args.object_mag,
                             object_position=args.object_position, sky_level=args.sky_level,
                             standard=args.standard, flat_level=args.flat_level)
     try:
-        for code in arms:
-            outdir = args.outdir if len(arms) == 1 else args.outdir / code
-            binning = args.binning if ARMS.get(code) is None or ARMS[code].is_ccd else "1x1"
+        for arm in args.arm:
+            outdir = args.outdir if len(args.arm) == 1 else args.outdir / arm.code
             res = simulate_night(
-                outdir, code, binning, args.readout, args.seed, n_bias=args.n_bias,
+                outdir, arm.code, args.binning, args.readout, args.seed, n_bias=args.n_bias,
                 n_dark=args.n_dark, dark_exptime=args.dark_exptime, n_flat=args.n_flat,
                 flat_exptime=args.flat_exptime, n_science=args.n_science,
                 science_exptime=args.science_exptime, n_std=args.n_std,
-                std_exptime=args.std_exptime, orders=orders, scene=scene,
+                std_exptime=args.std_exptime, orders=args.orders, scene=scene,
                 write_models=args.models, relative_sof=args.relative_sof,
                 cosmic_rate=args.cosmic_rate)
             if not args.quiet:
                 n = sum(len(v) for v in res.raw.values())
-                print(f"{code}: {n} raw frames, SOFs {', '.join(sorted(res.sofs))} "
+                print(f"{arm.code}: {n} raw frames, SOFs {', '.join(sorted(res.sofs))} "
                       f"-> {outdir} ({res.seconds:.1f} s)")
-    except (InputError, ValueError, KeyError) as exc:
-        print(f"soxs-simulate: error: {exc}", file=sys.stderr)
+                commands = reduction_commands(outdir, res.sofs, _available_recipes())
+                if commands:
+                    print("  reduce it by hand (products go where the later SOFs expect "
+                          "them):")
+                    for line in commands:
+                        print(f"    {line}")
+    except InputError as exc:
+        print(opt.refusal("soxs-simulate", str(exc)), file=sys.stderr)
         return 2
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else args.outdir
+        print(opt.refusal("soxs-simulate", f"{where}: {exc.strerror or exc}"), file=sys.stderr)
+        return 3
     return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

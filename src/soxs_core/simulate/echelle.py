@@ -26,6 +26,7 @@ from numpy.polynomial import polynomial as npoly
 
 from soxs_core.calib import static_dir
 from soxs_core.detector.instruments import Arm
+from soxs_core.errors import InputError
 from soxs_core.simulate._common import resolve_arm
 
 __all__ = ["EchelleFormat", "load_format", "OrderGeometry", "poly2d_raw"]
@@ -86,6 +87,21 @@ class EchelleFormat:
         self.n_across = cols if self.dispersion_axis == "y" else rows
         self.slit_length = float(self.arm.slit_length_arcsec)
         self._geometry = {int(n): self._order_geometry(int(n)) for n in self.orders}
+
+    def checked_orders(self, orders) -> list[int]:
+        """The requested orders as ints, or :class:`InputError` naming those not in the format
+        and the orders that are."""
+        wanted = [int(o) for o in orders]
+        known = set(self.orders.tolist())
+        missing = [o for o in wanted if o not in known]
+        if missing or not wanted:
+            lo, hi = int(self.orders.min()), int(self.orders.max())
+            have = (f"{lo} to {hi}" if len(known) == hi - lo + 1
+                    else ", ".join(str(o) for o in sorted(known)))
+            which = ("no order given" if not wanted else
+                     f"has no order {', '.join(str(o) for o in missing)}")
+            raise InputError(f"{self.arm.code} {which}; its orders are {have}")
+        return wanted
 
     # ------------------------------------------------------------------ polynomials
     def centre(self, order, b):

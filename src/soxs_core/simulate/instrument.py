@@ -130,7 +130,8 @@ class InstrumentSimulator:
         self.arm = self.detector.arm
         self.seed = int(seed)
         self.format: EchelleFormat = load_format(self.arm.code)
-        self.orders = [int(o) for o in (self.format.orders if orders is None else orders)]
+        self.orders = (self.format.orders.tolist() if orders is None
+                       else self.format.checked_orders(orders))
         self.scene = scene or SceneParameters()
         sc = self.scene
         self.slit_width = float(sc.slit_width or DEFAULT_SLIT_WIDTH[self.arm.code])

@@ -10,15 +10,19 @@ Layout of the night directory::
     bias.sof dark.sof flat.sof stare.sof std.sof
     reduced/             (written later by the pipeline runner)
 
-SOF lines are ``<path> <TAG>``; products of earlier steps are referenced where the runner will
-write them: ``reduced/<recipe>/<PRO.CATG lower-case>.fits``.
+SOF lines are ``<path> <TAG>``; products of earlier steps are referenced where the runner
+writes them when given ``--output-dir <night>/reduced/<recipe>``:
+``reduced/<recipe>/<PRO.CATG lower-case>.fits`` (:func:`reduction_commands` spells the
+commands out).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +30,17 @@ from typing import Any
 import numpy as np
 from astropy.io import fits
 
+from soxs_core.errors import InputError
 from soxs_core.simulate.instrument import InstrumentSimulator, SceneParameters
 from soxs_core.simulate.tables import write
 
-__all__ = ["simulate_night", "NightResult", "write_detector_truth", "product_path"]
+__all__ = ["simulate_night", "NightResult", "write_detector_truth", "product_path",
+           "REDUCTION_STEPS", "reduction_dir", "reduction_commands"]
+
+#: SOF of the night -> recipe that reduces it, in reduction order
+REDUCTION_STEPS: tuple[tuple[str, str], ...] = (
+    ("bias", "soxs_mbias"), ("dark", "soxs_mdark"), ("flat", "soxs_mflat"),
+    ("stare", "soxs_stare"))
 
 
 @dataclass
@@ -45,9 +56,37 @@ class NightResult:
     seconds: float = 0.0
 
 
+def reduction_dir(outdir: Path, recipe: str) -> Path:
+    """The ``--output-dir`` of a recipe's step, where the later SOFs expect its products."""
+    return outdir / "reduced" / recipe
+
+
 def product_path(outdir: Path, recipe: str, catg: str, arm_name: str) -> Path:
     """Where the runner writes a product: ``reduced/<recipe>/<catg>_<arm>.fits`` (lower case)."""
-    return outdir / "reduced" / recipe / f"{catg.lower()}_{arm_name.lower()}.fits"
+    return reduction_dir(outdir, recipe) / f"{catg.lower()}_{arm_name.lower()}.fits"
+
+
+def reduction_commands(outdir: Path, sofs: Mapping[str, Path],
+                       recipes: Collection[str]) -> list[str]:
+    """The ``soxs-esorex`` command lines that reduce a night by hand, in order.
+
+    Parameters
+    ----------
+    outdir : Path
+        The night directory as the user named it (the commands use it as given).
+    sofs : mapping
+        SOF name (``bias``, ``dark``...) -> path, as in :attr:`NightResult.sofs`.
+    recipes : collection of str
+        The recipes that exist; steps of other recipes are left out.
+
+    Returns
+    -------
+    list of str
+        One shell command line per step.
+    """
+    return [shlex.join(["soxs-esorex", "--output-dir", str(reduction_dir(outdir, recipe)),
+                        recipe, str(outdir / sofs[sof].name)])
+            for sof, recipe in REDUCTION_STEPS if sof in sofs and recipe in recipes]
 
 
 def write_detector_truth(sim: InstrumentSimulator, path: Path) -> Path:
@@ -145,11 +184,16 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
     """
     t0 = time.perf_counter()
     outdir = Path(outdir)
+    counts = dict(n_bias=n_bias, n_dark=n_dark, n_flat=n_flat, n_science=n_science, n_std=n_std)
+    negative = [f"{name}={value}" for name, value in counts.items() if value < 0]
+    if negative:
+        raise InputError(f"frame counts must be >= 0, got {', '.join(negative)}")
+    # the set-up is checked (by building the simulator) before any directory is made
+    sim = InstrumentSimulator(arm, binning, readout, seed, orders=orders, scene=scene,
+                              **detector_kwargs)
     raw_dir, truth_dir, calib_dir = outdir / "raw", outdir / "truth", outdir / "calib"
     for d in (raw_dir, truth_dir, calib_dir):
         d.mkdir(parents=True, exist_ok=True)
-    sim = InstrumentSimulator(arm, binning, readout, seed, orders=orders, scene=scene,
-                              **detector_kwargs)
     a = sim.arm
     res = NightResult(outdir=outdir)
     nir = not a.is_ccd
