@@ -503,3 +503,32 @@ def test_msg_level_debug_shows_debug_messages(night, tmp_path, capsys):
     assert captured.err.count("\n") == 1 and "exists already" in captured.err
     assert "Traceback" in log.read_text()
     assert "ERROR] soxs: " in log.read_text() and "exists already" in log.read_text()
+
+
+def test_scratch_of_a_killed_run_is_removed_and_plain_inputs_need_none(night, tmp_path):
+    """Decompressed copies of inputs live in a scratch directory named after its process: one
+    that a SIGKILL left (its process is gone) is removed by the next run, a living process's
+    is kept, and a run on plain FITS frames makes none."""
+    import tempfile
+
+    from soxs_core.io import safety
+
+    _, arms = night
+    sof, _ = arms["xsh_vis"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    tag = safety._host_tag()
+    stale = Path(tempfile.mkdtemp(prefix=f"soxs-{tag}-{dead.pid}-"))
+    (stale / "frame.fits.expanded.fits").write_bytes(b"x" * 2880)
+    living = Path(tempfile.mkdtemp(prefix=f"soxs-{tag}-1-"))  # pid 1 always exists
+    try:
+        before = {p.name for p in Path(tempfile.gettempdir()).glob("soxs-*")}
+        assert esorex(["--output-dir", str(tmp_path / "out"), "soxs_mbias", str(sof)]) == 0
+        after = {p.name for p in Path(tempfile.gettempdir()).glob("soxs-*")}
+        assert not stale.exists()
+        assert living.exists()
+        assert after == before - {stale.name}
+    finally:
+        for path in (stale, living):
+            if path.exists():
+                subprocess.run(["rm", "-rf", str(path)], check=True)

@@ -36,7 +36,7 @@ from soxs_core.io.products import (
     qc_comment_room,
     write_product_atomic,
 )
-from soxs_core.io.safety import find_same_file, remove_stale_temporaries
+from soxs_core.io.safety import find_same_file, remove_stale_scratch, remove_stale_temporaries
 
 from .compat import drs_id, ui
 
@@ -521,8 +521,8 @@ def _fmt(value: Any) -> str:
 def check_output_dir(path: Path) -> Path:
     """Create the output directory if needed, check it is writable and tidy it.
 
-    Temporary files that killed runs of ours left there are removed (see
-    :func:`soxs_core.io.safety.remove_stale_temporaries`).
+    Temporary files that killed runs of ours left there, and their scratch directories of
+    decompressed inputs, are removed (see :mod:`soxs_core.io.safety`).
     """
     try:
         if path.exists() and not path.is_dir():
@@ -532,7 +532,7 @@ def check_output_dir(path: Path) -> Path:
         raise InputError(f"{path}: cannot create output directory ({exc.strerror})") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise InputError(f"{path}: output directory is not writable")
-    for stale in remove_stale_temporaries(path):
+    for stale in [*remove_stale_temporaries(path), *remove_stale_scratch()]:
         log.info("removed %s, left by an interrupted run", stale)
     return path
 

@@ -15,14 +15,14 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
+import weakref
 from pathlib import Path
 
 import numpy as np
 
 from soxs_core.errors import InputError
 from soxs_core.io.fits import FitsFile, HduSequence, Header
-from soxs_core.io.safety import track, untrack
+from soxs_core.io.safety import scratch_directory, untrack
 
 __all__ = ["open_fits", "OpenFits", "image_hdu_index", "ScratchDir", "scaling",
            "scaled_float32", "read_scaled"]
@@ -33,16 +33,29 @@ _COMPRESS_MAGIC = b"\x1f\x9d"
 
 
 class ScratchDir:
-    """A temporary directory that disappears with the object (or on :meth:`cleanup`)."""
+    """A private temporary directory, made when first used and removed on :meth:`cleanup`.
+
+    Most inputs are plain FITS and need none, so nothing is created until :attr:`path` is
+    asked for.  It is removed on SIGTERM/SIGINT too (which skip finalisers), and one that a
+    SIGKILL left is removed by a later run (:func:`soxs_core.io.safety.remove_stale_scratch`).
+    """
 
     def __init__(self) -> None:
-        self._tmp = tempfile.TemporaryDirectory(prefix="soxs-")
-        self.path = Path(self._tmp.name)
-        track(self.path)  # removed on SIGTERM/SIGINT too, which skip finalisers
+        self._path: Path | None = None
+        self._finalizer: weakref.finalize | None = None
+
+    @property
+    def path(self) -> Path:
+        if self._path is None:
+            self._path = scratch_directory()
+            self._finalizer = weakref.finalize(self, shutil.rmtree, self._path, True)
+        return self._path
 
     def cleanup(self) -> None:
-        self._tmp.cleanup()
-        untrack(self.path)
+        if self._path is not None:
+            self._finalizer()
+            untrack(self._path)
+            self._path = None
 
 
 def _magic(path: Path) -> bytes:

@@ -9,8 +9,9 @@ Three things live here, shared by every command-line program of the package:
   (:func:`install_signal_handlers`) removes it before the process leaves; its name carries the
   writing process's id, so that a later run can recognise and remove the ones a SIGKILL left
   (:func:`remove_stale_temporaries`);
-- other scratch paths (directories of decompressed inputs) that the signal handler removes
-  too (:func:`track`/:func:`untrack`).
+- scratch directories of decompressed inputs (:func:`scratch_directory`), tracked like the
+  temporaries (:func:`track`/:func:`untrack`) and, when a SIGKILL left them, removed by a later
+  run (:func:`remove_stale_scratch`).
 
 This module imports nothing heavy: the entry points install the signal handlers before they
 import numpy and the recipes, so an interruption during start-up is handled as well.
@@ -32,7 +33,8 @@ from pathlib import Path
 
 __all__ = [
     "same_file", "find_same_file", "sibling_temporary", "track", "untrack", "remove_tracked",
-    "remove_stale_temporaries", "install_signal_handlers", "STALE_AGE",
+    "remove_stale_temporaries", "scratch_directory", "remove_stale_scratch",
+    "install_signal_handlers", "STALE_AGE",
 ]
 
 #: A temporary file of a process that still exists is stale when untouched for this long [s]
@@ -51,6 +53,9 @@ def _host_tag() -> str:
 
 
 _TEMP_RE = re.compile(r"^\..+\.soxs-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
+_SCRATCH_RE = re.compile(r"^soxs-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-")
 
 
 def _temp_name(target: Path) -> str:
@@ -174,6 +179,54 @@ def remove_stale_temporaries(directory: str | os.PathLike,
             dead = match["host"] == host and not _pid_alive(int(match["pid"]))
             if dead or now - entry.stat(follow_symlinks=False).st_mtime > max_age:
                 os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
+
+
+def scratch_directory() -> Path:
+    """Create a private scratch directory in the system's temporary directory and track it.
+
+    Its name carries this host and process id, so that :func:`remove_stale_scratch` can tell
+    the directories of killed runs (decompressed inputs: tens of MB each) from live ones.
+    """
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix=f"soxs-{_host_tag()}-{os.getpid()}-"))
+    track(path)
+    return path
+
+
+def remove_stale_scratch(max_age: float = STALE_AGE) -> list[Path]:
+    """Remove scratch directories (:func:`scratch_directory`) that killed runs left behind.
+
+    A directory is removed when the process that made it (on this host) no longer exists, or
+    when it has not been modified for ``max_age`` seconds.
+
+    Returns
+    -------
+    list of Path
+        The directories removed.
+    """
+    import tempfile
+
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(tempfile.gettempdir()))
+    except OSError:
+        return removed
+    host, now = _host_tag(), time.time()
+    for entry in entries:
+        match = _SCRATCH_RE.match(entry.name)
+        if match is None or int(match["pid"]) == os.getpid():
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            dead = match["host"] == host and not _pid_alive(int(match["pid"]))
+            if dead or now - entry.stat(follow_symlinks=False).st_mtime > max_age:
+                shutil.rmtree(entry.path, ignore_errors=True)
                 removed.append(Path(entry.path))
         except OSError:
             continue
