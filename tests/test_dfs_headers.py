@@ -283,7 +283,9 @@ def test_recipe_products_inherit_from_the_first_listed_raw_frame(products):
         h = fits.getheader(path)
         assert h["ESO PRO ANCESTOR"] == raw["ARCFILE"] == h["ARCFILE"]
         assert h["DATE-OBS"] == raw["DATE-OBS"] and h["MJD-OBS"] == raw["MJD-OBS"]
-        assert "EXPTIME" not in h and "ORIGFILE" not in h and "ESO DPR TYPE" not in h
+        assert "ORIGFILE" not in h and "ESO DPR TYPE" not in h
+        # not inherited (CPL does not), but stated by the recipe as CPL recipes do
+        assert h["EXPTIME"] == raw["EXPTIME"]
         assert h["ESO PRO REC1 DRS ID"] == compat.drs_id()
         assert not h["ESO PRO REC1 DRS ID"].startswith("cpl") or compat.HAVE_PYCPL
         assert h["ESO PRO SCIENCE"] is False

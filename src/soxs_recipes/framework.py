@@ -33,6 +33,7 @@ from soxs_core.io.products import (
     QcMeasurements,
     QcValue,
     dfs_header,
+    dicb_sorted,
     qc_comment_room,
     write_product_atomic,
 )
@@ -500,6 +501,10 @@ class RecipeContext:
             inherit_from=first_frame.header,
             drs_id=drs_id(),
         )
+        # As CPL recipes do, the product states the exposure time of what it combines: CPL
+        # does not inherit EXPTIME, and calibration association matches darks by it.
+        header["EXPTIME"] = (first_frame.exptime, "[s] exposure time of the combined frames")
+        header = dicb_sorted(header)
         protected = [f.path for frames in self.raw.values() for f in frames]
         protected += [p for entries in self.calib.values() for p, _ in entries]
         path = write_product_atomic(image_hdus(image, header), self.output_dir / filename,
