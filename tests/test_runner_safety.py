@@ -532,3 +532,19 @@ def test_scratch_of_a_killed_run_is_removed_and_plain_inputs_need_none(night, tm
         for path in (stale, living):
             if path.exists():
                 subprocess.run(["rm", "-rf", str(path)], check=True)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--log-level", "bogus", "soxs_mbias"], "--log-level"),
+    (["--output-dir"], "--output-dir"),
+    (["--msg-level"], "--msg-level"),
+    (["--params"], "no recipe given"),
+])
+def test_refused_runner_options_are_one_line(argv, needle, capsys):
+    try:
+        code = esorex(argv)
+    except SystemExit as exc:  # argparse refuses by exiting
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err and "usage" not in err

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from soxs_core import __version__
+from soxs_core.commandline import OneLineParser, refusal
 from soxs_core.detector.instruments import ARMS, Arm, arm_from_header
 from soxs_core.errors import InputError, ProductError, SoxsError, one_line
 from soxs_core.io.fits import read_header
@@ -56,9 +57,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 _TRUE, _FALSE = ("true", "t", "yes", "1"), ("false", "f", "no", "0")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=PROGRAM,
+def _parser() -> OneLineParser:
+    p = OneLineParser(
+        prog=PROGRAM, formatter_class=argparse.HelpFormatter,
         usage=f"{PROGRAM} [options] RECIPE [--param=value ...] SOF",
         description="Run a soxs recipe on a set of frames (SOF), like esorex/pyesorex. "
                     "Without arguments, this help.",
@@ -334,8 +335,7 @@ def _run(args: argparse.Namespace, log_files: list[logging.Handler]) -> int:
             print(f"  {name:<14} : {module.SPEC.synopsis}")
         return 0
     if not args.recipe:
-        _parser().print_usage(sys.stderr)
-        print(f"{PROGRAM}: error: no recipe given", file=sys.stderr)
+        print(refusal(PROGRAM, f"no recipe given (see {PROGRAM} --help)"), file=sys.stderr)
         return 2
     try:
         module = recipe_module(args.recipe)

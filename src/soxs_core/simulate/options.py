@@ -18,8 +18,8 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
 
+from soxs_core.commandline import OneLineParser, refusal
 from soxs_core.detector.instruments import ARMS, Arm
 from soxs_core.errors import InputError
 from soxs_core.simulate._common import resolve_arm
@@ -32,37 +32,6 @@ __all__ = ["OneLineParser", "refusal", "number", "COUNT", "SEED", "POSITIVE", "N
 
 #: seeds are 32-bit: a larger or negative one would silently repeat another seed's night
 SEED_LIMIT = 2**32
-
-
-def refusal(prog: str, message: str) -> str:
-    """The one line a tool prints on stderr when it refuses its arguments."""
-    return f"{prog}: error: {message}"
-
-
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Adds ``(default: ...)`` to every option's help; an option whose default is ``None``
-    must say in its own help what happens without it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if not action.option_strings or action.default is argparse.SUPPRESS:
-            return text
-        if "default" in text:
-            return text
-        if action.nargs == 0:  # a flag
-            return f"{text} (default: off)"
-        return f"{text} (default: %(default)s)"
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose every refusal is one line on stderr (no usage block)."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, refusal(self.prog, f"{message} (see {self.prog} --help)") + "\n")
 
 
 def _invalid(text: str, requirement: str) -> argparse.ArgumentTypeError:
