@@ -548,3 +548,29 @@ def test_refused_runner_options_are_one_line(argv, needle, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert len(err.strip().splitlines()) == 1 and needle in err and "usage" not in err
+
+
+def test_simulator_interrupted_while_writing_leaves_only_complete_files(tmp_path):
+    """Frames, tables and SOFs are renamed into place when complete: after a SIGTERM at any
+    of several moments while the raw frames are written, every file there reads in full and
+    no temporary is left."""
+    for delay in (0.0, 0.1, 0.25, 0.45, 0.7, 1.0):
+        night_dir = tmp_path / f"night{delay}"
+        proc = subprocess.Popen([str(EXE / "soxs-simulate"), str(night_dir), "--arm",
+                                 "xsh_vis", "--binning", "1x1", "-q"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (night_dir.exists() and any(night_dir.rglob("*.fits*"))):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 143
+        assert not [p for p in night_dir.rglob("*") if p.name.endswith(".tmp")]
+        for path in night_dir.rglob("*.fits"):
+            with fits.open(path) as hdul:
+                for hdu in hdul:
+                    if hdu.header.get("NAXIS", 0):
+                        assert hdu.data is not None and hdu.data.size > 0, path

@@ -27,7 +27,12 @@ from soxs_core.commandline import OneLineParser, refusal
 from soxs_core.detector.instruments import ARMS, Arm, arm_from_header
 from soxs_core.errors import InputError, ProductError, SoxsError, one_line
 from soxs_core.io.fits import read_header
-from soxs_core.io.safety import find_same_file, remove_stale_temporaries, sibling_temporary
+from soxs_core.io.safety import (
+    find_same_file,
+    remove_stale_temporaries,
+    sibling_temporary,
+    write_atomically,
+)
 
 from .cli import PROGRAM, plugin_dir
 from .compat import HAVE_PYCPL, ui
@@ -246,9 +251,7 @@ def _check_output_file(path: Path, what: str, others: Iterable[_Known], *,
 def _write_text_atomically(path: Path, text: str, what: str) -> None:
     remove_stale_temporaries(path.parent)
     try:
-        with sibling_temporary(path) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
+        write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as exc:
         raise ProductError(f"{path}: cannot write the {what} ({exc.strerror or exc})") \
             from None

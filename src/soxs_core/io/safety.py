@@ -27,12 +27,13 @@ import signal
 import sys
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
-    "same_file", "find_same_file", "sibling_temporary", "track", "untrack", "remove_tracked",
+    "same_file", "find_same_file", "sibling_temporary", "write_atomically", "track", "untrack",
+    "remove_tracked",
     "remove_stale_temporaries", "scratch_directory", "remove_stale_scratch",
     "install_signal_handlers", "STALE_AGE",
 ]
@@ -136,6 +137,23 @@ def sibling_temporary(target: str | os.PathLike) -> Iterator[Path]:
         except OSError:  # renamed into place, as it should be, or never created
             pass
         untrack(tmp)
+
+
+def write_atomically(target: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write a file through ``write(temporary_path)`` and rename it onto ``target``.
+
+    Readers, and an interruption at any moment, see either no file or the complete one.
+
+    Raises
+    ------
+    OSError
+        From ``write`` or when the temporary cannot be created or renamed.
+    """
+    target = Path(target)
+    with sibling_temporary(target) as tmp:
+        write(tmp)
+        os.replace(tmp, target)
+    return target
 
 
 def _pid_alive(pid: int) -> bool:

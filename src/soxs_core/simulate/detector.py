@@ -27,6 +27,7 @@ from astropy.io import fits
 from soxs_core.calib import load_bad_pixel_map
 from soxs_core.detector.instruments import Arm
 from soxs_core.errors import InputError
+from soxs_core.io.safety import write_atomically
 from soxs_core.simulate._common import (
     PIXEL_SIZE_UM,
     ReadoutMode,
@@ -627,7 +628,7 @@ class DetectorSimulator:
         outdir.mkdir(parents=True, exist_ok=True)
         hdul, info = self.make_frame(frame_type, exptime, index, **kwargs)
         path = outdir / info["file_name"]
-        hdul.writeto(path, overwrite=True)
+        write_atomically(path, lambda tmp: hdul.writeto(tmp, overwrite=True))
         info["path"] = path
         return path, info
 

@@ -31,6 +31,7 @@ import numpy as np
 from astropy.io import fits
 
 from soxs_core.errors import InputError
+from soxs_core.io.safety import write_atomically
 from soxs_core.simulate.instrument import InstrumentSimulator, SceneParameters
 from soxs_core.simulate.tables import write
 
@@ -127,7 +128,7 @@ def write_detector_truth(sim: InstrumentSimulator, path: Path) -> Path:
         fits.Column(name="bias_offset", format="D", array=np.array(t.bad_column_offsets))],
         name="BAD_COLUMNS"))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fits.HDUList(hdus).writeto(path, overwrite=True)
+    write_atomically(path, lambda tmp: fits.HDUList(hdus).writeto(tmp, overwrite=True))
     return path
 
 
@@ -137,7 +138,7 @@ def _sof(path: Path, entries: list[tuple[Path, str]], outdir: Path, relative: bo
         p = Path(p)
         text = os.path.relpath(p, outdir) if relative else str(p.resolve())
         lines.append(f"{text} {tag}")
-    path.write_text("\n".join(lines) + "\n")
+    write_atomically(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     return path
 
 
@@ -208,7 +209,7 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
     def record(kind: str, hdul: fits.HDUList, info: dict[str, Any]) -> Path:
         nonlocal index
         path = raw_dir / info["file_name"]
-        hdul.writeto(path, overwrite=True)
+        write_atomically(path, lambda tmp: hdul.writeto(tmp, overwrite=True))
         res.raw.setdefault(kind, []).append(path)
         rows, cols, dep = info["cosmic_pixels"]
         cosmic_hdus.append(fits.BinTableHDU.from_columns([

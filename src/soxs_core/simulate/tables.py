@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
+from soxs_core.io.safety import write_atomically
 from soxs_core.simulate.echelle import EchelleFormat
 from soxs_core.simulate.headers import _set
 
@@ -269,5 +270,5 @@ def write(hdul: fits.HDUList, path: str | os.PathLike) -> Path:
     """Write an HDU list with checksums; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    hdul.writeto(path, overwrite=True, checksum=True)
+    write_atomically(path, lambda tmp: hdul.writeto(tmp, overwrite=True, checksum=True))
     return path
