@@ -15,7 +15,9 @@ Algorithm, for each pixel independently:
    keep values with centre - sigma_lower*scale <= v <= centre + sigma_upper*scale; stop when
    nothing new was rejected;
 3. combine the survivors: mean (``combine_method`` 0) or median (1); error = sqrt(sum of
-   the survivors' squared errors) / n, times sqrt(pi/2) for a median of more than 2 values;
+   the survivors' squared errors) / n, times ``median_factors[n]`` for a median (the
+   noise of the sample median of n Gaussian values relative to their mean's: 1 for n <= 2,
+   tending to sqrt(pi/2); see :func:`soxs_core.combine.stacking.median_error_factor`);
 4. QUAL = the bits set in every input, plus NO_DATA (32) when nothing survived, in which case
    value and error are NaN.
 
@@ -33,7 +35,6 @@ from libc.string cimport memcpy
 
 cdef unsigned char NO_DATA = 32
 cdef double MAD_TO_STD = 1.482602218505602
-cdef double SQRT_HALF_PI = 1.2533141373155001
 # Pixels are handled TILE at a time: each frame's TILE values are copied into a per-thread
 # tile (frames lie a power of two apart, so reading them pixel by pixel from the cube makes
 # every frame fight for the same cache set) and the whole tile is sorted at once.
@@ -137,8 +138,8 @@ cdef inline void _clip_pixel(
     const float* vals, Py_ssize_t vstride, const float* errs, Py_ssize_t estride,
     const float* sorted_tile, int n,
     double total_all, double sumsq_all, unsigned char qand, int nframes, double sigma_lower, double sigma_upper, int max_iters,
-    int scale_method, int combine_method, int error_floor, double* sorted_vals,
-    float* value, float* error, short* count, unsigned char* qout,
+    int scale_method, int combine_method, int error_floor, const double* median_factors,
+    double* sorted_vals, float* value, float* error, short* count, unsigned char* qout,
 ) noexcept nogil:
     """Clip and combine one pixel.
 
@@ -242,10 +243,7 @@ cdef inline void _clip_pixel(
         error[0] = <float>(sqrt(sumsq) / nsurv)
     else:
         value[0] = <float>_sorted_median(sorted_vals, lo, hi)
-        if nsurv > 2:
-            error[0] = <float>(SQRT_HALF_PI * sqrt(sumsq) / nsurv)
-        else:
-            error[0] = <float>(sqrt(sumsq) / nsurv)
+        error[0] = <float>(median_factors[nsurv] * sqrt(sumsq) / nsurv)
     count[0] = <short>nsurv
     qout[0] = qand
 
@@ -261,8 +259,9 @@ cdef inline void _reset_sums(int* counts, unsigned char* qand, double* total,
 
 
 cdef void _finish_unclipped(
-    const float* sorted_tile, int nframes, int width, int combine_method, const double* total,
-    const double* sumsq, const unsigned char* qand, const unsigned char* done,
+    const float* sorted_tile, int nframes, int width, int combine_method,
+    const double* median_factors, const double* total, const double* sumsq,
+    const unsigned char* qand, const unsigned char* done,
     float* vout, float* eout, short* cout, unsigned char* qout,
 ) noexcept nogil:
     """Combine every pixel of the tile that ``done`` marks: all nframes values survive."""
@@ -277,10 +276,7 @@ cdef void _finish_unclipped(
         else:
             median = _sorted_median_strided(sorted_tile + jj, nframes)
             vout[jj] = <float>median
-            if nframes > 2:
-                eout[jj] = <float>(SQRT_HALF_PI * sqrt(sumsq[jj]) / nframes)
-            else:
-                eout[jj] = <float>(sqrt(sumsq[jj]) / nframes)
+            eout[jj] = <float>(median_factors[nframes] * sqrt(sumsq[jj]) / nframes)
         cout[jj] = <short>nframes
         qout[jj] = qand[jj]
 
@@ -360,6 +356,7 @@ cdef void _stack_tile(
     const float* dptr, const float* eptr, const unsigned char* qptr, Py_ssize_t fstride,
     int nframes, int width, unsigned char reject_bits, double sigma_lower, double sigma_upper,
     int max_iters, int scale_method, int combine_method, int error_floor,
+    const double* median_factors,
     const int* network, int npairs, float* tv, float* te, float* ts, int* counts,
     unsigned char* qand, double* sorted_vals,
     float* vout, float* eout, short* cout, unsigned char* qout,
@@ -427,8 +424,8 @@ cdef void _stack_tile(
     if usual:
         _first_pass(ts, nframes, width, sigma_lower, sigma_upper, max_iters, scale_method,
                     error_floor, sumsq, done)
-        _finish_unclipped(ts, nframes, width, combine_method, total, sumsq, qand, done,
-                          vout, eout, cout, qout)
+        _finish_unclipped(ts, nframes, width, combine_method, median_factors, total, sumsq,
+                          qand, done, vout, eout, cout, qout)
     else:
         for jj in range(width):
             done[jj] = 0
@@ -438,7 +435,7 @@ cdef void _stack_tile(
         _clip_pixel(vals + jj, vstride, errs + jj, estride, ts + jj, counts[jj], total[jj],
                     sumsq[jj], qand[jj], nframes, sigma_lower,
                     sigma_upper, max_iters, scale_method, combine_method, error_floor,
-                    sorted_vals, vout + jj, eout + jj, cout + jj, qout + jj)
+                    median_factors, sorted_vals, vout + jj, eout + jj, cout + jj, qout + jj)
 
 
 def clip_and_stack_band(
@@ -455,6 +452,7 @@ def clip_and_stack_band(
     float[:, ::1] out_error,
     short[:, ::1] out_count,
     unsigned char[:, ::1] out_qual,
+    const double[::1] median_factors,
     int num_threads=0,
     int error_floor=0,
 ):
@@ -462,6 +460,7 @@ def clip_and_stack_band(
 
     All arrays must be C-contiguous; ``data``, ``errs`` and ``qual`` share one shape
     ``(nframes, rows, cols)`` and the outputs have shape ``(rows, cols)``.
+    ``median_factors[n]`` (n = 0 .. nframes) multiplies the error of a median of n values.
     """
     cdef Py_ssize_t nframes = data.shape[0], rows = data.shape[1], cols = data.shape[2]
     cdef Py_ssize_t i, j0
@@ -481,6 +480,8 @@ def clip_and_stack_band(
         raise ValueError("need at least one frame")
     if nframes > 32767:
         raise ValueError("too many frames")
+    if median_factors.shape[0] <= nframes:
+        raise ValueError("median_factors needs an entry for every count 0 .. nframes")
     if rows == 0 or cols == 0:
         return None
     if num_threads <= 0:
@@ -504,7 +505,8 @@ def clip_and_stack_band(
                     _stack_tile(
                         &data[0, i, j0], &errs[0, i, j0], &qual[0, i, j0], fstride,
                         <int>nframes, width, reject_bits, sigma_lower, sigma_upper,
-                        max_iters, scale_method, combine_method, error_floor, &network[0],
+                        max_iters, scale_method, combine_method, error_floor,
+                        &median_factors[0], &network[0],
                         npairs, base, base + TILE * nframes, base + 2 * TILE * nframes,
                         <int*>(base + 3 * TILE * nframes),
                         <unsigned char*>(base + 3 * TILE * nframes + TILE),

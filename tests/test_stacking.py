@@ -8,6 +8,7 @@ from soxs_core.combine.stacking import (
     clip_and_stack,
     clip_and_stack_arrays,
     clip_and_stack_reference,
+    median_error_factor,
 )
 from soxs_core.detector.quality import Qual
 
@@ -110,3 +111,34 @@ def test_settings_are_validated():
         ClipSettings(combine="sum")
     with pytest.raises(ValueError):
         ClipSettings(sigma_lower=0)
+
+
+@pytest.mark.parametrize("nframes", [3, 4, 5, 6, 7, 8, 9, 10, 11, 33, 34])
+def test_median_error_factor_is_the_noise_of_monte_carlo_medians(nframes):
+    """The factor against the measured scatter of sample medians of Gaussian values."""
+    rng = np.random.default_rng(nframes)
+    draws = 400_000 if nframes < 20 else 100_000
+    medians = np.median(rng.standard_normal((draws, nframes)), axis=1)
+    measured = np.std(medians) * np.sqrt(nframes)
+    # the std of `draws` nearly Gaussian values is known to 1/sqrt(2 draws); 5 sigma
+    tolerance = 5 / np.sqrt(2 * draws)
+    assert median_error_factor(nframes) == pytest.approx(measured, rel=tolerance)
+
+
+@pytest.mark.parametrize("iterations", [0, 3])
+@pytest.mark.parametrize("nframes", range(3, 12))
+def test_median_combined_errors_are_calibrated(nframes, iterations):
+    """Pull of a median combine against truth: std 1 for every small frame count."""
+    rng = np.random.default_rng(100 + nframes)
+    shape = (250, 400)
+    truth = rng.uniform(100, 200, shape).astype(np.float32)
+    sigma = rng.uniform(3, 6, shape).astype(np.float32)
+    data = truth + sigma * rng.standard_normal((nframes, *shape), dtype=np.float32)
+    errors = np.broadcast_to(sigma, data.shape)
+    out = clip_and_stack_arrays(data, errors, np.zeros(data.shape, np.uint8),
+                                ClipSettings(3, 3, iterations, combine="median"))
+    pull = (out.value - truth) / out.error
+    # the std of 100 000 pulls is known to 1/sqrt(2 * 100 000); 5 sigma (a 3-sigma clip of
+    # Gaussian values, iterations=3, moves it by less than 0.6 %)
+    assert np.std(pull) == pytest.approx(1.0, abs=5 / np.sqrt(2 * pull.size))
+    assert abs(np.mean(pull)) < 5 / np.sqrt(pull.size)
