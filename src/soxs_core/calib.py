@@ -49,7 +49,7 @@ def _bad_pixel_map(path: Path) -> np.ndarray:
         primary = fits_file[0]
         stored = fits_file.read(primary)
     if "BSCALE" in primary.header or "BZERO" in primary.header:
-        data = scaled_float32(stored, primary.header) != 0
+        data = scaled_float32(stored, primary.header, str(path)) != 0
     else:
         data = stored != 0
     data.setflags(write=False)

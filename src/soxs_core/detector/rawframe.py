@@ -129,6 +129,14 @@ class RawFrame:
         """
         path = Path(path)
         hdul = open_fits(path, scratch)
+        try:
+            return cls._from_opened(path, hdul)
+        except BaseException:  # a refused frame must not keep its file (or expansion) open
+            hdul.close()
+            raise
+
+    @classmethod
+    def _from_opened(cls, path: Path, hdul: OpenFits) -> RawFrame:
         index = image_hdu_index(hdul)
         header = hdul[0].header.copy()
         if index:
