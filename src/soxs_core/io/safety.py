@@ -168,19 +168,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(directory: str | os.PathLike,
-                             max_age: float = STALE_AGE) -> list[Path]:
-    """Remove the temporary files of ours that a killed process left in ``directory``.
-
-    Only names of the form :func:`sibling_temporary` gives are considered; one is removed when
-    the process that wrote it (on this host) no longer exists, or when it has not been
-    modified for ``max_age`` seconds.  Unreadable directories and files are skipped.
-
-    Returns
-    -------
-    list of Path
-        The files removed.
-    """
+def _remove_left_behind(directory: str | os.PathLike, name: re.Pattern, directories: bool,
+                        max_age: float) -> list[Path]:
+    """Remove the entries of ``directory`` whose ``name`` (with host and pid groups) says a
+    process of ours made them, when that process (on this host) is gone or the entry has not
+    been modified for ``max_age`` seconds.  Unreadable entries are skipped."""
     removed: list[Path] = []
     try:
         entries = list(os.scandir(directory))
@@ -188,19 +180,39 @@ def remove_stale_temporaries(directory: str | os.PathLike,
         return removed
     host, now = _host_tag(), time.time()
     for entry in entries:
-        match = _TEMP_RE.match(entry.name)
+        match = name.match(entry.name)
         if match is None:
             continue
         try:
-            if not entry.is_file(follow_symlinks=False):
+            if not (entry.is_dir(follow_symlinks=False) if directories
+                    else entry.is_file(follow_symlinks=False)):
                 continue
             dead = match["host"] == host and not _pid_alive(int(match["pid"]))
             if dead or now - entry.stat(follow_symlinks=False).st_mtime > max_age:
-                os.unlink(entry.path)
+                if directories:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    os.unlink(entry.path)
                 removed.append(Path(entry.path))
         except OSError:
             continue
     return removed
+
+
+def remove_stale_temporaries(directory: str | os.PathLike,
+                             max_age: float = STALE_AGE) -> list[Path]:
+    """Remove the temporary files of ours that a killed process left in ``directory``.
+
+    Only names of the form :func:`sibling_temporary` gives are considered; one is removed when
+    the process that wrote it (on this host) no longer exists, or when it has not been
+    modified for ``max_age`` seconds.
+
+    Returns
+    -------
+    list of Path
+        The files removed.
+    """
+    return _remove_left_behind(directory, _TEMP_RE, directories=False, max_age=max_age)
 
 
 def scratch_directory() -> Path:
@@ -229,26 +241,8 @@ def remove_stale_scratch(max_age: float = STALE_AGE) -> list[Path]:
     """
     import tempfile
 
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(tempfile.gettempdir()))
-    except OSError:
-        return removed
-    host, now = _host_tag(), time.time()
-    for entry in entries:
-        match = _SCRATCH_RE.match(entry.name)
-        if match is None or int(match["pid"]) == os.getpid():
-            continue
-        try:
-            if not entry.is_dir(follow_symlinks=False):
-                continue
-            dead = match["host"] == host and not _pid_alive(int(match["pid"]))
-            if dead or now - entry.stat(follow_symlinks=False).st_mtime > max_age:
-                shutil.rmtree(entry.path, ignore_errors=True)
-                removed.append(Path(entry.path))
-        except OSError:
-            continue
-    return removed
+    return _remove_left_behind(tempfile.gettempdir(), _SCRATCH_RE, directories=True,
+                               max_age=max_age)
 
 
 def install_signal_handlers(program: str) -> None:
