@@ -32,7 +32,9 @@ def _cube(rng, nframes, shape=(37, 53), clean=False):
     qual = np.zeros(data.shape, np.uint8)
     qual[rng.random(data.shape) < 0.05] |= np.uint8(Qual.COSMIC)
     qual[rng.random(data.shape) < 0.05] |= np.uint8(Qual.COLD)  # not a rejecting bit
-    qual[:, 3, 4] |= np.uint8(Qual.STATIC_BAD)                 # all frames masked
+    qual[:, 3, 4] |= np.uint8(Qual.SATURATED)                  # all frames masked
+    qual[:, 2, 2] = np.uint8(Qual.STATIC_BAD)                  # a label, not a rejection
+    data[:, 2, 2], errors[:, 2, 2] = 100.0 + np.arange(nframes), 5.0
     data[:, 5, 6] = np.nan                                      # all frames NaN
     data[:, 7, 8] = 42.0                                        # ties, zero scale
     errors[:, 7, 8] = 5.0
@@ -63,7 +65,10 @@ def test_fully_masked_pixels_are_flagged_and_input_bits_kept():
     rng = np.random.default_rng(3)
     data, errors, qual = _cube(rng, 5)
     out = clip_and_stack_arrays(data, errors, qual, ClipSettings())
-    assert out.qual[3, 4] & Qual.NO_DATA and out.qual[3, 4] & Qual.STATIC_BAD
+    assert out.qual[3, 4] == Qual.NO_DATA | Qual.SATURATED
+    # a static bad pixel is stacked like any other and keeps its bit, without NO_DATA
+    assert out.qual[2, 2] == Qual.STATIC_BAD and out.count[2, 2] == 5
+    assert out.value[2, 2] == 102.0 and out.error[2, 2] == pytest.approx(5 / np.sqrt(5))
     assert out.qual[5, 6] & Qual.NO_DATA and np.isnan(out.value[5, 6])
     assert out.count[3, 4] == 0 and out.count[5, 6] == 0
     assert out.value[7, 8] == 42.0 and out.count[7, 8] == 5

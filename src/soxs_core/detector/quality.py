@@ -6,13 +6,20 @@ bad" (soxspipe reads QUAL as a boolean) see the same pixels as bad.
 Each bit's meaning is written once, in :data:`MEANING`; the table below, the recipes' man
 pages and the README's table are generated from it.
 
+In a combined product (master bias, master dark) a bit of the inputs (STATIC_BAD, SATURATED,
+NON_FINITE, COSMIC) is set where *every* input had it.  STATIC_BAD is a label, not a
+rejection: a static bad pixel's values are stacked like any other pixel's, so its FLUX and
+ERRS are its own measured level and error (what a later subtraction needs), and it is only
+left out of QC statistics and of the HOT/COLD search.  NO_DATA is set only where no usable
+value was measured at all (every input saturated, non-finite or cosmic-flagged, or all
+clipped away); there FLUX holds the local smooth level of the master and ERRS the
+single-frame noise, so that arithmetic on the product stays finite.
+
 """
 
 from __future__ import annotations
 
 import enum
-
-import numpy as np
 
 __all__ = ["Qual", "MEANING", "legend", "describe_bits", "REJECT_FOR_STACKING"]
 
@@ -32,12 +39,16 @@ class Qual(enum.IntFlag):
 
 #: What each bit means, in one line: the single source of the QUAL legend.
 MEANING: dict[Qual, str] = {
-    Qual.STATIC_BAD: "in the static bad-pixel map shipped for the arm and binning",
+    Qual.STATIC_BAD: "in the static bad-pixel map shipped for the arm and binning (FLUX and "
+                     "ERRS are still the pixel's own measured values)",
     Qual.HOT: "dark/bias level far above its neighbourhood (found by mdark/mbias)",
     Qual.COLD: "level far below its neighbourhood, or low sensitivity (mflat)",
-    Qual.SATURATED: "raw value at or above the detector saturation level",
+    Qual.SATURATED: "raw value at or above the detector saturation level (in a master: in "
+                    "every input)",
     Qual.COSMIC: "hit by a cosmic ray (single-frame detection)",
-    Qual.NO_DATA: "no good value survived (every input flagged, clipped or non-finite)",
+    Qual.NO_DATA: "nothing usable was measured (every input saturated, non-finite, "
+                  "cosmic-flagged or clipped); a master's FLUX there is the local smooth "
+                  "level and its ERRS the single-frame noise",
     Qual.NON_FINITE: "NaN or infinite input value",
     Qual.OUTSIDE: "outside the illuminated orders / slit (spectroscopic products)",
 }
@@ -48,20 +59,15 @@ def legend() -> list[tuple[int, str, str]]:
     return [(int(bit.value), bit.name, MEANING[bit]) for bit in Qual]
 
 
-#: Bits that exclude an input pixel from a stack.
-REJECT_FOR_STACKING = int(
-    Qual.STATIC_BAD | Qual.SATURATED | Qual.COSMIC | Qual.NO_DATA | Qual.NON_FINITE
-)
+#: Bits that exclude an input pixel from a stack.  STATIC_BAD is not among them: it labels a
+#: pixel, whose measured values are stacked (the bit survives the stack, as every input has
+#: it).
+REJECT_FOR_STACKING = int(Qual.SATURATED | Qual.COSMIC | Qual.NO_DATA | Qual.NON_FINITE)
 
 
 def describe_bits() -> list[tuple[int, str]]:
     """Return ``(value, name)`` pairs, e.g. for documenting QUAL in a FITS header."""
     return [(int(b.value), b.name) for b in Qual]
-
-
-def count_flagged(qual: np.ndarray, bits: int = 0xFF) -> int:
-    """Number of pixels with any of ``bits`` set."""
-    return int(np.count_nonzero(qual & np.uint8(bits)))
 
 
 def _legend_table() -> str:
