@@ -14,7 +14,9 @@ For each pixel, in float32 arithmetic and this order:
     err  = sqrt(var)
 
 FITS stores integers big-endian; the rows arrive as a (possibly rotated, strided) view of
-the memory-mapped file reinterpreted as native uint16, and the bytes are swapped here.
+an array that :class:`soxs_core.detector.rawframe._PlainImage` filled with ``os.preadv``
+(frames are never memory-mapped), reinterpreted as native uint16, and the bytes are swapped
+here.
 """
 
 from cython.parallel cimport prange

@@ -214,7 +214,6 @@ class RecipeSpec:
     params: tuple[Param, ...]
     outputs: tuple[OutputSpec, ...]
     qc: tuple[QcSpec, ...] = ()
-    same_exptime: bool = True
 
     def param(self, name: str) -> Param:
         for p in self.params:

@@ -95,7 +95,6 @@ class MasterResult:
 
     image: DetectorImage
     qc: QcMeasurements = field(default_factory=QcMeasurements)
-    frame_levels: list[float] = field(default_factory=list)
     raw_read_noise: float = float("nan")
 
 
@@ -188,7 +187,7 @@ class _PassStatistics:
 
     @staticmethod
     def _joined(parts: list[list[np.ndarray]], k: int) -> np.ndarray:
-        # the read noise uses each frame in two pairs and the levels once more
+        # the read noise uses each frame in two pairs (and mbias's levels once more)
         if len(parts[k]) != 1:
             parts[k] = [np.concatenate(parts[k], axis=0)]
         return parts[k][0]
@@ -393,7 +392,7 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     qc.add("BADPIX NUM", nbad)
     qc.add("BADPIX FRAC", nbad / image.data.size)
     _temperature_qc(frames[0], qc)
-    return MasterResult(image=image, qc=qc, frame_levels=levels, raw_read_noise=raw_noise)
+    return MasterResult(image=image, qc=qc, raw_read_noise=raw_noise)
 
 
 def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
@@ -431,7 +430,7 @@ def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
                                          settings.frame_clipping_iterations))
         bias_level = [sample.clipped_level for sample in samples]
     result, stats = _stack(frames, settings, bias_level, threads)
-    levels, raw_noise = _frame_levels(stats, settings, threads), _raw_read_noise(stats, threads)
+    raw_noise = _raw_read_noise(stats, threads)
     if master_bias is not None:
         result.value -= master_bias.data
         np.sqrt(result.error ** 2 + master_bias.error ** 2, out=result.error)
@@ -449,4 +448,4 @@ def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
     qc.add("RAW RON", raw_noise, "no finite difference in a frame pair")
     qc.add("MASTER RON", master_noise, _NO_GOOD_PIXEL)
     _temperature_qc(first, qc)
-    return MasterResult(image=image, qc=qc, frame_levels=levels, raw_read_noise=raw_noise)
+    return MasterResult(image=image, qc=qc, raw_read_noise=raw_noise)
