@@ -5,12 +5,11 @@ They are not ESO frames, so the test maps each chip onto the pipeline's frame mo
 real noise, real cosmic rays and real structure.  The instrument code knows nothing of Keck.
 """
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from astropy.io import fits
 
+from shared_data import require_shared
 from soxs_core.combine.qc import (
     block_mean,
     periodic_pattern_metric,
@@ -19,9 +18,10 @@ from soxs_core.combine.qc import (
 )
 from soxs_core.combine.stacking import ClipSettings, clip_and_stack_arrays
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "real_data" / "keck_hires_bias"
+DATA = require_shared("real_data/keck_hires_bias", module_level=True)
 FILES = sorted(DATA.glob("hires*.fits.gz"))
-pytestmark = pytest.mark.skipif(len(FILES) < 5, reason="shared/real_data not present")
+if len(FILES) != 5:  # present but incomplete is an error anywhere
+    pytest.fail(f"{DATA}: {len(FILES)} hires*.fits.gz files, expected 5", pytrace=False)
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=["chip1", "chip2", "chip3"])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from astropy.io import fits
 
+from shared_data import require_shared
 from soxs_core.calib import static_path
 from soxs_core.detector.instruments import ARMS
 from soxs_core.detector.rawframe import RawFrame
@@ -22,7 +21,11 @@ from soxs_core.simulate.spectra import (
 )
 from soxs_core.simulate.tables import evaluate_disp_row
 
-REFERENCE = Path("/work/shared/reference/static_calibs")
+
+@pytest.fixture(scope="module")
+def reference():
+    """The predicted line tables of shared/reference/static_calibs."""
+    return require_shared("reference/static_calibs")
 
 
 def _read(hdul, tmp_path, name="f.fits"):
@@ -69,14 +72,13 @@ def test_orders_where_the_instrument_puts_them(code, order, position):
     assert centre.min() - 40 < position < centre.max() + 40
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference line tables not available")
 @pytest.mark.parametrize("code,table", [
     ("xsh_vis", "xsh/THEO_TAB_MULT_VIS_1x1.fits"), ("xsh_uvb", "xsh/THEO_TAB_MULT_UVB_1x1.fits"),
     ("soxs_vis", "soxs/SOXS_MPH_TAB_VIS_ThAr_1x1.fits"),
 ])
-def test_pinhole_positions_match_predicted_line_tables(code, table):
+def test_pinhole_positions_match_predicted_line_tables(reference, code, table):
     fmt = EchelleFormat(code)
-    t = fits.getdata(REFERENCE / table, 1)
+    t = fits.getdata(reference / table, 1)
     cols = {c.lower(): c for c in t.columns.names}
     dx, dy = [], []
     for order in fmt.orders:
@@ -103,13 +105,12 @@ def test_slit_length_in_pixels(code):
     assert fmt.slit_length == (11.0 if code.startswith("xsh") else 12.0)
 
 
-@pytest.mark.skipif(not REFERENCE.is_dir(), reason="reference line tables not available")
 @pytest.mark.parametrize("code,table", [("xsh_nir", "xsh/THEO_TAB_MULT_NIR.fits"),
                                         ("soxs_nir", "soxs/ArHgNeXe_clean_within_2.0pixel.fits")])
-def test_nir_slit_length_follows_pinhole_spacing(code, table):
+def test_nir_slit_length_follows_pinhole_spacing(reference, code, table):
     """NIR arms: the slit scale is the one of the predicted multi-pinhole tables."""
     fmt = EchelleFormat(code)
-    t = fits.getdata(REFERENCE / table, 1)
+    t = fits.getdata(reference / table, 1)
     cols = {c.lower(): c for c in t.columns.names}
     across = cols["detector_x"] if fmt.dispersion_axis == "y" else cols["detector_y"]
     for order in fmt.orders[[2, -3]]:
