@@ -163,9 +163,20 @@ def _median_along_rows(values: np.ndarray) -> np.ndarray:
     return np.median(np.ascontiguousarray(values.T), axis=1)
 
 
+def _line_outliers_replaced(term: np.ndarray, limit: float, half: int = 3) -> np.ndarray:
+    """A row or column term with the values further than ``limit`` from the median of their
+    2 * half + 1 neighbours replaced by that median.  A single step (an amplifier channel's
+    edge) keeps every value: the neighbours' majority lies on each line's own side."""
+    if term.size < 2 * half + 1:
+        return term
+    padded = np.pad(term, half, mode="edge")
+    local = np.median(np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1), axis=1)
+    return np.where(np.abs(term - local) > limit, local, term).astype(term.dtype)
+
+
 def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
                       iterations: int = 2, sigma: float = 5.0, step: int = 2,
-                      lines: bool = True) -> np.ndarray:
+                      lines: bool = True, line_limit: float | None = None) -> np.ndarray:
     """Large-scale model of an image: cell medians, interpolated, plus row and column terms.
 
     The cell medians follow gradients and smooth 2-D structure; the column (and row) medians
@@ -175,7 +186,10 @@ def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
     row and column, and the row and column terms (which average over a whole line) over every
     ``2 * step``-th, which is plenty for a smooth model and keeps this cheap on 8-Mpixel
     frames: only the final model is evaluated at every pixel.  ``lines=False`` leaves out the
-    row and column terms (a purely smooth model).
+    row and column terms (a purely smooth model).  With ``line_limit``, a row or column term
+    further than that from its neighbours' is taken for a defect, not structure, and replaced
+    by theirs: a bad column covering most of its column would otherwise become the column's
+    level, hiding itself and making its unaffected part look low.
     """
     data = np.asarray(image, np.float32)
     good = np.asarray(good, bool)
@@ -219,11 +233,15 @@ def smooth_background(image: np.ndarray, good: np.ndarray, cell: int = 32,
             filled = np.where(usable(*rows_grid), data[rows_grid], current(*rows_grid))
             filled -= _interpolate_cells(new_cells, (ny, nx), cy, cx, *rows_grid)
             new_col = _median_along_rows(filled).astype(np.float32)
+            if line_limit is not None:
+                new_col = _line_outliers_replaced(new_col, line_limit)
             cols_grid = (slice(None), every)
             filled = np.where(usable(*cols_grid), data[cols_grid], current(*cols_grid))
             filled -= _interpolate_cells(new_cells, (ny, nx), cy, cx, *cols_grid)
             filled -= new_col[every][None, :]
             row = np.median(filled, axis=1).astype(np.float32)
+            if line_limit is not None:
+                row = _line_outliers_replaced(row, line_limit)
             col = new_col
         cells = new_cells
         fitted = True
