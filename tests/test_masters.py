@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from scipy.stats import norm
 
 from soxs_core.detector.quality import Qual
 from soxs_core.io.image import read_image_product
@@ -74,19 +75,40 @@ def test_master_bias_qc_values(vis_night):
     assert header["ESO QC MASTER RON"] == pytest.approx(t.read_noise / np.sqrt(NBIAS), rel=0.1)
     assert header["ESO QC MBIAS MEDIAN"] == pytest.approx(
         t.bias_level + np.mean(t.frame_offsets[:NBIAS]), abs=1.0)
-    gx, gy = t.bias_gradient
-    assert header["ESO QC STRUCTX"] == pytest.approx(gx, abs=2e-4 + 0.05 * abs(gx))
-    assert header["ESO QC STRUCTY"] == pytest.approx(gy, abs=2e-4 + 0.05 * abs(gy))
-    assert header["ESO QC BADPIX NUM"] == np.count_nonzero(read_image_product(mbias).qual)
-    assert header["ESO QC FPN FRACMAX"] > 0
+    # the slopes of the true bias over the pixels the master uses; a profile point averages a
+    # whole column (row) of the master's noise: the fitted slope's standard error, 5 sigma
+    qual = read_image_product(mbias).qual
+    true_x, true_y = t.bias_profile_slopes(qual != 0)
+    ny, nx = qual.shape
+    noise = temporal / np.sqrt(NBIAS)
+    sigma_x = noise / np.sqrt(ny) * np.sqrt(12 / nx ** 3)
+    sigma_y = noise / np.sqrt(nx) * np.sqrt(12 / ny ** 3)
+    assert abs(true_y) > 20 * sigma_y  # writing 0 fails
+    assert header["ESO QC STRUCTX"] == pytest.approx(true_x, abs=5 * sigma_x)
+    assert header["ESO QC STRUCTY"] == pytest.approx(true_y, abs=5 * sigma_y)
+    # every static bad pixel counts, and the bad column segments (a bias excess of 4-12 read
+    # noises) as often as the noise predicts; nothing but the truth's defects
+    threshold = 3.0 * temporal  # xsh default frame-clipping-sigma
+    segments = sum((~t.static_bad_mask[start:stop, col]).sum() * norm.cdf(
+        (offset - threshold) / noise) for (col, start, stop), offset in zip(
+        t.bad_columns, t.bad_column_offsets))
+    assert segments > 500
+    defects = t.static_bad_mask | t.hot_mask | t.cold_mask
+    assert t.static_bad_mask.sum() + 0.95 * segments <= header["ESO QC BADPIX NUM"] \
+        <= defects.sum()
+    assert not (qual != 0)[~defects].any()
+    # the default pick-up pattern (0.4 read noise) stands far above white noise (~1)
+    assert header["ESO QC FPN FRACMAX"] > 4
 
 
-def test_static_bad_pixels_are_flagged_and_filled(vis_night):
+def test_static_bad_pixels_are_flagged_and_measured(vis_night):
     sim, _, _, mbias, _ = vis_night
     master = read_image_product(mbias)
     static = sim.truth.static_bad_mask
     assert static.any()
-    assert np.all(master.qual[static] & Qual.STATIC_BAD)
+    # STATIC_BAD alone: their values are measured, not NO_DATA (tests/test_truth_masters.py
+    # checks the values against the truth)
+    assert np.all(master.qual[static] == Qual.STATIC_BAD)
     assert np.all(np.isfinite(master.data)) and np.all(np.isfinite(master.error))
 
 
@@ -117,8 +139,14 @@ def test_master_dark_matches_truth_and_finds_hot_pixels(vis_night):
     assert abs(np.mean(pull)) < 0.05
     assert 0.93 < np.std(pull) < 1.07
     # recall: every hot pixel whose excess is well above the detection threshold is flagged
+    # (tests/test_truth_masters.py follows the recall across the whole range)
     header = fits.getheader(mdark)
-    threshold = 3.0 * header["ESO QC RAW RON"]  # xsh default frame-clipping-sigma = 3
+    # the threshold from the truth: one raw dark's temporal noise (read noise, the pick-up
+    # pattern whose phase changes, quantisation, dark shot noise) x frame-clipping-sigma
+    temporal = np.mean([np.hypot(t.read_noise, t.pattern_amplitude * np.sin(
+        (t.pattern_phases[k + 1] - t.pattern_phases[k]) / 2)) for k in range(NDARK - 1)])
+    dark_level = float(np.median(dark_truth))
+    threshold = 3.0 * np.sqrt(temporal ** 2 + t.gain ** 2 / 12 + max(dark_level, 0))
     excess = (t.dark_rate - np.median(t.dark_rate)) * DARK_EXPTIME
     strong = t.hot_mask & (excess > 2 * threshold) & ~t.static_bad_mask
     assert strong.sum() > 20
@@ -127,8 +155,9 @@ def test_master_dark_matches_truth_and_finds_hot_pixels(vis_night):
     # and nothing else: flags away from true defects are rare
     defects = t.hot_mask | t.cold_mask | t.static_bad_mask
     assert (flagged & ~defects).sum() <= 1e-5 * dark.data.size + 1
-    assert header["ESO QC HOTPIX NUM"] == flagged.sum()
-    assert header["ESO QC MDARK MEDIAN"] == pytest.approx(np.median(dark_truth), abs=0.5)
+    # the default dark is faint (0.15 e-): half of it is a tolerance a zero cannot pass
+    # (tests/test_truth_masters.py holds a bright dark's median to a derived tolerance)
+    assert header["ESO QC MDARK MEDIAN"] == pytest.approx(dark_level, abs=0.5 * dark_level)
 
 
 @pytest.mark.parametrize("arm", ["xsh_nir", "soxs_nir"])
