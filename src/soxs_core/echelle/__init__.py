@@ -1,0 +1,1 @@
+"""Echelle geometry: order tables and their polynomials, edge tracing, flats, background."""
