@@ -34,7 +34,7 @@ class Qual(enum.IntFlag):
     COSMIC = 16
     NO_DATA = 32
     NON_FINITE = 64
-    OUTSIDE = 128
+    LOW_SENS = 128
 
 
 #: What each bit means, in one line: the single source of the QUAL legend.
@@ -42,7 +42,7 @@ MEANING: dict[Qual, str] = {
     Qual.STATIC_BAD: "in the static bad-pixel map shipped for the arm and binning (FLUX and "
                      "ERRS are still the pixel's own measured values)",
     Qual.HOT: "dark/bias level far above its neighbourhood (found by mdark/mbias)",
-    Qual.COLD: "level far below its neighbourhood, or low sensitivity (mflat)",
+    Qual.COLD: "level far below its neighbourhood (found by mbias)",
     Qual.SATURATED: "raw value at or above the detector saturation level (in a master: in "
                     "every input)",
     Qual.COSMIC: "hit by a cosmic ray (single-frame detection)",
@@ -50,7 +50,8 @@ MEANING: dict[Qual, str] = {
                   "cosmic-flagged or clipped); a master's FLUX there is the local smooth "
                   "level and its ERRS the single-frame noise",
     Qual.NON_FINITE: "NaN or infinite input value",
-    Qual.OUTSIDE: "outside the illuminated orders / slit (spectroscopic products)",
+    Qual.LOW_SENS: "response far below that of its neighbours in the master flat (found by "
+                   "mflat): flat-fielding would amplify its noise",
 }
 
 
