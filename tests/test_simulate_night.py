@@ -38,13 +38,16 @@ def test_night_layout_and_sofs(night):
         for path, tag in _sof(sof):
             tags.setdefault(name, []).append(tag)
             if "/raw/" in path:
+                # the tag is soxspipe's <DPR TYPE, commas as underscores>_<ARM>
+                hdr = fits.getheader(path)
+                assert tag == (hdr["ESO DPR TYPE"].replace(",", "_") + "_"
+                               + hdr["ESO SEQ ARM"]), path
                 frame = RawFrame.open(path)
-                assert frame.tag == tag, path     # DPR keywords agree with the SOF tag
                 assert frame.binning == "2x2" and frame.readout == "SLOW"
                 frame.close()
     assert tags["bias"] == ["BIAS_VIS"] * 3
     assert tags["dark"] == ["DARK_VIS"] * 2 + ["MASTER_BIAS_VIS"]
-    assert tags["flat"] == ["FLAT_VIS"] * 3 + ["MASTER_BIAS_VIS", "ORDER_TAB_VIS"]
+    assert tags["flat"] == ["LAMP_FLAT_VIS"] * 3 + ["MASTER_BIAS_VIS", "ORDER_TAB_VIS"]
     assert tags["stare"] == ["OBJECT_VIS", "MASTER_BIAS_VIS", "MASTER_FLAT_VIS",
                              "ORDER_TAB_VIS", "DISP_TAB_VIS", "DISP_IMAGE_VIS"]
     assert tags["std"][0] == "STD_FLUX_VIS"
@@ -98,7 +101,12 @@ def test_nir_night_has_no_bias_and_lamp_off_pairs(tmp_path):
                          n_science=1, n_std=0, orders=[16, 17], science_exptime=300.0)
     assert "bias" not in res.sofs and "BIAS" not in res.raw
     tags = [t for _, t in _sof(res.sofs["flat"])]
-    assert tags == ["FLAT_NIR"] * 2 + ["FLAT_OFF_NIR"] * 2 + ["ORDER_TAB_NIR"]
+    assert tags == ["LAMP_FLAT_NIR"] * 4 + ["ORDER_TAB_NIR"]
+    flat = _sof(res.sofs["flat"])
+    techs = [fits.getheader(p)["ESO DPR TECH"] for p, _ in flat[:4]]
+    assert techs == ["ECHELLE,SLIT"] * 2 + ["IMAGE"] * 2   # lamp-on, then lamp-off
+    exps = {fits.getheader(p)["EXPTIME"] for p, _ in flat[:4]}
+    assert len(exps) == 1
     stare = [t for _, t in _sof(res.sofs["stare"])]
     assert stare[:2] == ["OBJECT_NIR", "MASTER_DARK_NIR"]
     for path in res.raw["DARK"]:

@@ -570,7 +570,7 @@ class DetectorSimulator:
             ``cosmic_pixels`` (rows, cols, e-), ``n_cosmics``, ``saturated_mask`` (prepared),
             ``exptime``, ``mjd``, ``index``, ``frame_type``, ``file_name``.
         """
-        kind = frame_kind(frame_type)
+        kind = frame_kind(frame_type, self.arm)
         if kind.name == "BIAS":
             if not self.arm.is_ccd:
                 raise InputError(f"{self.arm.code}: NIR arrays take no bias frames")
@@ -645,4 +645,4 @@ class DetectorSimulator:
 
     def kind(self, frame_type: str) -> FrameKind:
         """The :class:`~soxs_core.simulate.headers.FrameKind` of a frame type."""
-        return frame_kind(frame_type)
+        return frame_kind(frame_type, self.arm)

@@ -20,7 +20,7 @@ from soxs_core.detector.instruments import Arm
 from soxs_core.simulate._common import PIXEL_SIZE_UM, ReadoutMode
 
 __all__ = ["FrameKind", "FRAME_KINDS", "frame_kind", "build_header", "default_mjd",
-           "NIGHT_ORIGIN", "raw_file_name", "slit_keyword"]
+           "NIGHT_ORIGIN", "raw_file_name", "slit_keyword", "sof_tag", "SOXS_LAMP_NAMES"]
 
 #: UTC origin of the default simulated night (2026-11-21 at La Silla / Paranal): science is
 #: taken a few hours after this instant, day-time calibrations the following morning, so that
@@ -67,12 +67,36 @@ FRAME_KINDS: dict[str, FrameKind] = {
 }
 
 
-def frame_kind(name: str) -> FrameKind:
-    """Look up a :class:`FrameKind` by simulator name (case-insensitive)."""
+#: Values of SOXS's lamp keywords (``ESO INS QTH NAME`` / ``ESO INS DEUT NAME``) as
+#: soxspipe 0.17.4's mflat selects the SOXS lamp flats by them.
+SOXS_LAMP_NAMES = {"QTH": "Qth_Lamp", "D2": "Deut_Lamp"}
+
+
+def frame_kind(name: str, arm: Arm | None = None) -> FrameKind:
+    """Look up a :class:`FrameKind` by simulator name (case-insensitive).
+
+    With ``arm``, the DPR values are those that instrument writes: SOXS's lamp-off frames are
+    ``FLAT,LAMP`` / ``IMAGE`` (the pair soxspipe 0.17.4 looks for on SOXS), X-shooter's repeat
+    the lamp-on type ``LAMP,FLAT`` with TECH ``IMAGE``.
+    """
     key = name.strip().upper()
     if key not in FRAME_KINDS:
         raise ValueError(f"unknown frame type {name!r}; choose from {', '.join(FRAME_KINDS)}")
-    return FRAME_KINDS[key]
+    kind = FRAME_KINDS[key]
+    if arm is not None and arm.instrument == "SOXS" and kind.name == "FLAT_OFF":
+        kind = FrameKind(kind.name, kind.catg, "FLAT,LAMP", kind.tech, kind.hours,
+                         kind.template)
+    return kind
+
+
+def sof_tag(arm: Arm, name: str) -> str:
+    """SOF tag of a raw frame type, soxspipe's convention ``<DPR TYPE, commas as
+    underscores>_<ARM>`` (``LAMP_FLAT_VIS``, ``LAMP_DFLAT_UVB``, ``OBJECT_NIR``...).
+
+    The tag derives from DPR TYPE alone: lamp-off frames share their type's tag and are told
+    apart by DPR TECH ``IMAGE``.
+    """
+    return f"{frame_kind(name, arm).dpr_type.replace(',', '_')}_{arm.name}"
 
 
 def default_mjd(kind: FrameKind, index: int, exptime: float, overhead: float = 60.0) -> float:
@@ -106,8 +130,8 @@ def _lamp_cards(arm: Arm, kind: FrameKind) -> list[tuple[str, Any, str]]:
             name = f"{arm.name}_QTH_Lamp"
         return [("ESO INS LAMP1 NAME", name, "Lamp name"), ("ESO INS LAMP1 ST", True, "Lamp on")]
     if kind.name == "DFLAT":
-        return [("ESO INS DEUT NAME", "D2", "Deuterium lamp")]
-    return [("ESO INS QTH NAME", "QTH", "Quartz-halogen lamp")]
+        return [("ESO INS DEUT NAME", SOXS_LAMP_NAMES["D2"], "Deuterium lamp")]
+    return [("ESO INS QTH NAME", SOXS_LAMP_NAMES["QTH"], "Quartz-halogen lamp")]
 
 
 def _detector_cards(arm: Arm, mode: ReadoutMode, binx: int, biny: int, exptime: float,

@@ -18,7 +18,7 @@ from soxs_core.detector.instruments import Arm
 from soxs_core.simulate._common import rng_for
 from soxs_core.simulate.detector import DetectorSimulator
 from soxs_core.simulate.echelle import EchelleFormat, load_format
-from soxs_core.simulate.headers import slit_keyword
+from soxs_core.simulate.headers import default_mjd, frame_kind, slit_keyword
 from soxs_core.simulate.scene import (
     PointProfile,
     Renderer,
@@ -40,7 +40,12 @@ from soxs_core.simulate.spectra import (
     stellar_spectrum,
     telescope_area_cm2,
 )
-from soxs_core.simulate.tables import disp_image_hdul, disp_table_hdul, order_table_hdul
+from soxs_core.simulate.tables import (
+    disp_image_hdul,
+    disp_table_hdul,
+    order_table_hdul,
+    set_time_keywords,
+)
 
 __all__ = ["InstrumentSimulator", "SceneParameters", "FLAT_EXPTIME", "STANDARD_COORDS"]
 
@@ -325,20 +330,43 @@ class InstrumentSimulator:
                                  "before pixel response; pixel: binned along-order index")
         return hdu
 
-    def order_table(self, edges: bool = False) -> fits.HDUList:
-        """ORDER_TAB from the truth (order centres; with ``edges`` the mflat layout)."""
-        return order_table_hdul(self.format, edges=edges, orders=self.orders)
+    def table_time(self) -> tuple[float, float]:
+        """``(MJD-OBS, EXPTIME)`` the upstream tables inherit: those of the first lamp flat
+        of the night (frame index 0 of the flat block, default exposure time)."""
+        kind = frame_kind(self.flat_kinds()[0][0], self.arm)
+        exptime = FLAT_EXPTIME[self.arm.code]
+        return default_mjd(kind, 0, exptime), exptime
 
-    def disp_table(self) -> fits.HDUList:
-        """DISP_TAB fitted to the truth."""
+    def order_table(self, edges: bool = False, mjd: float | None = None,
+                    exptime: float | None = None) -> fits.HDUList:
+        """ORDER_TAB from the truth (order centres; with ``edges`` the mflat layout).
+
+        ``mjd``/``exptime`` default to :meth:`table_time`.
+        """
+        t_mjd, t_exp = self.table_time()
+        return order_table_hdul(self.format, edges=edges, orders=self.orders,
+                                mjd=t_mjd if mjd is None else mjd,
+                                exptime=t_exp if exptime is None else exptime)
+
+    def disp_table(self, mjd: float | None = None, exptime: float | None = None
+                   ) -> fits.HDUList:
+        """DISP_TAB fitted to the truth (time keywords as for :meth:`order_table`)."""
+        t_mjd, t_exp = self.table_time()
         key = ("disp_tab",)
-        if key not in self._cache:
+        if key not in self._cache:  # the fit is the slow part; the time keywords are not
             self._cache[key] = disp_table_hdul(self.format, orders=self.orders)
-        return self._cache[key]
+        out = fits.HDUList([hdu.copy() for hdu in self._cache[key]])
+        set_time_keywords(out[0].header, t_mjd if mjd is None else mjd,
+                          t_exp if exptime is None else exptime)
+        return out
 
-    def disp_image(self) -> fits.HDUList:
-        """DISP_IMAGE from the truth."""
-        return disp_image_hdul(self.format, orders=self.orders)
+    def disp_image(self, mjd: float | None = None, exptime: float | None = None
+                   ) -> fits.HDUList:
+        """DISP_IMAGE from the truth (time keywords as for :meth:`order_table`)."""
+        t_mjd, t_exp = self.table_time()
+        return disp_image_hdul(self.format, orders=self.orders,
+                               mjd=t_mjd if mjd is None else mjd,
+                               exptime=t_exp if exptime is None else exptime)
 
     def parameters(self) -> dict[str, Any]:
         """All model parameters (for the truth summary)."""

@@ -32,6 +32,7 @@ from astropy.io import fits
 
 from soxs_core.errors import InputError
 from soxs_core.io.safety import write_atomically
+from soxs_core.simulate.headers import sof_tag
 from soxs_core.simulate.instrument import InstrumentSimulator, SceneParameters
 from soxs_core.simulate.tables import write
 
@@ -252,15 +253,22 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
                 m = sim.science_model(kind, exptime).images
                 models.append((kind.lower(), {k.upper(): v for k, v in m.items()}))
 
-    # ---- calibrations from the truth
+    # ---- calibrations from the truth, with the time keywords of the night's first lamp flat
+    # (real upstream tables inherit those of their raw frames)
     tag = a.name
-    res.calib["ORDER_TAB"] = write(sim.order_table(), calib_dir / f"ORDER_TAB_{tag}.fits")
-    res.calib["DISP_TAB"] = write(sim.disp_table(), calib_dir / f"DISP_TAB_{tag}.fits")
-    res.calib["DISP_IMAGE"] = write(sim.disp_image(), calib_dir / f"DISP_IMAGE_{tag}.fits")
+    flat_types = {ftype for ftype, _ in sim.flat_kinds()}
+    first_flat = next((f for f in res.frames if f["frame_type"] in flat_types), None)
+    when = ((first_flat["mjd"], first_flat["exptime"]) if first_flat is not None
+            else sim.table_time())
+    res.calib["ORDER_TAB"] = write(sim.order_table(mjd=when[0], exptime=when[1]),
+                                   calib_dir / f"ORDER_TAB_{tag}.fits")
+    res.calib["DISP_TAB"] = write(sim.disp_table(*when), calib_dir / f"DISP_TAB_{tag}.fits")
+    res.calib["DISP_IMAGE"] = write(sim.disp_image(*when),
+                                    calib_dir / f"DISP_IMAGE_{tag}.fits")
 
     # ---- truth
     res.truth["detector"] = write_detector_truth(sim, truth_dir / "detector_truth.fits")
-    res.truth["order_tab"] = write(sim.order_table(edges=True),
+    res.truth["order_tab"] = write(sim.order_table(edges=True, mjd=when[0], exptime=when[1]),
                                    truth_dir / f"order_tab_truth_{tag.lower()}.fits")
     res.truth["cosmics"] = write(fits.HDUList([fits.PrimaryHDU()] + cosmic_hdus),
                                  truth_dir / "cosmics.fits")
@@ -291,10 +299,12 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
         res.sofs["dark"] = _sof(outdir / "dark.sof",
                                 [(p, f"DARK_{tag}") for p in res.raw["DARK"]] + dark_calibs,
                                 outdir, relative_sof)
+    # soxspipe-style tags <DPR TYPE, commas as underscores>_<ARM>: lamp-off frames take the
+    # tag of their DPR TYPE and are told from lamp-on ones by DPR TECH IMAGE
     flat_entries: list[tuple[Path, str]] = []
     for ftype, _ in sim.flat_kinds():
-        flat_entries += [(p, f"{ftype}_{tag}") for p in res.raw.get(ftype, [])]
-    flat_entries += [(p, f"FLAT_OFF_{tag}") for p in res.raw.get("FLAT_OFF", [])]
+        flat_entries += [(p, sof_tag(a, ftype)) for p in res.raw.get(ftype, [])]
+    flat_entries += [(p, sof_tag(a, "FLAT_OFF")) for p in res.raw.get("FLAT_OFF", [])]
     if flat_entries:
         calibs = [(mbias, f"MASTER_BIAS_{tag}")] if a.is_ccd else []
         calibs.append((res.calib["ORDER_TAB"], f"ORDER_TAB_{tag}"))

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.time import Time
 
 from soxs_core.io.safety import write_atomically
 from soxs_core.simulate.echelle import EchelleFormat
-from soxs_core.simulate.headers import _set
+from soxs_core.simulate.headers import _set, default_mjd, frame_kind
 
 __all__ = ["order_table_hdul", "disp_table_hdul", "disp_image_hdul", "fit_disp_solution",
-           "DISP_DEGREES", "sample_format"]
+           "DISP_DEGREES", "sample_format", "set_time_keywords"]
 
 #: ``(order_deg, wavelength_deg, slit_deg)`` for the x and y rows of the DISP_TAB, per arm
 #: (soxspipe 0.17.4 ``soxs-spat-solution`` defaults).
@@ -39,7 +40,8 @@ DISP_DEGREES = {
 }
 
 
-def _product_header(fmt: EchelleFormat, catg: str, tech: str | None) -> fits.Header:
+def _product_header(fmt: EchelleFormat, catg: str, tech: str | None,
+                    mjd: float | None = None, exptime: float | None = None) -> fits.Header:
     arm = fmt.arm
     hdr = fits.Header()
     cards = [("INSTRUME", arm.instrument, "Instrument used"),
@@ -61,12 +63,45 @@ def _product_header(fmt: EchelleFormat, catg: str, tech: str | None) -> fits.Hea
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)
         for key, value, comment in cards:
             _set(hdr, key, value, comment)
+    set_time_keywords(hdr, mjd, exptime)
+    return hdr
+
+
+def set_time_keywords(hdr: fits.Header, mjd: float | None = None,
+                      exptime: float | None = None) -> fits.Header:
+    """Set ``MJD-OBS``, ``DATE-OBS`` and ``EXPTIME`` of a table's primary header.
+
+    Real upstream products inherit them from their raw frames (soxspipe sorts its inputs on
+    MJD-OBS); the default is the first lamp flat of the simulated night, exposure time 0.
+    """
+    if mjd is None:
+        mjd = default_mjd(frame_kind("FLAT"), 0, 0.0)
+    date_obs = Time(float(mjd), format="mjd", scale="utc").isot[:23]
+    hdr["MJD-OBS"] = (round(float(mjd), 8), f"Obs start {date_obs}")
+    hdr["DATE-OBS"] = (date_obs, "Observing date")
+    hdr["EXPTIME"] = (float(exptime or 0.0), "Integration time [s]")
     return hdr
 
 
 def order_table_hdul(fmt: EchelleFormat, edges: bool = False, trace_sigma: float = 1.2,
-                     orders=None) -> fits.HDUList:
-    """ORDER_TAB HDU list of the true order centres (and edges when ``edges``)."""
+                     orders=None, mjd: float | None = None, exptime: float | None = None
+                     ) -> fits.HDUList:
+    """ORDER_TAB HDU list of the true order centres (and edges when ``edges``).
+
+    Parameters
+    ----------
+    fmt : EchelleFormat
+        The format truth.
+    edges : bool
+        Also write the ``edgeup``/``edgelow`` polynomials and ``min/maxThreshold`` (the
+        ``soxs_mflat`` layout).
+    trace_sigma : float
+        Constant Gaussian σ (px) of the trace, written as the ``std_ij`` set.
+    orders : sequence of int, optional
+        Orders listed in HDU2 (default all of the format that fall on the detector).
+    mjd, exptime : float, optional
+        ``MJD-OBS`` (and ``DATE-OBS``) and ``EXPTIME`` of the frames the table stands for.
+    """
     along = "y" if fmt.dispersion_axis == "y" else "x"
     across = "x" if along == "y" else "y"
     cen = fmt.centre_raw_coefficients()
@@ -75,9 +110,13 @@ def order_table_hdul(fmt: EchelleFormat, edges: bool = False, trace_sigma: float
             fits.Column(name=f"deg{along}_cent", format="K", array=[db])]
     cols += [fits.Column(name=f"cent_{i}{j}", format="D", array=[cen[i, j]])
              for i in range(dn + 1) for j in range(db + 1)]
-    cols += [fits.Column(name="degorder_std", format="K", array=[0]),
-             fits.Column(name=f"deg{along}_std", format="K", array=[0]),
-             fits.Column(name="std_00", format="D", array=[trace_sigma])]
+    # soxspipe evaluates the std_ij set with the centre's degrees, so it is written with them:
+    # a constant sigma in std_00, zeros elsewhere
+    cols += [fits.Column(name="degorder_std", format="K", array=[dn]),
+             fits.Column(name=f"deg{along}_std", format="K", array=[db])]
+    cols += [fits.Column(name=f"std_{i}{j}", format="D",
+                         array=[trace_sigma if i == j == 0 else 0.0])
+             for i in range(dn + 1) for j in range(db + 1)]
     extra_hdr = {}
     if edges:
         low, up, rms = fmt.fit_edges()
@@ -111,7 +150,7 @@ def order_table_hdul(fmt: EchelleFormat, edges: bool = False, trace_sigma: float
         ocols += [fits.Column(name="minThreshold", format="D", array=np.full(nrow, np.nan)),
                   fits.Column(name="maxThreshold", format="D", array=np.full(nrow, np.nan))]
     order_hdu = fits.BinTableHDU.from_columns(ocols)
-    hdr = _product_header(fmt, "ORDER_TAB", "ECHELLE,SLIT")
+    hdr = _product_header(fmt, "ORDER_TAB", "ECHELLE,SLIT", mjd, exptime)
     for key, val in extra_hdr.items():
         hdr[key] = val
     return fits.HDUList([fits.PrimaryHDU(header=hdr), coeff_hdu, order_hdu])
@@ -207,8 +246,10 @@ def evaluate_disp_row(row: dict[str, float], order, wavelength, slit) -> np.ndar
     return total
 
 
-def disp_table_hdul(fmt: EchelleFormat, orders=None) -> fits.HDUList:
-    """DISP_TAB HDU list (two rows, x and y) fitted to the truth."""
+def disp_table_hdul(fmt: EchelleFormat, orders=None, mjd: float | None = None,
+                    exptime: float | None = None) -> fits.HDUList:
+    """DISP_TAB HDU list (two rows, x and y) fitted to the truth (time keywords as for
+    :func:`order_table_hdul`)."""
     coeffs, degrees, rms = fit_disp_solution(fmt, orders=orders)
     names = sorted(set(coeffs[0]) | set(coeffs[1]))
     cols = [fits.Column(name="axis", format="1A", array=np.array(["x", "y"])),
@@ -218,7 +259,7 @@ def disp_table_hdul(fmt: EchelleFormat, orders=None) -> fits.HDUList:
     cols += [fits.Column(name=name, format="D",
                          array=[coeffs[0].get(name, np.nan), coeffs[1].get(name, np.nan)])
              for name in names]
-    hdr = _product_header(fmt, "DISP_TAB", "ECHELLE,MULTI-PINHOLE")
+    hdr = _product_header(fmt, "DISP_TAB", "ECHELLE,MULTI-PINHOLE", mjd, exptime)
     hdr["SIMXRMS"] = (rms["x"], "rms (px) of the x fit against the truth")
     hdr["SIMYRMS"] = (rms["y"], "rms (px) of the y fit against the truth")
     return fits.HDUList([fits.PrimaryHDU(header=hdr), fits.BinTableHDU.from_columns(cols)])
@@ -254,10 +295,18 @@ def disp_image_arrays(fmt: EchelleFormat, orders=None
     return wave, slit, order_img
 
 
-def disp_image_hdul(fmt: EchelleFormat, orders=None) -> fits.HDUList:
-    """DISP_IMAGE HDU list: WAVELENGTH, SLIT, ORDER (unbinned, NaN outside the orders)."""
+def disp_image_hdul(fmt: EchelleFormat, orders=None, mjd: float | None = None,
+                    exptime: float | None = None) -> fits.HDUList:
+    """DISP_IMAGE HDU list: WAVELENGTH, SLIT, ORDER (unbinned, NaN outside the orders).
+
+    The primary header carries ``SXSPRE``, the keyword by which soxspipe 0.17.4 knows a
+    prepared (not raw) frame; time keywords as for :func:`order_table_hdul`.
+    """
     wave, slit, order_img = disp_image_arrays(fmt, orders)
-    hdr = _product_header(fmt, "DISP_IMAGE", "ECHELLE,MULTI-PINHOLE")
+    hdr = _product_header(fmt, "DISP_IMAGE", "ECHELLE,MULTI-PINHOLE", mjd, exptime)
+    # soxspipe only tests for the keyword's presence; its own value is a UTC time stamp, here
+    # the frame time so that a night stays byte-reproducible
+    hdr["SXSPRE"] = (hdr["DATE-OBS"], "UTC timestamp")
     hdr["EXTNAME"] = "WAVELENGTH"
     hdr["BUNIT"] = "nm"
     h1 = fits.ImageHDU(slit, name="SLIT")
