@@ -36,6 +36,7 @@ from soxs_core.io.products import (
     dicb_sorted,
     qc_comment_room,
     write_product_atomic,
+    write_table_product_atomic,
 )
 from soxs_core.io.safety import find_same_file, remove_stale_scratch, remove_stale_temporaries
 
@@ -131,9 +132,28 @@ class Param:
         return value
 
 
+def normalised_tag(tag: str) -> str:
+    """An SOF tag as matched: commas as underscores (soxspipe 0.17.4's organiser writes
+    ``LAMP,FLAT_NIR`` where ESO's convention is ``LAMP_FLAT_NIR``), upper case."""
+    return tag.strip().replace(",", "_").upper()
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    """One kind of input frame, tagged ``<stem>_<ARM>`` in the SOF."""
+    """One kind of input frame, tagged ``<tag stem>_<ARM>`` in the SOF.
+
+    Attributes
+    ----------
+    stem : str
+        Name of the input (``LAMP_FLAT``); also the first tag stem.
+    tag_stems : tuple of str
+        Further tag stems accepted as synonyms (older short forms, soxspipe's spelling).
+    frame_types : tuple of str
+        RAW inputs: the header classifications (:data:`soxs_core.detector.rawframe.
+        FRAME_TYPES` stems) a frame must have to be taken as this input.  Two inputs may
+        share a tag (NIR lamp-on and lamp-off flats are both ``LAMP_FLAT_NIR``): the header
+        decides.  Empty means ``(stem,)``.
+    """
 
     stem: str
     group: str  # "RAW" or "CALIB"
@@ -142,27 +162,53 @@ class InputSpec:
     max_count: int | None = None
     required: bool = True
     arms: tuple[str, ...] = ("UVB", "VIS", "NIR")
+    tag_stems: tuple[str, ...] = ()
+    frame_types: tuple[str, ...] = ()
 
     def tags(self) -> list[str]:
-        return [f"{self.stem}_{arm}" for arm in self.arms]
+        """Every tag accepted, the preferred one of each arm first."""
+        stems = dict.fromkeys((self.stem, *self.tag_stems))
+        return [f"{stem}_{arm}" for stem in stems for arm in self.arms]
+
+    def accepts_frame_type(self, frame_type: str | None) -> bool:
+        return frame_type in (self.frame_types or (self.stem,))
 
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """One product: its label and DFS classification (PRO CATG = ``<catg>_<ARM>``)."""
+    """One product: its label and DFS classification (PRO CATG = ``<catg>_<ARM>``).
+
+    Attributes
+    ----------
+    kind : str
+        ``image`` (FLUX/QUAL/ERRS), ``table`` (FITS tables) or ``plot`` (a QC PDF, not a DFS
+        product: no PRO keywords, not in the products SOF).
+    suffix : str
+        Added to the file name when several products share a PRO CATG (UVB per-lamp ones).
+    arms : tuple of str
+        The arms that write it.
+    """
 
     label: str
     catg: str
     description: str
     type: str = "REDUCED"
     tech: str = "IMAGE"
+    kind: str = "image"
+    suffix: str = ""
+    arms: tuple[str, ...] = ("UVB", "VIS", "NIR")
 
     def catg_for(self, arm: Arm) -> str:
         return f"{self.catg}_{arm.name}"
 
     def filename_for(self, arm: Arm) -> str:
         """Base name of the product file for ``arm`` (``master_bias_vis.fits``)."""
-        return f"{self.catg_for(arm).lower()}.fits"
+        extra = f"_{self.suffix}" if self.suffix else ""
+        ext = "pdf" if self.kind == "plot" else "fits"
+        return f"{self.catg_for(arm).lower()}{extra}.{ext}"
+
+    def written_for(self, arm: Arm) -> bool:
+        return arm.name in self.arms
 
 
 @dataclass(frozen=True)
@@ -227,10 +273,14 @@ class RecipeSpec:
         return [arm for arm in ARMS.values() if arm.name in names]
 
     def input_for_tag(self, tag: str) -> InputSpec | None:
-        for spec in self.inputs:
-            if tag in spec.tags():
-                return spec
-        return None
+        """The first input accepting ``tag`` (see :meth:`inputs_for_tag`)."""
+        found = self.inputs_for_tag(tag)
+        return found[0] if found else None
+
+    def inputs_for_tag(self, tag: str) -> list[InputSpec]:
+        """Every input accepting ``tag`` (spelled with commas or underscores)."""
+        tag = normalised_tag(tag)
+        return [spec for spec in self.inputs if tag in spec.tags()]
 
 
 def recipe_class_attrs(spec: RecipeSpec) -> dict[str, str]:
@@ -356,8 +406,13 @@ def man_page(spec: RecipeSpec, include_header: bool = True) -> str:
         out += ["      " + line for line in textwrap.wrap(_describe_param(spec, p), 84)]
     out += ["", "PRODUCTS"]
     for o in spec.outputs:
-        out.append(f"  {o.label}: PRO CATG {o.catg}_<ARM>, PRO TYPE {o.type}, "
-                   f"PRO TECH {o.tech}")
+        arms = "" if set(o.arms) >= {"UVB", "VIS", "NIR"} else f" ({'/'.join(o.arms)} only)"
+        if o.kind == "plot":
+            out.append(f"  {o.label}: QC plot {o.catg.lower()}_<arm>"
+                       f"{'_' + o.suffix if o.suffix else ''}.pdf{arms}")
+        else:
+            out.append(f"  {o.label}: PRO CATG {o.catg}_<ARM>, PRO TYPE {o.type}, "
+                       f"PRO TECH {o.tech}{arms}")
         out += ["      " + line for line in textwrap.wrap(o.description, 84)]
     if spec.qc:
         out += ["", "QC KEYWORDS"]
@@ -402,6 +457,7 @@ class RecipeContext:
     output_dir: Path
     overwrite: bool = False
     products: list[Product] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
     _calib_refs: list[FrameRef] = field(default_factory=list)
     _raw_refs: list[FrameRef] = field(default_factory=list)
 
@@ -470,11 +526,12 @@ class RecipeContext:
                             help=_describe_param(self.spec, p))
                 for p in self.spec.params]
 
-    def save_image(self, output: OutputSpec, image: DetectorImage,
-                   qc: QcMeasurements) -> Product:
-        """Write an image product with its full DFS header.
+    def _product_header(self, output: OutputSpec, qc: QcMeasurements,
+                        frames: Sequence[RawFrame] | None = None):
+        """The DFS header of a product, its file name and its QC cards.
 
-        ``qc`` holds the QC values under their declared names; see :meth:`declared_qc`.
+        ``frames`` are the raw frames the product was made from (the UVB per-lamp products
+        name their own lamp's frames only); all raw frames by default.
         """
         catg = output.catg_for(self.arm)
         header_qc = self.declared_qc(qc)
@@ -484,17 +541,18 @@ class RecipeContext:
                 log.warning("%s: QC %s = %.4g is outside the acceptable range (%g, %g)",
                             catg, name, item.value, low, high)
         filename = output.filename_for(self.arm)
+        used = {f.path for f in frames} if frames is not None else None
+        raw_refs = [r for r in self._raw_refs if used is None or r.path in used]
         # CPL inherits from the first raw frame of the set of frames; PRO SCIENCE follows its
         # DPR CATG (science=None)
-        first = self._raw_refs[0].path
-        first_frame = next(f for frames in self.raw.values() for f in frames
-                           if f.path == first)
+        first = raw_refs[0].path
+        first_frame = next(f for group in self.raw.values() for f in group if f.path == first)
         header = dfs_header(
             recipe=self.spec.name,
             product=ProductInfo(catg=catg, type=output.type, tech=output.tech, science=None,
                                 qc=header_qc),
             filename=filename,
-            raw_frames=self._raw_refs,
+            raw_frames=raw_refs,
             calib_frames=self._calib_refs,
             parameters=self.param_records(),
             inherit_from=first_frame.header,
@@ -503,11 +561,13 @@ class RecipeContext:
         # As CPL recipes do, the product states the exposure time of what it combines: CPL
         # does not inherit EXPTIME, and calibration association matches darks by it.
         header["EXPTIME"] = (first_frame.exptime, "[s] exposure time of the combined frames")
-        header = dicb_sorted(header)
+        return dicb_sorted(header), filename, header_qc
+
+    def _protected(self) -> list[Path]:
         protected = [f.path for frames in self.raw.values() for f in frames]
-        protected += [p for entries in self.calib.values() for p, _ in entries]
-        path = write_product_atomic(image_hdus(image, header), self.output_dir / filename,
-                                    overwrite=self.overwrite, protected=protected)
+        return protected + [p for entries in self.calib.values() for p, _ in entries]
+
+    def _record(self, path: Path, catg: str, header_qc: Mapping[str, QcValue]) -> Product:
         product = Product(path=path, tag=catg)
         self.products.append(product)
         log.info("%s: wrote %s (%s)", self.spec.name, path, catg)
@@ -516,6 +576,38 @@ class RecipeContext:
                 status = "   <-- outside acceptable range" if item.out_of_range else ""
                 log.info("  QC %-14s = %s%s", name, _fmt(item.value), status)
         return product
+
+    def save_image(self, output: OutputSpec, image: DetectorImage,
+                   qc: QcMeasurements, frames: Sequence[RawFrame] | None = None) -> Product:
+        """Write an image product with its full DFS header.
+
+        ``qc`` holds the QC values under their declared names; see :meth:`declared_qc`.
+        """
+        header, filename, header_qc = self._product_header(output, qc, frames)
+        path = write_product_atomic(image_hdus(image, header), self.output_dir / filename,
+                                    overwrite=self.overwrite, protected=self._protected())
+        return self._record(path, output.catg_for(self.arm), header_qc)
+
+    def save_table(self, output: OutputSpec, hdul_for: Callable[[Any], Any],
+                   qc: QcMeasurements, frames: Sequence[RawFrame] | None = None) -> Product:
+        """Write a table product: ``hdul_for(primary_header)`` returns its
+        ``astropy.io.fits.HDUList`` (e.g. :meth:`OrderTable.to_hdus`)."""
+        header, filename, header_qc = self._product_header(output, qc, frames)
+        path = write_table_product_atomic(hdul_for(header), self.output_dir / filename,
+                                          overwrite=self.overwrite,
+                                          protected=self._protected())
+        return self._record(path, output.catg_for(self.arm), header_qc)
+
+    def plot_path(self, output: OutputSpec) -> Path:
+        """Where a QC plot goes; the plotting function writes it atomically."""
+        path = self.output_dir / output.filename_for(self.arm)
+        if find_same_file(path, self._protected()) is not None:
+            raise InputError(f"{path}: the {output.label} plot would overwrite an input")
+        return path
+
+    def record_plot(self, output: OutputSpec, path: Path) -> None:
+        self.plots.append(path)
+        log.info("%s: wrote %s (%s)", self.spec.name, path, output.label)
 
 
 def _fmt(value: Any) -> str:
@@ -546,6 +638,8 @@ def _check_products_can_be_written(spec: RecipeSpec, arm: Arm, output_dir: Path,
     """Refuse, before any reduction, a product that would replace an input or, without
     ``overwrite``, an existing file (the writer checks again when it writes)."""
     for output in spec.outputs:
+        if not output.written_for(arm):
+            continue
         path = output_dir / output.filename_for(arm)
         if find_same_file(path, inputs) is not None:
             raise InputError(f"{path}: the {output.label} product would overwrite an input "
@@ -597,11 +691,12 @@ def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mappi
     try:
         for path_text, tag in frames:
             path = Path(path_text)
-            inp = spec.input_for_tag(tag)
-            if inp is None:
-                known = ", ".join(t for i in spec.inputs for t in i.tags())
+            candidates = spec.inputs_for_tag(tag)
+            if not candidates:
+                known = ", ".join(dict.fromkeys(t for i in spec.inputs for t in i.tags()))
                 raise InputError(f"{path}: unknown tag {tag!r} for {spec.name} "
                                  f"(expected one of {known})")
+            inp = candidates[0]
             try:
                 found = path.exists()
             except OSError as exc:  # e.g. a name longer than the file system allows
@@ -610,13 +705,16 @@ def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mappi
                 raise InputError(f"{path}: file not found")
             if inp.group == "RAW":
                 frame = RawFrame.open(path, scratch)
-                if frame.tag != tag:
+                fitting = [i for i in candidates if i.accepts_frame_type(frame.frame_type)]
+                if not fitting or normalised_tag(tag).rsplit("_", 1)[-1] != frame.arm.name:
                     raise InputError(f"{path}: tagged {tag} but its header says "
-                                     f"{frame.tag or frame.dpr_type}")
+                                     f"{frame.tag or frame.dpr_type} (DPR TYPE "
+                                     f"{frame.dpr_type}, TECH {frame.dpr_tech})")
+                inp = fitting[0]
                 raw.setdefault(inp.stem, []).append(frame)
-                raw_refs.append(FrameRef(path=path, tag=tag))
+                raw_refs.append(FrameRef(path=path, tag=normalised_tag(tag)))
             else:
-                calib.setdefault(inp.stem, []).append((path, tag))
+                calib.setdefault(inp.stem, []).append((path, normalised_tag(tag)))
             log.debug("%s: %s is a %s frame tagged %s", spec.name, path, inp.group, tag)
         for stem, inp in raw_specs.items():
             if inp.required and not raw.get(stem):

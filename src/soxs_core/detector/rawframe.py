@@ -214,9 +214,13 @@ class RawFrame:
 
     @property
     def tag(self) -> str | None:
-        """The SOF tag this frame should carry, e.g. ``BIAS_VIS``."""
-        stem = self.frame_type
-        return f"{stem}_{self.arm.name}" if stem else None
+        """The SOF tag this frame should carry: ``<DPR TYPE, commas as underscores>_<ARM>``
+        (``BIAS_VIS``, ``LAMP_FLAT_NIR``), the convention of soxspipe's SOFs; None for a
+        frame type the pipeline does not know.  NIR lamp-off flats share the lamp-on tag:
+        their DPR TECH (``IMAGE``) tells them apart."""
+        if self.frame_type is None:
+            return None
+        return f"{self.dpr_type.strip().upper().replace(',', '_')}_{self.arm.name}"
 
     @property
     def prepared_shape(self) -> tuple[int, int]:

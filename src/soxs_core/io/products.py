@@ -36,6 +36,7 @@ __all__ = [
     "qc_comment_room",
     "dfs_header",
     "write_product_atomic",
+    "write_table_product_atomic",
     "data_md5",
     "PIPE_ID",
     "NO_CPL_DRS_ID",
@@ -491,7 +492,11 @@ def write_product_atomic(hdus: Sequence[tuple[Header, np.ndarray]], path: str | 
     ProductError
         When the file exists, is an input, or cannot be written.
     """
-    path = Path(path)
+    path = _checked_target(Path(path), overwrite, protected)
+    return _write_via_temporary(path, lambda fh: write_fits(fh, hdus))
+
+
+def _checked_target(path: Path, overwrite: bool, protected: Iterable[Path]) -> Path:
     if find_same_file(path, protected) is not None:
         raise ProductError(f"{path}: refusing to overwrite an input frame")
     if path.exists() and not overwrite:
@@ -505,13 +510,45 @@ def write_product_atomic(hdus: Sequence[tuple[Header, np.ndarray]], path: str | 
     if not os.access(directory, os.W_OK):
         raise ProductError(f"{directory}: output directory is not writable")
     remove_stale_temporaries(directory)
+    return path
+
+
+def _write_via_temporary(path: Path, write: Any) -> Path:
     try:
         with sibling_temporary(path) as tmp:
             with open(tmp, "wb") as fh:
-                write_fits(fh, hdus)
+                write(fh)
             os.replace(tmp, path)
     except OSError as exc:
         raise ProductError(f"{path}: cannot write product ({exc.strerror or exc})") from None
     except ValueError as exc:
         raise ProductError(f"{path}: cannot write product ({exc})") from None
     return path
+
+
+def write_table_product_atomic(hdul: Any, path: str | os.PathLike, overwrite: bool = False,
+                               protected: Iterable[Path] = ()) -> Path:
+    """Write a table product (an ``astropy.io.fits.HDUList``) as
+    :func:`write_product_atomic` writes images: atomically, never over an input, with
+    ``DATAMD5`` (the MD5 of the data units as on disk) and CHECKSUM/DATASUM on every HDU."""
+    import io
+    import warnings
+
+    from astropy.io import fits
+    from astropy.io.fits.verify import VerifyWarning
+
+    path = _checked_target(Path(path), overwrite, protected)
+    with warnings.catch_warnings():
+        # comments too long for their card are cut, as CFITSIO does
+        warnings.simplefilter("ignore", VerifyWarning)
+        if "DATAMD5" in hdul[0].header:
+            buffer = io.BytesIO()
+            hdul.writeto(buffer)
+            raw = buffer.getvalue()
+            digest = hashlib.md5()
+            with fits.open(io.BytesIO(raw)) as back:
+                for hdu in back:
+                    info = hdu.fileinfo()
+                    digest.update(raw[info["datLoc"]:info["datLoc"] + info["datSpan"]])
+            hdul[0].header["DATAMD5"] = digest.hexdigest()
+        return _write_via_temporary(path, lambda fh: hdul.writeto(fh, checksum=True))
