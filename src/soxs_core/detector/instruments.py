@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from soxs_core.errors import InputError
 
-__all__ = ["Arm", "ARMS", "get_arm", "arm_from_header", "INSTRUMENT_NAMES"]
+__all__ = ["Arm", "ARMS", "get_arm", "arm_from_header", "INSTRUMENT_NAMES", "slit_keyword"]
 
 #: Values of the ``INSTRUME`` keyword and the short instrument code used in file names.
 INSTRUMENT_NAMES = {"SOXS": "soxs", "XSHOOTER": "xsh", "SHOOT": "xsh"}
@@ -205,3 +205,11 @@ def arm_from_header(header: Mapping, source: str = "header") -> Arm:
         return get_arm(instrument, arm)
     except InputError:
         raise InputError(f"{source}: {instrument} has no arm {arm!r}") from None
+
+
+def slit_keyword(arm: Arm) -> str:
+    """Header keyword holding the slit (or mask) name of an arm (INSTRUMENTS.md §3.1)."""
+    if arm.instrument == "XSHOOTER":
+        return {"UVB": "ESO INS OPTI3 NAME", "VIS": "ESO INS OPTI4 NAME",
+                "NIR": "ESO INS OPTI5 NAME"}[arm.name]
+    return "ESO INS VISE NAME" if arm.name == "VIS" else "ESO INS NISE NAME"
