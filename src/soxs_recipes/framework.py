@@ -22,6 +22,7 @@ from soxs_core.calib import arm_defaults, qc_ranges
 from soxs_core.detector.instruments import ARMS, Arm, arm_from_header
 from soxs_core.detector.quality import legend as qual_legend
 from soxs_core.detector.rawframe import RawFrame
+from soxs_core.echelle.ordertable import OrderTable, read_order_table
 from soxs_core.errors import InputError
 from soxs_core.io.compressed import ScratchDir
 from soxs_core.io.image import DetectorImage, image_hdus, read_image_product
@@ -493,6 +494,34 @@ class RecipeContext:
                                          md5=str(image.header.get("DATAMD5", "")) or None))
         return image
 
+    def calib_order_table(self, stem: str) -> OrderTable | None:
+        """Read the order table tagged ``<stem>_<ARM>``, if given, checked against the arm."""
+        entries = self.calib.get(stem, [])
+        if not entries:
+            return None
+        path, tag = entries[0]
+        table = read_order_table(path)
+        catg = str(table.header.get("ESO PRO CATG", ("",))[0]).strip()
+        if catg and catg != tag:
+            raise InputError(f"{path}: tagged {tag} but its PRO CATG is {catg}")
+        arm_card = table.header.get("ESO SEQ ARM")
+        inst_card = table.header.get("INSTRUME")
+        arm_name = str(arm_card[0]).strip().upper() if arm_card else None
+        instrument = str(inst_card[0]).strip().upper() if inst_card else None
+        if instrument == "SHOOT":  # the organiser's older spelling of XSHOOTER
+            instrument = "XSHOOTER"
+        if (arm_name and arm_name != self.arm.name) or (
+                instrument and instrument != self.arm.instrument):
+            raise InputError(f"{path}: order table is for {instrument or ''} "
+                             f"{arm_name or ''}".rstrip() + f", the raw frames are "
+                             f"{self.arm.instrument} {self.arm.name}")
+        if table.dispersion_axis != self.arm.dispersion_axis:
+            raise InputError(f"{path}: order table runs along {table.dispersion_axis}, "
+                             f"{self.arm.instrument} {self.arm.name} disperses along "
+                             f"{self.arm.dispersion_axis} (another arm's table?)")
+        self._calib_refs.append(FrameRef(path=path, tag=tag, md5=None))
+        return table
+
     def declared_qc(self, qc: QcMeasurements) -> dict[str, QcValue]:
         """Each declared QC with its value (or why it has none), comment and range.
 
@@ -716,16 +745,21 @@ def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mappi
             else:
                 calib.setdefault(inp.stem, []).append((path, normalised_tag(tag)))
             log.debug("%s: %s is a %s frame tagged %s", spec.name, path, inp.group, tag)
-        for stem, inp in raw_specs.items():
-            if inp.required and not raw.get(stem):
-                raise InputError(f"{spec.name}: no {' or '.join(inp.tags())} frame in the "
-                                 "input")
         all_raw = [f for group in raw.values() for f in group]
+        if not all_raw:
+            wanted = " or ".join(dict.fromkeys(t for i in raw_specs.values() if i.required
+                                               for t in i.tags()[:len(i.arms)]))
+            raise InputError(f"{spec.name}: no raw frame in the input (expected {wanted})")
         arm = all_raw[0].arm
         for frame in all_raw[1:]:
             if frame.arm is not arm:
                 raise InputError(f"{frame.path}: {frame.arm.instrument} {frame.arm.name} "
                                  f"frame mixed with {arm.instrument} {arm.name} frames")
+        for inp in spec.inputs:
+            given = raw.get(inp.stem) if inp.group == "RAW" else calib.get(inp.stem)
+            if inp.required and arm.name in inp.arms and not given:
+                raise InputError(f"{spec.name}: no {inp.stem}_{arm.name} frame in the input "
+                                 f"({inp.description})")
         for inp in spec.inputs:
             count = len(raw.get(inp.stem, [])) if inp.group == "RAW" else len(
                 calib.get(inp.stem, []))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import mbias, mdark
+from . import mbias, mdark, mflat
 
 #: recipe name -> module with SPEC, verify(context), reduce(context) and the PyRecipe class
 RECIPES: dict[str, ModuleType] = {
     mbias.SPEC.name: mbias,
     mdark.SPEC.name: mdark,
+    mflat.SPEC.name: mflat,
 }
 
 

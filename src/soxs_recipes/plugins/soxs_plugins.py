@@ -6,5 +6,6 @@ every PyRecipe subclass it finds in the module.
 
 from soxs_recipes.mbias import SoxsMbias
 from soxs_recipes.mdark import SoxsMdark
+from soxs_recipes.mflat import SoxsMflat
 
-__all__ = ["SoxsMbias", "SoxsMdark"]
+__all__ = ["SoxsMbias", "SoxsMdark", "SoxsMflat"]
