@@ -66,6 +66,8 @@ DETECTOR_DEFAULTS: dict[str, dict[str, Any]] = {
         column_fraction=0.15,
         smooth_fraction=0.4,
         channel_fraction=0.0 if ccd else 0.6,
+        low_sensitivity_pixels=300,
+        dust_clumps=6,
     )
     for code, ccd in (("xsh_uvb", True), ("xsh_vis", True), ("xsh_nir", False),
                       ("soxs_vis", True), ("soxs_nir", False))
@@ -118,6 +120,14 @@ class DetectorTruth:
         Bias excess (e-) of each bad column.
     saturation_adu : float
         Raw level at which the simulated ADC/readout saturates.
+    low_sensitivity_mask : ndarray of bool
+        Low-sensitivity pixels inside the orders (response 0.05-0.4 of nominal: single pixels
+        and small dust-like clumps), apart from every hot, cold, dead, bad-column and
+        static-map pixel.  All False unless the detector belongs to an
+        :class:`~soxs_core.simulate.instrument.InstrumentSimulator` (which says where the
+        orders are); see :meth:`low_sensitivity_pixels`.
+    low_sensitivity_clumps : list of tuple
+        ``(row, col, radius)`` (prepared binned px) of each dust clump.
     """
 
     arm: Arm
@@ -142,6 +152,12 @@ class DetectorTruth:
     base_dark_rate: float = 0.0
     pattern_phases: list[float] = field(default_factory=list)
     pattern_parts: tuple = ()
+    low_sensitivity_mask: np.ndarray | None = None
+    low_sensitivity_clumps: list[tuple[float, float, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.low_sensitivity_mask is None:
+            self.low_sensitivity_mask = np.zeros(self.bias.shape, dtype=bool)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -157,6 +173,15 @@ class DetectorTruth:
         """Rows, columns and relative response of the cold/dead/bad-column pixels."""
         rows, cols = np.nonzero(self.cold_mask)
         return rows, cols, self.sensitivity[rows, cols]
+
+    def low_sensitivity_pixels(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Rows, columns, relative response and clump number (-1: a single pixel; else the
+        index in :attr:`low_sensitivity_clumps`) of the low-sensitivity pixels."""
+        rows, cols = np.nonzero(self.low_sensitivity_mask)
+        clump = np.full(rows.size, -1, dtype=np.int64)
+        for k, (r0, c0, rad) in enumerate(self.low_sensitivity_clumps):
+            clump[np.hypot(rows - r0, cols - c0) <= rad] = k
+        return rows, cols, self.sensitivity[rows, cols], clump
 
     def bias_profile_slopes(self, mask: np.ndarray | None = None) -> tuple[float, float]:
         """Least-squares slopes (e-/px) of the column-mean and row-mean profiles of :attr:`bias`.
@@ -290,6 +315,18 @@ class DetectorSimulator:
         rms (e-) of the frame-to-frame bias-level drift.
     prnu : float, optional
         rms pixel-to-pixel response non-uniformity.
+    low_sensitivity_pixels, dust_clumps : int, optional
+        Numbers of single low-sensitivity pixels and of dust-like clumps (discs of radius
+        1.5-3.5 binned px) placed where :attr:`low_sensitivity_region` allows (default 300 and
+        6; none without a region).
+
+    Attributes
+    ----------
+    low_sensitivity_region : callable or None
+        Returns the bool mask (prepared shape) of the pixels where low-sensitivity pixels may
+        go; set (before the truth is built) by
+        :class:`~soxs_core.simulate.instrument.InstrumentSimulator` to the well-lit inner
+        part of its orders.  ``None``: no low-sensitivity pixels.
     """
 
     def __init__(self, arm: str | Arm = "xsh_vis", binning: str = "1x1",
@@ -301,7 +338,8 @@ class DetectorSimulator:
                  cold_pixel_fraction: float | None = None,
                  hot_rates: tuple[float, float] | None = None, bad_columns: int | None = None,
                  cosmic_rate: float | None = None, bias_drift: float | None = None,
-                 prnu: float | None = None) -> None:
+                 prnu: float | None = None, low_sensitivity_pixels: int | None = None,
+                 dust_clumps: int | None = None) -> None:
         self.arm = resolve_arm(arm)
         self.binx, self.biny = parse_binning(binning)
         self.binning = f"{self.binx}x{self.biny}"
@@ -332,6 +370,9 @@ class DetectorSimulator:
             cosmic_rate=float(cosmic_rate if cosmic_rate is not None else d["cosmic_rate"]),
             bias_drift=float(bias_drift if bias_drift is not None else d["bias_drift"]),
             prnu=float(prnu if prnu is not None else d["prnu"]),
+            low_sensitivity_pixels=int(low_sensitivity_pixels if low_sensitivity_pixels
+                                       is not None else d["low_sensitivity_pixels"]),
+            dust_clumps=int(dust_clumps if dust_clumps is not None else d["dust_clumps"]),
             column_fraction=d["column_fraction"], smooth_fraction=d["smooth_fraction"],
             channel_fraction=d["channel_fraction"],
         )
@@ -344,6 +385,7 @@ class DetectorSimulator:
         self._saturation = (65535.0 if self.arm.is_ccd
                             else min(65535.0, float(self.arm.saturation_adu)))
         self._truth: DetectorTruth | None = None
+        self.low_sensitivity_region = None
         self._electronic: np.ndarray | None = None
         self._readout_dark: np.ndarray | None = None
 
@@ -462,6 +504,8 @@ class DetectorSimulator:
             sens[start:, col] *= np.float32(resp)
             cold[start:, col] = True
 
+        low_mask, clumps = self._low_sensitivity(sens, hot | cold | bpm)
+
         # charge collected by each pixel while the CCD is read out (rows read in order)
         if arm.is_ccd:
             wait_raw = ((np.arange(ny, dtype=np.float32) + 1.0) / ny
@@ -498,7 +542,55 @@ class DetectorSimulator:
                                 for part in self._pattern_parts),
             bad_columns=bad_cols, bad_column_offsets=bad_offsets,
             saturation_adu=self._saturation, base_dark_rate=float(base),
+            low_sensitivity_mask=low_mask, low_sensitivity_clumps=clumps,
         )
+
+    def _low_sensitivity(self, sens: np.ndarray, taken: np.ndarray
+                         ) -> tuple[np.ndarray, list[tuple[float, float, float]]]:
+        """Inject low-sensitivity pixels into ``sens`` (in place) where the region allows.
+
+        Its own random stream keeps every other defect as it was without them.  Clumps are
+        flat-bottomed discs (every affected pixel is in the list, none half-affected) and
+        neither they nor the single pixels touch ``taken`` pixels or each other.
+        """
+        mask = np.zeros(sens.shape, dtype=bool)
+        clumps: list[tuple[float, float, float]] = []
+        if self.low_sensitivity_region is None:
+            return mask, clumps
+        allowed = np.asarray(self.low_sensitivity_region(), dtype=bool) & ~taken
+        rng = self._seed_keys("low-sensitivity")
+        nr, nc = sens.shape
+        free = allowed.copy()
+        for _ in range(self.params["dust_clumps"]):
+            cand = np.flatnonzero(free)
+            if cand.size == 0:
+                break
+            centre = int(cand[rng.integers(cand.size)])
+            r0, c0 = centre // nc, centre % nc
+            rad = float(rng.uniform(1.5, 3.5))
+            level = float(rng.uniform(0.1, 0.35))
+            ri = int(np.ceil(rad))
+            rr, cc = np.mgrid[max(r0 - ri, 0):min(r0 + ri + 1, nr),
+                              max(c0 - ri, 0):min(c0 + ri + 1, nc)]
+            disc = np.hypot(rr - r0, cc - c0) <= rad
+            rr, cc = rr[disc], cc[disc]
+            ok = allowed[rr, cc]
+            rr, cc = rr[ok], cc[ok]
+            sens[rr, cc] = np.clip(level * (1 + 0.1 * rng.standard_normal(rr.size)),
+                                   0.05, 0.4).astype(np.float32)
+            mask[rr, cc] = True
+            clumps.append((float(r0), float(c0), rad))
+            # nothing else within a few pixels of a clump: the clumps stay separate objects
+            r1, r2 = max(r0 - ri - 3, 0), min(r0 + ri + 4, nr)
+            c1, c2 = max(c0 - ri - 3, 0), min(c0 + ri + 4, nc)
+            free[r1:r2, c1:c2] = False
+        cand = np.flatnonzero(free)
+        n = min(self.params["low_sensitivity_pixels"], cand.size)
+        idx = rng.choice(cand, n, replace=False)
+        flat = sens.reshape(-1)
+        flat[idx] = rng.uniform(0.05, 0.4, n).astype(np.float32)
+        mask.reshape(-1)[idx] = True
+        return mask, clumps
 
     # ------------------------------------------------------------------ frames
     def _cosmics(self, rng: np.random.Generator, t_eff: float

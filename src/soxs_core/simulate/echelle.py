@@ -114,7 +114,23 @@ class EchelleFormat:
         n, b = np.broadcast_arrays(np.asarray(order, float), np.asarray(b, float))
         if self._scale is not None:
             return npoly.polyval2d(n / self.n_ref, b / self.b_ref, self._scale)
-        return self._per_order(self._scale_po, n)
+        return self._per_order(self._scale_po, n) * (1.0 + self.scale_variation(n, b))
+
+    def scale_variation(self, order, b):
+        """Relative along-order change of the slit scale of arms whose fitted format has one
+        scale per order (SOXS VIS, whose predicted tables fix no variation).
+
+        Real slit images change width along each order (camera distortion); a smooth
+        ``w1 u + w2 (u² - 1/3)`` in ``u = (B - B_mid) / B_half``, with a slope that changes
+        with the order, makes the slit 3-4 px (about 8 %) wider at one end of each order
+        than at its narrowest.  Zero for the arms whose scale is a 2-D polynomial already.
+        """
+        n, b = np.broadcast_arrays(np.asarray(order, float), np.asarray(b, float))
+        if self._scale is not None:
+            return np.zeros(n.shape)
+        u = (b - self.b_mid) / self.b_half
+        w1 = 0.030 + 0.006 * (n - float(np.mean(self.orders)))
+        return w1 * u + 0.040 * (u * u - 1.0 / 3.0)
 
     def tilt(self, order, b):
         """Slit tilt dB/ds (along-order px per arcsec) of lines of constant wavelength."""

@@ -47,11 +47,20 @@ from soxs_core.simulate.tables import (
     set_time_keywords,
 )
 
-__all__ = ["InstrumentSimulator", "SceneParameters", "FLAT_EXPTIME", "STANDARD_COORDS"]
+__all__ = ["InstrumentSimulator", "SceneParameters", "FLAT_EXPTIME", "STANDARD_COORDS",
+           "SCATTERED_FRACTION", "SCATTER_SCALE_PX"]
 
 #: Default lamp-flat exposure times (s).
 FLAT_EXPTIME = {"xsh_uvb": 30.0, "xsh_vis": 15.0, "xsh_nir": 10.0, "soxs_vis": 20.0,
                 "soxs_nir": 10.0}
+
+#: Default fraction of the in-order light scattered into the smooth halo, per arm: puts the
+#: halo between adjacent bright orders of a lamp flat at ≈3 % of their peak (SOXS VIS ≈2 %).
+SCATTERED_FRACTION = {"xsh_uvb": 0.045, "xsh_vis": 0.045, "xsh_nir": 0.042,
+                      "soxs_vis": 0.10, "soxs_nir": 0.055}
+
+#: Gaussian scale (unbinned px) of the scattered-light halo.
+SCATTER_SCALE_PX = 60.0
 
 #: RA/Dec (deg, J2000) of the standards, for the headers.
 STANDARD_COORDS = {"GD71": (88.1150, 15.8870), "LTT3218": (133.1526, -32.5684),
@@ -91,8 +100,11 @@ class SceneParameters:
         saturation level, at most 45 000 e-.
     lamp_jitter : float
         rms frame-to-frame lamp-brightness change.
-    scattered_fraction : float
-        Fraction of the in-order light scattered into a smooth inter-order background.
+    scattered_fraction : float or None
+        Fraction of the in-order light scattered into a smooth inter-order background
+        (Gaussian halo of :data:`SCATTER_SCALE_PX` unbinned px); default per arm
+        (:data:`SCATTERED_FRACTION`), which puts the light between adjacent bright orders of
+        a lamp flat at about 3 % of their peak (SOXS VIS, with its wide gaps, 2 %).
     resolving_power : float or None
         λ/Δλ; default per arm, scaled inversely with the slit width.
     """
@@ -109,7 +121,7 @@ class SceneParameters:
     standard: str = "GD71"
     flat_level: float | None = None
     lamp_jitter: float = 0.015
-    scattered_fraction: float = 0.015
+    scattered_fraction: float | None = None
     resolving_power: float | None = None
 
 
@@ -140,6 +152,9 @@ class InstrumentSimulator:
         self.scene = scene or SceneParameters()
         sc = self.scene
         self.slit_width = float(sc.slit_width or DEFAULT_SLIT_WIDTH[self.arm.code])
+        self.scattered_fraction = float(SCATTERED_FRACTION[self.arm.code]
+                                        if sc.scattered_fraction is None
+                                        else sc.scattered_fraction)
         self.resolving_power = float(sc.resolving_power or RESOLVING_POWER[self.arm.code]
                                      * DEFAULT_SLIT_WIDTH[self.arm.code] / self.slit_width)
         rng = rng_for(self.seed, self.arm.code, "slit-illumination")
@@ -149,6 +164,8 @@ class InstrumentSimulator:
             ripple_phase=float(rng.uniform(0, 2 * np.pi)))
         self._renderer: Renderer | None = None
         self._cache: dict[tuple, Any] = {}
+        # low-sensitivity pixels go where the flats see them well (built with the truth)
+        self.detector.low_sensitivity_region = self.well_lit_mask
         sat_adu = min(65535.0, self.arm.saturation_adu)
         self.flat_level = float(sc.flat_level or min(0.45 * sat_adu * self.detector.gain,
                                                      45000.0))
@@ -179,19 +196,75 @@ class InstrumentSimulator:
         return f"SLIT{self.slit_width:.1f}"
 
     # ------------------------------------------------------------------ models
-    def lamp_model(self, lamp: str = "QTH") -> np.ndarray:
-        """Expected e- per binned pixel of one nominal lamp-flat exposure (before pixel
-        response), scattered light included."""
-        key = ("lamp", lamp)
+    def _scatter(self, image: np.ndarray) -> np.ndarray:
+        """The scattered-light halo of an image of expected electrons."""
+        det = self.detector
+        return scattered_light(image, self.scattered_fraction,
+                               (SCATTER_SCALE_PX / det.biny, SCATTER_SCALE_PX / det.binx))
+
+    def slit_mask(self, inner: float = 1.0) -> np.ndarray:
+        """Binned pixels whose centre falls within ``inner`` times the half slit length of the
+        centre of an illuminated order (``inner=1``: between the true edges)."""
+        key = ("slit-mask", float(inner))
         if key not in self._cache:
-            spectrum = d2_lamp if lamp.upper() == "D2" else qth_lamp
+            r = self.renderer
+            out = np.zeros(r.shape, dtype=bool)
+            half = 0.5 * self.format.slit_length * float(inner)
+            for order in r.orders:
+                win = r._windows[order]
+                if win is None:
+                    continue
+                rr, cc = r._index(win)
+                sel = win["valid"] & (np.abs(win["s_c"]) <= half)
+                out[rr[sel], cc[sel]] = True
+            self._cache[key] = out
+        return self._cache[key]
+
+    def well_lit_mask(self, inner: float = 0.8, level: float = 0.2) -> np.ndarray:
+        """Where the simulator puts low-sensitivity pixels: within ``inner`` of the half slit
+        of an order (:meth:`slit_mask`) and lit by at least one of the arm's lamps to
+        ``level`` times the flat level."""
+        lit = np.zeros(self.renderer.shape, dtype=bool)
+        for _, lamp in self.flat_kinds():
+            lit |= self.order_light_model(lamp) >= level * self.flat_level
+        return lit & self.slit_mask(inner)
+
+    def order_light_model(self, lamp: str = "QTH") -> np.ndarray:
+        """Expected e- per binned pixel of one nominal lamp-flat exposure in the orders alone
+        (before pixel response, no scattered light)."""
+        lamp = lamp.upper()
+        key = ("lamp-orders", lamp)
+        if key not in self._cache:
+            spectrum = d2_lamp if lamp == "D2" else qth_lamp
             res = self.renderer.render([Source("lamp", spectrum)], 1.0)
             img = res.images["lamp"]
             lit = img[img > 1e-3 * img.max()]
             scale = self.flat_level / float(np.percentile(lit, 99.5))
             img *= np.float32(scale)
-            img += scattered_light(img, self.scene.scattered_fraction)
             self._cache[key] = img
+        return self._cache[key]
+
+    def scattered_model(self, lamp: str = "QTH") -> np.ndarray:
+        """Scattered light of one nominal lamp-flat exposure: e- per binned pixel, before
+        pixel response.
+
+        A flat of lamp factor ``f`` (``info["lamp_factor"]``, ``lamp_factor`` in the night's
+        ``frames.fits``) receives ``f`` times this, multiplied by the pixel response like the
+        rest of its light.  ``lamp_model = order_light_model + scattered_model``.
+        """
+        lamp = lamp.upper()
+        key = ("scattered", lamp)
+        if key not in self._cache:
+            self._cache[key] = self._scatter(self.order_light_model(lamp))
+        return self._cache[key]
+
+    def lamp_model(self, lamp: str = "QTH") -> np.ndarray:
+        """Expected e- per binned pixel of one nominal lamp-flat exposure (before pixel
+        response), scattered light included."""
+        lamp = lamp.upper()
+        key = ("lamp", lamp)
+        if key not in self._cache:
+            self._cache[key] = self.order_light_model(lamp) + self.scattered_model(lamp)
         return self._cache[key]
 
     def _object_source(self, kind: str) -> Source:
@@ -226,8 +299,7 @@ class InstrumentSimulator:
                          lines=sky_lines(self.arm, self.slit_width, sc.sky_level))
             obj = self._object_source(kind)
             res = self.renderer.render([obj, sky], exptime)
-            res.images["scattered"] = scattered_light(res.images["object"] + res.images["sky"],
-                                                      sc.scattered_fraction)
+            res.images["scattered"] = self._scatter(res.images["object"] + res.images["sky"])
             res.flam = obj.flam  # type: ignore[attr-defined]
             self._cache[key] = res
         return self._cache[key]
@@ -376,6 +448,8 @@ class InstrumentSimulator:
                     detector={k: (list(v) if isinstance(v, tuple) else v)
                               for k, v in det.params.items()},
                     scene=asdict(self.scene), slit_width=self.slit_width,
+                    scattered_fraction=self.scattered_fraction,
+                    scatter_scale_px=SCATTER_SCALE_PX,
                     resolving_power=self.resolving_power, flat_level=self.flat_level,
                     orders=self.orders, illumination=asdict(self.illumination),
                     format_source=self.format.source)

@@ -4,9 +4,11 @@ Layout of the night directory::
 
     raw/                 raw frames (uint16 FITS, real header dialect)
     calib/               ORDER_TAB_<ARM>, DISP_TAB_<ARM>, DISP_IMAGE_<ARM> from the truth
-    truth/               detector truth, defect lists, true order table (with edges),
-                         per-frame truth, cosmic-ray pixels, object/sky truth per stare frame,
-                         summary.json
+    truth/               detector truth (with the low-sensitivity pixels), defect lists,
+                         true order table (with edges), true order edges sampled per pixel
+                         (order_edges_truth_<arm>.fits), scattered light of each flat lamp
+                         (scattered_light_<lamp>.fits), per-frame truth, cosmic-ray pixels,
+                         object/sky truth per stare frame, summary.json
     bias.sof dark.sof flat.sof stare.sof std.sof
     reduced/             (written later by the pipeline runner)
 
@@ -33,11 +35,16 @@ from astropy.io import fits
 from soxs_core.errors import InputError
 from soxs_core.io.safety import write_atomically
 from soxs_core.simulate.headers import sof_tag
-from soxs_core.simulate.instrument import InstrumentSimulator, SceneParameters
+from soxs_core.simulate.instrument import (
+    SCATTER_SCALE_PX,
+    InstrumentSimulator,
+    SceneParameters,
+)
 from soxs_core.simulate.tables import write
 
 __all__ = ["simulate_night", "NightResult", "write_detector_truth", "product_path",
-           "REDUCTION_STEPS", "reduction_dir", "reduction_commands"]
+           "REDUCTION_STEPS", "reduction_dir", "reduction_commands", "order_edges_truth",
+           "scattered_truth"]
 
 #: SOF of the night -> recipe that reduces it, in reduction order
 REDUCTION_STEPS: tuple[tuple[str, str], ...] = (
@@ -128,9 +135,76 @@ def write_detector_truth(sim: InstrumentSimulator, path: Path) -> Path:
         fits.Column(name="row_stop", format="K", array=bc[:, 2]),
         fits.Column(name="bias_offset", format="D", array=np.array(t.bad_column_offsets))],
         name="BAD_COLUMNS"))
+    # low-sensitivity pixels (inside the orders; apart from every other defect)
+    lr, lc, lv, lk = t.low_sensitivity_pixels()
+    hdus.append(fits.ImageHDU(t.low_sensitivity_mask.astype(np.uint8), name="LOW_SENS"))
+    hdus.append(fits.BinTableHDU.from_columns([
+        fits.Column(name="row", format="J", array=lr),
+        fits.Column(name="col", format="J", array=lc),
+        fits.Column(name="response", format="E", array=lv),
+        fits.Column(name="clump", format="J", array=lk)], name="LOW_SENS_PIXELS"))
+    cl = np.array(t.low_sensitivity_clumps, dtype=float).reshape(-1, 3)
+    hdus.append(fits.BinTableHDU.from_columns([
+        fits.Column(name="row", format="D", array=cl[:, 0]),
+        fits.Column(name="col", format="D", array=cl[:, 1]),
+        fits.Column(name="radius", format="D", array=cl[:, 2])], name="DUST_CLUMPS"))
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda tmp: fits.HDUList(hdus).writeto(tmp, overwrite=True))
     return path
+
+
+def order_edges_truth(sim: InstrumentSimulator) -> fits.HDUList:
+    """The true order centres and edges of every illuminated order, at every unbinned
+    along-order pixel of its usable length (``EchelleFormat.geometry``).
+
+    Columns (unbinned prepared pixels, 0-based pixel centres, like ORDER_TAB): ``order``,
+    ``b`` (along the order: y, SOXS NIR x), ``centre``, ``a_low``, ``a_up`` (across: the
+    slit ends, where the soft end of the slit illumination falls to half its local level),
+    ``inside`` (both edges on the detector).  A binned pixel ``i`` is centred on unbinned
+    ``i * bin + (bin - 1) / 2``.  ``EchelleFormat.edges(order, b)`` gives the same at any
+    ``b``.
+    """
+    fmt = sim.format
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("order", "b", "centre", "a_low",
+                                                         "a_up", "inside")}
+    for n in sim.orders:
+        g = fmt.geometry(n)
+        if not np.isfinite(g.b_min):
+            continue
+        b = np.arange(g.b_min, g.b_max + 1.0)
+        lo, up = fmt.edges(n, b)
+        cols["order"].append(np.full(b.size, n))
+        cols["b"].append(b)
+        cols["centre"].append(fmt.centre(n, b))
+        cols["a_low"].append(lo)
+        cols["a_up"].append(up)
+        cols["inside"].append((lo >= -0.5) & (up <= fmt.n_across - 0.5))
+    fcols = [fits.Column(name=k, format={"order": "J", "inside": "L"}.get(k, "D"),
+                         unit=None if k in ("order", "inside") else "pix",
+                         array=np.concatenate(v) if v else np.zeros(0))
+             for k, v in cols.items()]
+    hdu = fits.BinTableHDU.from_columns(fcols, name="ORDER_EDGES")
+    hdu.header["ALONG"] = ("y" if fmt.dispersion_axis == "y" else "x", "axis of column b")
+    hdu.header["NACROSS"] = (fmt.n_across, "unbinned pixels across the orders")
+    hdu.header["SOFTNESS"] = (sim.illumination.softness, "slit-end softness [arcsec]")
+    hdu.header["SLITLEN"] = (fmt.slit_length, "slit length [arcsec]")
+    return fits.HDUList([fits.PrimaryHDU(), hdu])
+
+
+def scattered_truth(sim: InstrumentSimulator, lamp: str, exptime: float) -> fits.HDUList:
+    """The scattered light of one nominal flat of a lamp (e- per binned pixel, before pixel
+    response; a flat of lamp factor f receives f times it)."""
+    hdu = fits.PrimaryHDU(sim.scattered_model(lamp))
+    hdr = hdu.header
+    hdr["BUNIT"] = "electron"
+    hdr["LAMP"] = (lamp.upper(), "lamp of the flats")
+    hdr["EXPTIME"] = (float(exptime), "nominal flat exposure [s]")
+    hdr["BINNING"] = sim.detector.binning
+    hdr["FRACTION"] = (sim.scattered_fraction, "fraction of the order light scattered")
+    hdr["SCALEPX"] = (SCATTER_SCALE_PX, "halo Gaussian sigma [unbinned px]")
+    hdr["FLATLEV"] = (sim.flat_level, "peak order level of a nominal flat [e-]")
+    hdr["COMMENT"] = "frame i receives lamp_factor_i (frames.fits) x this x sensitivity"
+    return fits.HDUList([hdu])
 
 
 def _sof(path: Path, entries: list[tuple[Path, str]], outdir: Path, relative: bool) -> Path:
@@ -270,6 +344,13 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
     res.truth["detector"] = write_detector_truth(sim, truth_dir / "detector_truth.fits")
     res.truth["order_tab"] = write(sim.order_table(edges=True, mjd=when[0], exptime=when[1]),
                                    truth_dir / f"order_tab_truth_{tag.lower()}.fits")
+    res.truth["order_edges"] = write(order_edges_truth(sim),
+                                     truth_dir / f"order_edges_truth_{tag.lower()}.fits")
+    if n_flat:
+        for _, lamp in sim.flat_kinds():
+            res.truth[f"scattered_{lamp.lower()}"] = write(
+                scattered_truth(sim, lamp, when[1]),
+                truth_dir / f"scattered_light_{lamp.lower()}.fits")
     res.truth["cosmics"] = write(fits.HDUList([fits.PrimaryHDU()] + cosmic_hdus),
                                  truth_dir / "cosmics.fits")
     keys = list(res.frames[0]) if res.frames else []

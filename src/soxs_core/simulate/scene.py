@@ -315,13 +315,15 @@ def _linear_interp_matrix(n_out: int, n_in: int, block: int) -> np.ndarray:
     return mat
 
 
-def scattered_light(image: np.ndarray, fraction: float, scale_px: float = 60.0,
-                    block: int = 16) -> np.ndarray:
+def scattered_light(image: np.ndarray, fraction: float,
+                    scale_px: float | tuple[float, float] = 60.0, block: int = 16
+                    ) -> np.ndarray:
     """Smooth inter-order scattered light carrying ``fraction`` of the image's total flux.
 
-    The image is block-summed, blurred with a Gaussian of ``scale_px`` (image pixels) and
-    linearly interpolated back (separable matrix products): a broad halo, brightest near the
-    brightest orders.
+    The image is block-summed, blurred with a Gaussian of ``scale_px`` (image pixels; a
+    ``(rows, columns)`` pair for binned images, so that the halo keeps its size on the
+    detector) and linearly interpolated back (separable matrix products): a broad halo,
+    brightest near the brightest orders.
     """
     if fraction <= 0:
         return np.zeros_like(image)
@@ -330,7 +332,8 @@ def scattered_light(image: np.ndarray, fraction: float, scale_px: float = 60.0,
     padded = np.pad(image, ((0, py), (0, px)))
     small = padded.reshape(padded.shape[0] // block, block, padded.shape[1] // block,
                            block).sum(axis=(1, 3), dtype=np.float64)
-    small = gaussian_filter(small, scale_px / block, mode="nearest")
+    sigma = np.broadcast_to(np.asarray(scale_px, float), (2,)) / block
+    small = gaussian_filter(small, tuple(sigma), mode="nearest")
     wy = _linear_interp_matrix(ny, small.shape[0], block)
     wx = _linear_interp_matrix(nx, small.shape[1], block)
     big = (wy @ small) @ wx.T
