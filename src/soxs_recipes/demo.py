@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"simulating a {args.arm.code} night in {night} ...")
     result = simulate_night(night, arm=args.arm.code, binning=args.binning, seed=args.seed,
-                            n_bias=args.n_bias, n_dark=args.n_dark, n_flat=3, n_science=1,
+                            n_bias=args.n_bias, n_dark=args.n_dark, n_flat=5, n_science=1,
                             n_std=1)
     print(f"  {sum(len(v) for v in result.raw.values())} raw frames, truth in "
           f"{night / 'truth'} ({result.seconds:.1f} s)")

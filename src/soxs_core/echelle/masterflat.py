@@ -108,7 +108,7 @@ def verify_flat_inputs(inputs: FlatInputs, min_flats: int) -> None:
     """
     arm = inputs.arm
     if arm.name == "UVB":
-        missing = [f"{stem}_UVB ({lamp[0]} lamp)" for stem, lamp in
+        missing = [f"{stem}_UVB ({lamp} lamp)" for stem, lamp in
                    (("LAMP_DFLAT", "D2"), ("LAMP_QFLAT", "QTH")) if not inputs.flats.get(stem)]
         if missing:
             raise InputError(f"soxs_mflat: UVB flats need both lamps; no {missing[0]} frames "
