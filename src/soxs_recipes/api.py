@@ -30,11 +30,11 @@ from soxs_core.errors import InputError
 from soxs_core.io.compressed import open_fits
 from soxs_core.io.image import DetectorImage, read_image_product
 
-from . import mbias, mdark
+from . import mbias, mdark, mflat
 from .framework import execute, frames_from_sof
 from .settings import read_soxspipe_settings
 
-__all__ = ["soxs_mbias", "soxs_mdark"]
+__all__ = ["soxs_mbias", "soxs_mdark", "soxs_mflat"]
 
 _FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fits.fz", ".fits.Z", ".fz")
 
@@ -119,7 +119,11 @@ class _SoxspipeStyleRecipe:
         """Reduce the frames and return the path of the product."""
         products = execute(self.module.SPEC, self.frames, self._settings(), self.module.reduce,
                            output_dir=self._output_dir(), overwrite=self.overwrite)
-        path = products[0].path
+        # the recipe's first declared product (the UVB per-lamp flats are written before it)
+        main = self.module.SPEC.outputs[0]
+        path = next((p.path for p in products if p.path.name in {
+            main.filename_for(arm) for arm in self.module.SPEC.accepted_arms()}),
+            products[0].path)
         header = read_image_product(path).header
         self.qc = {k[7:]: header[k] for k in header if k.startswith("ESO QC ")}
         return str(path)
@@ -192,3 +196,100 @@ class soxs_mdark(_SoxspipeStyleRecipe):  # noqa: N801
     """Create a master dark; ``produce_product()`` returns its path."""
 
     module = mdark
+
+
+class soxs_mflat(_SoxspipeStyleRecipe):  # noqa: N801
+    """Create a normalised master flat and the order-edge table; ``produce_product()``
+    returns the master flat's path (the order table is written beside it).
+
+    The public steps are those of the seed page, each a thin call into
+    :mod:`soxs_core.echelle.flat` on the recipe's own inputs.
+    """
+
+    module = mflat
+
+    def _context_inputs(self):
+        """The run's FlatInputs and FlatParameters, read through the recipe framework."""
+        captured = {}
+
+        def grab(context):
+            captured["inputs"] = mflat.flat_inputs(context)
+            captured["params"] = mflat.flat_parameters(context)
+            captured["arm"] = context.arm
+
+        execute(self.module.SPEC, self.frames, self._settings(), grab,
+                output_dir=self._output_dir(), overwrite=True)
+        return captured["inputs"], captured["params"]
+
+    def calibrate_frame_set(self):
+        """The lamp flats with their bias/dark/lamp-off detrending attached, per lamp.
+
+        Returns
+        -------
+        dict
+            Input stem (``LAMP_FLAT``; UVB ``LAMP_DFLAT``, ``LAMP_QFLAT``) ->
+            :class:`soxs_core.echelle.flat.CalibratedFlats`.
+        """
+        from soxs_core.echelle import flat
+
+        inputs, params = self._context_inputs()
+        clip = flat.flat_clip_settings(params.stacked_clipping_sigma,
+                                       params.stacked_clipping_iterations)
+        return {stem: flat.calibrate_frame_set(frames, inputs.master_bias,
+                                               inputs.master_dark, inputs.lamp_off or None,
+                                               clip)
+                for stem, frames in inputs.flats.items()}
+
+    def normalise_flats(self, inputFlats, orderTablePath,  # noqa: N803
+                        firstPassMasterFlat=False, lamp=""):  # noqa: N803
+        """Two-stage exposure levels of calibrated flats (see
+        :func:`soxs_core.echelle.flat.normalise_flats`) with the recipe's parameters."""
+        from soxs_core.echelle import flat
+        from soxs_core.echelle.ordertable import read_order_table
+
+        _, params = self._context_inputs()
+        table = orderTablePath if not isinstance(orderTablePath, (str, os.PathLike)) \
+            else read_order_table(orderTablePath)
+        clip = flat.flat_clip_settings(params.stacked_clipping_sigma,
+                                       params.stacked_clipping_iterations)
+        return flat.normalise_flats(inputFlats, table, params.centre_order_window, clip)
+
+    def mask_low_sens_pixels(self, frame, orderTablePath, returnMedianOrderFlux=False,  # noqa: N803
+                             writeQC=True):  # noqa: N803
+        """Flag LOW_SENS pixels of a master flat; returns ``(frame, n_low_sens)``."""
+        from soxs_core.echelle import flat
+        from soxs_core.echelle.ordertable import read_order_table
+
+        image = frame if isinstance(frame, DetectorImage) else read_image_product(frame)
+        table = orderTablePath if not isinstance(orderTablePath, (str, os.PathLike)) \
+            else read_order_table(orderTablePath)
+        binx = int(image.header.get("ESO DET WIN1 BINX", image.header.get("ESO DET BINX", 1)))
+        biny = int(image.header.get("ESO DET WIN1 BINY", image.header.get("ESO DET BINY", 1)))
+        _, params = self._context_inputs()
+        return flat.mask_low_sens_pixels(image, table, binx, biny,
+                                         params.low_sensitivity_clipping_sigma)
+
+    def find_uvb_overlap_order_and_scale(self, dcalibratedFlats, qcalibratedFlats,  # noqa: N803
+                                         orderTable=None, dGoodness=None,  # noqa: N803
+                                         qGoodness=None):  # noqa: N803
+        """Crossover order of the UVB D2 and QTH master flats and the D2 -> QTH scale (see
+        :func:`soxs_core.echelle.flat.find_uvb_overlap_order_and_scale`)."""
+        from soxs_core.echelle import flat
+
+        _, params = self._context_inputs()
+        d, q = dcalibratedFlats, qcalibratedFlats
+        binx = int(d.header.get("ESO DET WIN1 BINX", 1))
+        biny = int(d.header.get("ESO DET WIN1 BINY", 1))
+        return flat.find_uvb_overlap_order_and_scale(d, q, orderTable, binx, biny,
+                                                     dGoodness or {}, qGoodness or {},
+                                                     window=params.centre_order_window)
+
+    def stitch_uv_mflats(self, dMaster, qMaster, orderTable, order, scale):  # noqa: N803
+        """The stitched UVB master flat (see :func:`soxs_core.echelle.flat.stitch_uv_mflats`)."""
+        from soxs_core.echelle import flat
+
+        _, params = self._context_inputs()
+        binx = int(dMaster.header.get("ESO DET WIN1 BINX", 1))
+        biny = int(dMaster.header.get("ESO DET WIN1 BINY", 1))
+        return flat.stitch_uv_mflats(dMaster, qMaster, orderTable, order, scale, binx, biny,
+                                     params.scale_d2_to_qth)

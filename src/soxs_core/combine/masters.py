@@ -325,7 +325,7 @@ def _errors_from_measured_noise(result, frame: RawFrame, raw_noise: float) -> No
 _NO_GOOD_PIXEL = "no good pixel in the master"
 
 
-def _temperature_qc(frame: RawFrame, qc: QcMeasurements) -> None:
+def temperature_qc(frame: RawFrame, qc: QcMeasurements) -> None:
     """``DETECTOR TEMP`` from the first frame's header, or why there is none."""
     key = frame.arm.keywords.get("temperature")
     if not key:
@@ -397,7 +397,7 @@ def make_master_bias(frames: Sequence[RawFrame], settings: MasterSettings,
     qc.add("FPN FRACMAX", fpn, "a frame has no unflagged pattern-noise cell")
     qc.add("BADPIX NUM", nbad)
     qc.add("BADPIX FRAC", nbad / image.data.size)
-    _temperature_qc(frames[0], qc)
+    temperature_qc(frames[0], qc)
     return MasterResult(image=image, qc=qc, raw_read_noise=raw_noise)
 
 
@@ -453,5 +453,5 @@ def make_master_dark(frames: Sequence[RawFrame], settings: MasterSettings,
            _NO_GOOD_PIXEL)
     qc.add("RAW RON", raw_noise, "no finite difference in a frame pair")
     qc.add("MASTER RON", master_noise, _NO_GOOD_PIXEL)
-    _temperature_qc(first, qc)
+    temperature_qc(first, qc)
     return MasterResult(image=image, qc=qc, raw_read_noise=raw_noise)

@@ -10,15 +10,19 @@ pixels) and, for the X-shooter UVB arm, stitches the D2 and QTH masters.  It ret
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from soxs_core.combine.masters import verify_frames
+import numpy as np
+
+from soxs_core.combine.masters import temperature_qc, verify_frames
 from soxs_core.detector.instruments import Arm, slit_keyword
 from soxs_core.detector.rawframe import RawFrame
+from soxs_core.echelle import background, edges, flat, tracing
 from soxs_core.echelle.ordertable import OrderTable
+from soxs_core.echelle.polynomial import fit_order_polynomial
 from soxs_core.errors import InputError
 from soxs_core.io.image import DetectorImage
 from soxs_core.io.products import QcMeasurements
@@ -141,7 +145,185 @@ def verify_flat_inputs(inputs: FlatInputs, min_flats: int) -> None:
                          "TECH IMAGE) or a MASTER_DARK_NIR of their exposure time")
 
 
+#: Unbinned px by which the order edges are widened to mask the orders for the background
+#: fit: the slit ends are soft over about a pixel, and the scattered light is smooth.
+BACKGROUND_MASK_WIDEN = 4.0
+
+
+@dataclass
+class _LampReduction:
+    """What the reduction of one lamp's flats produced."""
+
+    calibrated: flat.CalibratedFlats
+    normalisation: flat.FlatNormalisation
+    master: DetectorImage  # stacked, background subtracted when asked, not finished
+    table: OrderTable
+    report: tracing.EdgeFitReport
+    samples: edges.EdgeSamples
+    background: background.BackgroundModel | None
+
+
+def _full_frame(calibrated: flat.CalibratedFlats, k: int) -> np.ndarray:
+    rows, cols = calibrated.shape
+    data = np.empty((rows, cols), np.float32)
+    err = np.empty_like(data)
+    qual = np.empty((rows, cols), np.uint8)
+    calibrated.reader(k)(0, rows, data, err, qual)
+    data[qual != 0] = np.nan
+    return data
+
+
+def self_trace(calibrated: flat.CalibratedFlats, arm: Arm) -> OrderTable:
+    """Find and number the orders on the flats themselves (no ORDER_TAB given)."""
+    frame = calibrated.frames[0]
+    image = np.nanmedian(np.stack([_full_frame(calibrated, k)
+                                   for k in range(min(3, len(calibrated.frames)))]), axis=0)
+    table = tracing.trace_orders(image, None, arm.dispersion_axis,
+                                 (calibrated.binx, calibrated.biny), arm=arm.code,
+                                 source=str(frame.path))
+    log.info("no ORDER_TAB given: %d orders (%d to %d) traced on the flats themselves and "
+             "numbered from the %s predicted order positions", table.orders.size,
+             int(table.orders.min()), int(table.orders.max()), arm.code)
+    return table
+
+
+def _edges(master: DetectorImage, table: OrderTable, arm: Arm, binning: tuple[int, int],
+           params: FlatParameters) -> tuple[OrderTable, tracing.EdgeFitReport,
+                                            edges.EdgeSamples]:
+    samples = edges.measure_order_edges(
+        master.data, master.qual, table.centre, table.orders.tolist(),
+        list(zip(table.b_min, table.b_max)), arm.dispersion_axis, binning,
+        params.slice_length_for_edge_detection, params.slice_width_for_edge_detection,
+        params.min_percentage_threshold_for_edge_detection,
+        params.max_percentage_threshold_for_edge_detection)
+    fitted, report = tracing.fit_order_edges(
+        samples, table, params.order_deg, params.disp_axis_deg,
+        params.poly_fitting_residual_clipping_sigma, params.poly_clipping_iteration_limit)
+    return fitted, report, samples
+
+
+def _reduce_lamp(frames: list[RawFrame], inputs: FlatInputs, params: FlatParameters,
+                 plots: Mapping[str, Path], suffix: str, written: dict[str, Path]
+                 ) -> _LampReduction:
+    """Detrend, normalise and stack one lamp's flats; find the edges; model the background."""
+    arm = inputs.arm
+    clip = flat.flat_clip_settings(params.stacked_clipping_sigma,
+                                   params.stacked_clipping_iterations)
+    calibrated = flat.calibrate_frame_set(frames, inputs.master_bias, inputs.master_dark,
+                                          inputs.lamp_off or None, clip)
+    binning = (calibrated.binx, calibrated.biny)
+    centres = inputs.order_table or self_trace(calibrated, arm)
+    norm = flat.normalise_flats(calibrated, centres, params.centre_order_window, clip)
+    master = flat.stack_master_flat(calibrated, norm, clip)
+    table, report, samples = _edges(master, centres, arm, binning, params)
+    model = None
+    if params.subtract_background:
+        in_order = table.in_order_mask(master.shape, *binning, widen=BACKGROUND_MASK_WIDEN)
+        model = background.fit_background(master.data, master.qual, in_order,
+                                          arm.dispersion_axis, params.bspline_deg,
+                                          params.gaussian_blur_sigma, errors=master.error)
+        label = "BKGROUND" + suffix
+        if label in plots:
+            written[label] = background.plot_background(
+                plots[label], master.data, model, in_order,
+                f"{arm.instrument} {arm.name}{suffix}: scattered light of the master flat",
+                qual=master.qual)
+        master = background.subtract_background(master, model)
+        # the edges again, on the flat without its scattered-light pedestal
+        table, report, samples = _edges(master, centres, arm, binning, params)
+    return _LampReduction(calibrated, norm, master, table, report, samples, model)
+
+
+def _finish(master: DetectorImage, table: OrderTable, report: tracing.EdgeFitReport,
+            samples: edges.EdgeSamples, normalisation: flat.FlatNormalisation | None,
+            params: FlatParameters, binning: tuple[int, int], frames: list[RawFrame],
+            lamp: str, plots: Mapping[str, Path], written: dict[str, Path]) -> FlatResult:
+    finished = flat.finish_master_flat(master, table, *binning,
+                                       params.low_sensitivity_clipping_sigma)
+    qc = flat.flat_qc(normalisation, finished)
+    qc.update(report.qc)
+    qc.add("N ORDERS", int(table.orders.size))
+    temperature_qc(frames[0], qc)
+    label = "ORDER LOC RES" + (f" {lamp}" if lamp else "")
+    if label in plots:
+        arm = frames[0].arm
+        written[label] = tracing.plot_order_edges(
+            plots[label], finished.image.data, samples, report, table, binning,
+            title=f"{arm.instrument} {arm.name}{' ' + lamp if lamp else ''}: order edges")
+    return FlatResult(lamp=lamp, image=finished.image, table=table, qc=qc, frames=frames,
+                      plots=dict(written))
+
+
+def _union_centres(first: OrderTable, second: OrderTable) -> OrderTable:
+    """One order-centre table over the orders of two (the self-traced D2 and QTH tables)."""
+    ns, bs, as_ = [], [], []
+    rows = {}
+    for table in (first, second):
+        for n, b0, b1 in zip(table.orders, table.b_min, table.b_max):
+            if int(n) in rows:
+                continue
+            b = np.linspace(b0, b1, 64)
+            ns.append(np.full(b.size, float(n)))
+            bs.append(b)
+            as_.append(table.centre(float(n), b))
+            rows[int(n)] = (b0, b1)
+    deg = first.centre.order_deg, first.centre.along_deg
+    fit = fit_order_polynomial(np.concatenate(ns), np.concatenate(bs), np.concatenate(as_),
+                               deg[0], deg[1], 0.0, 0)
+    orders = sorted(rows)
+    return OrderTable(dispersion_axis=first.dispersion_axis, orders=np.array(orders),
+                      b_min=np.array([rows[n][0] for n in orders]),
+                      b_max=np.array([rows[n][1] for n in orders]),
+                      centre=fit.polynomial, n_across=first.n_across, header=dict(first.header),
+                      source=first.source)
+
+
 def make_master_flat(inputs: FlatInputs, params: FlatParameters,
-                     plots: Mapping[str, Path]) -> Sequence[FlatResult]:
-    """Run the reduction; see the module docstring."""
-    raise NotImplementedError
+                     plots: Mapping[str, Path]) -> list[FlatResult]:
+    """Run the reduction (see the module docstring).
+
+    Parameters
+    ----------
+    inputs : FlatInputs
+        Verified with :func:`verify_flat_inputs`.
+    params : FlatParameters
+    plots : mapping
+        QC plot label (``ORDER LOC RES``, ``BKGROUND DLAMP``...) -> where to write it.
+
+    Returns
+    -------
+    list of FlatResult
+        One (VIS/NIR) or three (UVB: D2 lamp, QTH lamp, stitched, in that order).
+    """
+    arm = inputs.arm
+    if arm.name != "UVB":
+        frames = inputs.flats["LAMP_FLAT"]
+        written: dict[str, Path] = {}
+        lamp = _reduce_lamp(frames, inputs, params, plots, "", written)
+        binning = (lamp.calibrated.binx, lamp.calibrated.biny)
+        return [_finish(lamp.master, lamp.table, lamp.report, lamp.samples,
+                        lamp.normalisation, params, binning, frames, "", plots, written)]
+    results, reduced = [], {}
+    for stem, name in LAMPS.items():
+        written = {}
+        frames = inputs.flats[stem]
+        reduced[name] = _reduce_lamp(frames, inputs, params, plots, f" {name}", written)
+        lamp = reduced[name]
+        binning = (lamp.calibrated.binx, lamp.calibrated.biny)
+        results.append(_finish(lamp.master, lamp.table, lamp.report, lamp.samples,
+                               lamp.normalisation, params, binning, frames, name, plots,
+                               written))
+    d, q = reduced["DLAMP"], reduced["QLAMP"]
+    order, scale = flat.find_uvb_overlap_order_and_scale(
+        d.master, q.master, d.table, *binning, d.report.sample_counts,
+        q.report.sample_counts, window=params.centre_order_window)
+    log.info("UVB: D2 and QTH flats stitched at order %d, D2 scaled by %.4g%s", order, scale,
+             "" if params.scale_d2_to_qth else " (not applied: scale-d2-to-qth is false)")
+    stitched = flat.stitch_uv_mflats(d.master, q.master, d.table, order, scale, *binning,
+                                     params.scale_d2_to_qth)
+    centres = inputs.order_table or _union_centres(d.table, q.table)
+    table, report, samples = _edges(stitched, centres, arm, binning, params)
+    frames = [*inputs.flats["LAMP_DFLAT"], *inputs.flats["LAMP_QFLAT"]]
+    results.append(_finish(stitched, table, report, samples, None, params, binning, frames,
+                           "", plots, {}))
+    return results

@@ -153,6 +153,14 @@ class QcMeasurements:
         """Every QC name recorded, with a value or a reason."""
         return set(self.values) | set(self.missing)
 
+    def update(self, other: QcMeasurements) -> None:
+        """Take every value and reason of ``other`` (they replace what was recorded)."""
+        for name, value in other.values.items():
+            self.missing.pop(name, None)
+            self.values[name] = value
+        for name, reason in other.missing.items():
+            self.omit(name, reason)
+
 
 #: The keywords summing up the range checks, written whenever a product has QC values, with
 #: their meanings (header comment of NFAIL, man pages, README).
