@@ -516,20 +516,23 @@ def _link(positions: np.ndarray, cuts: list[CutPeaks], start: int, max_misses: i
     return traces
 
 
-def _trace_fit(t: _Trace) -> np.ndarray:
+def _trace_fit(t: _Trace):
+    """Clipped polynomial ``A(B)`` of one trace (a callable, in a scaled basis)."""
+    from numpy.polynomial import Polynomial
+
     b, a = np.asarray(t.b), np.asarray(t.a)
-    deg = int(min(3, max(1, b.size // 5)))
+    deg = int(min(3, max(1, b.size // 5))) if b.size > 1 else 0
     keep = np.ones(b.size, bool)
-    coef = np.polyfit(b, a, deg)
+    fit = Polynomial.fit(b, a, deg)
     for _ in range(3):
-        r = a - np.polyval(coef, b)
+        r = a - fit(b)
         s = 1.4826 * np.median(np.abs(r[keep] - np.median(r[keep])))
         new = np.abs(r) <= max(5 * s, 0.5)
         if new.sum() <= deg + 1 or (new == keep).all():
             break
         keep = new
-        coef = np.polyfit(b[keep], a[keep], deg)
-    return coef
+        fit = Polynomial.fit(b[keep], a[keep], deg)
+    return fit
 
 
 def _merge_fragments(traces: list[_Trace], spacing: float) -> list[_Trace]:
@@ -546,8 +549,8 @@ def _merge_fragments(traces: list[_Trace], spacing: float) -> list[_Trace]:
                 if ti.b[-1] >= tj.b[0]:  # i must end before j starts
                     continue
                 ends = np.array([ti.b[-1], tj.b[0]])
-                gap_i = np.polyval(fits[i], ends) if len(ti.b) >= 3 else np.full(2, ti.a[-1])
-                gap_j = np.polyval(fits[j], ends) if len(tj.b) >= 3 else np.full(2, tj.a[0])
+                gap_i = fits[i](ends) if len(ti.b) >= 3 else np.full(2, ti.a[-1])
+                gap_j = fits[j](ends) if len(tj.b) >= 3 else np.full(2, tj.a[0])
                 if np.max(np.abs(gap_i - gap_j)) <= max(1.5, 0.2 * spacing):
                     ti.b += tj.b
                     ti.a += tj.a
@@ -574,7 +577,7 @@ def _merge_duplicates(traces: list[_Trace]) -> list[_Trace]:
             if hi < lo:
                 continue
             grid = np.linspace(lo, hi, 8)
-            d = np.median(np.abs(np.polyval(fits[i], grid) - np.polyval(fits[j], grid)))
+            d = np.median(np.abs(fits[i](grid) - fits[j](grid)))
             if d >= 0.5 * min(np.median(ti.w), np.median(tj.w)):
                 continue
             # keep the longer trace's peak where both have one
@@ -599,13 +602,13 @@ def _merge_duplicates(traces: list[_Trace]) -> list[_Trace]:
     return [t for t, ok in zip(traces, alive) if ok]
 
 
-def _compare(t1: tuple[_Trace, np.ndarray], t2: tuple[_Trace, np.ndarray]) -> int:
+def _compare(t1: tuple, t2: tuple) -> int:
     (a, fa), (b, fb) = t1, t2
     lo, hi = max(a.b[0], b.b[0]), min(a.b[-1], b.b[-1])
     grid = np.linspace(lo, hi, 16) if hi > lo else np.array([0.5 * (a.b[0] + b.b[-1])
                                                              if a.b[0] > b.b[-1] else
                                                              0.5 * (a.b[-1] + b.b[0])])
-    d = float(np.mean(np.polyval(fa, grid) - np.polyval(fb, grid)))
+    d = float(np.mean(fa(grid) - fb(grid)))
     return -1 if d < 0 else (1 if d > 0 else 0)
 
 
@@ -789,13 +792,12 @@ def trace_orders(flux: np.ndarray, qual: np.ndarray | None = None, dispersion_ax
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
             profiles = [np.nanmedian(img[p - half:p + half + 1], axis=0) for p in positions]
-    # first pass with light smoothing measures the typical order width; plateaus are then
-    # smoothed over a sixth of their width, so the illumination's bumps on top do not split
-    # them, while narrow ridges keep their contrast
-    first = [find_cut_peaks(p, smooth=1.0) for p in profiles]
-    all_w = np.concatenate([c.width for c in first]) if first else np.zeros(0)
-    smooth = max(1.0, float(np.median(all_w)) / 6.0) if all_w.size else 1.0
-    cuts = [find_cut_peaks(p, smooth=smooth) for p in profiles] if smooth > 1.0 else first
+    # light smoothing only: wider smoothing fills the narrow gaps between bright orders (a
+    # faint order next to a bright one would lose its contrast); the noise bumps on top of a
+    # plateau fail the contrast test, and two peaks closer than the typical order width are
+    # one noisy plateau
+    cuts = [find_cut_peaks(p, smooth=1.0) for p in profiles]
+    all_w = np.concatenate([c.width for c in cuts]) if cuts else np.zeros(0)
     if all_w.size:
         cuts = [c.merged_closer_than(0.75 * float(np.median(all_w))) for c in cuts]
     counts = np.array([c.centre.size for c in cuts])
