@@ -4,6 +4,8 @@ frames, the header dialects soxspipe expects, binned flats and the night's truth
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -114,6 +116,16 @@ def test_low_sensitivity_pixels_known_and_apart(vis22):
     assert not np.array_equal(other.truth.low_sensitivity_mask, mask)
 
 
+def test_low_sensitivity_pixels_avoid_dense_defects():
+    """With 5 % hot and 5 % cold pixels chance alone would put dozens of low-sensitivity
+    pixels on them: none may land there."""
+    sim = InstrumentSimulator("xsh_vis", "2x2", "fast", seed=9, orders=[21, 22],
+                              hot_pixel_fraction=0.05, cold_pixel_fraction=0.05)
+    t = sim.truth
+    assert t.low_sensitivity_mask.sum() >= 300
+    assert not np.any(t.low_sensitivity_mask & (t.cold_mask | t.hot_mask | t.static_bad_mask))
+
+
 def test_low_sensitivity_pixels_seen_in_a_flat(vis22, tmp_path):
     """A raw flat's electrons at the listed pixels are their response times the light."""
     hdul, info = vis22.make_flat("FLAT", 3)
@@ -163,13 +175,14 @@ def test_scattered_light_model(code, orders):
 
 def test_scattered_light_keeps_its_size_when_binned():
     a = InstrumentSimulator("xsh_vis", "1x1", seed=4, orders=[21, 22])
-    b = InstrumentSimulator("xsh_vis", "1x2", seed=4, orders=[21, 22])
+    b = InstrumentSimulator("xsh_vis", "2x2", seed=4, orders=[21, 22])
     sa, sb = a.scattered_model("QTH"), b.scattered_model("QTH")
     oa, ob = a.order_light_model("QTH"), b.order_light_model("QTH")
-    # same fraction of the order light; same shape on the detector (rows binned by 2)
-    blocked = sa.reshape(sa.shape[0] // 2, 2, sa.shape[1]).sum(axis=1)
-    prof_a = blocked.mean(axis=1) / oa.sum()
-    prof_b = sb.mean(axis=1) / ob.sum()
+    # same fraction of the order light, same shape across the orders on the detector
+    ny, nx = sb.shape
+    blocked = sa[:2 * ny, :2 * nx].reshape(ny, 2, nx, 2).sum(axis=(1, 3))
+    prof_a = blocked.mean(axis=0) / oa.sum()
+    prof_b = sb.mean(axis=0) / ob.sum()
     assert np.max(np.abs(prof_a - prof_b)) < 0.03 * prof_a.max()
 
 
@@ -225,26 +238,30 @@ def sim_order(code: str) -> int:
 @pytest.fixture(scope="module")
 def nir_night(tmp_path_factory):
     out = tmp_path_factory.mktemp("mflat") / "soxs_nir"
-    return simulate_night(out, "soxs_nir", seed=6, n_dark=1, n_science=0, n_std=0,
+    return simulate_night(out, "soxs_nir", seed=6, n_dark=0, n_flat=2, n_science=0, n_std=0,
                           orders=[14, 15, 16])
+
+
+def test_night_defaults_take_five_flats_per_lamp():
+    assert inspect.signature(simulate_night).parameters["n_flat"].default >= 5
 
 
 def test_night_flats_lamp_off_and_tags(nir_night):
     flat = _sof(nir_night.sofs["flat"])
     on = [(p, t) for p, t in flat if fits.getheader(p).get("ESO DPR TECH") == "ECHELLE,SLIT"]
     off = [(p, t) for p, t in flat if fits.getheader(p).get("ESO DPR TECH") == "IMAGE"]
-    assert len(on) >= 5 and len(off) >= len(on)        # simulate_night's defaults
+    assert len(on) == 2 and len(off) == len(on)          # one lamp-off per lamp-on flat
     assert {t for _, t in on} == {"LAMP_FLAT_NIR"} and {t for _, t in off} == {"FLAT_LAMP_NIR"}
     exps = {fits.getheader(p)["EXPTIME"] for p, _ in on + off}
     assert len(exps) == 1
     assert flat[-1][1] == "ORDER_TAB_NIR"
 
 
-def test_uvb_night_defaults_five_flats_per_lamp(tmp_path):
+def test_uvb_night_takes_n_flat_per_lamp(tmp_path):
     res = simulate_night(tmp_path / "uvb", "xsh_uvb", "2x2", "fast", seed=6, n_bias=1,
-                         n_dark=0, n_science=0, n_std=0, orders=[19, 20, 21, 22])
+                         n_dark=0, n_flat=2, n_science=0, n_std=0, orders=[19, 20, 21, 22])
     tags = [t for _, t in _sof(res.sofs["flat"])]
-    assert tags.count("LAMP_DFLAT_UVB") == 5 and tags.count("LAMP_QFLAT_UVB") == 5
+    assert tags.count("LAMP_DFLAT_UVB") == 2 and tags.count("LAMP_QFLAT_UVB") == 2
     assert tags[-2:] == ["MASTER_BIAS_UVB", "ORDER_TAB_UVB"]
     for lamp in ("d2", "qth"):
         assert res.truth[f"scattered_{lamp}"].name == f"scattered_light_{lamp}.fits"

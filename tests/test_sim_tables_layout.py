@@ -198,23 +198,30 @@ _READER = textwrap.dedent("""
     import numpy as np
     from soxspipe.commonutils.toolkit import unpack_order_table
     log = logging.getLogger("t")
-    poly, pix, meta = unpack_order_table(log=log, orderTablePath=sys.argv[1], pixelDelta=25)
-    out = {c: np.asarray(pix[c], float).tolist() for c in pix.columns}
-    out["meta_order"] = meta["order"].tolist()
-    print(json.dumps(out))
+    result = []
+    for path in sys.argv[1:]:
+        poly, pix, meta = unpack_order_table(log=log, orderTablePath=path, pixelDelta=25)
+        out = {c: np.asarray(pix[c], float).tolist() for c in pix.columns}
+        out["meta_order"] = meta["order"].tolist()
+        result.append(out)
+    print(json.dumps(result))
 """)
 
 
 @pytest.mark.skipif(not SPVENV.exists(), reason="soxspipe 0.17.4 not installed in /tmp/spvenv")
-@pytest.mark.parametrize("code", ["xsh_vis", "soxs_nir"])
-def test_soxspipe_reads_our_order_table(sims, tmp_path, code):
-    sim = sims[code]
-    fmt = sim.format
-    path = write(sim.order_table(edges=True), tmp_path / "ORDER_TAB.fits")
-    done = subprocess.run([str(SPVENV), "-c", _READER, str(path)], capture_output=True,
+def test_soxspipe_reads_our_order_table(sims, tmp_path):
+    codes = ["xsh_vis", "soxs_nir"]      # both dispersion axes
+    paths = [str(write(sims[c].order_table(edges=True), tmp_path / f"ORDER_TAB_{c}.fits"))
+             for c in codes]
+    done = subprocess.run([str(SPVENV), "-c", _READER, *paths], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    got = json.loads(done.stdout.strip().splitlines()[-1])
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    for code, path, got in zip(codes, paths, results):
+        _check_soxspipe_reading(sims[code].format, path, got)
+
+
+def _check_soxspipe_reading(fmt, path, got):
     along, across = _axes(fmt)
     b = np.array(got[f"{along}coord"])
     n = np.array(got["order"])

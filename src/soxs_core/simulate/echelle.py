@@ -229,11 +229,11 @@ class EchelleFormat:
         lo, up = self.edges(n, b)
         design = np.stack([(n / self.n_ref) ** i * (b / self.b_ref) ** j
                            for i in range(dn + 1) for j in range(db + 1)], axis=1)
-        out, rms = [], 0.0
-        for target in (lo, up):
-            coef = np.linalg.lstsq(design, target, rcond=None)[0]
-            rms = max(rms, float(np.std(design @ coef - target)))
-            out.append(poly2d_raw(coef.reshape(dn + 1, db + 1), self.n_ref, self.b_ref))
+        targets = np.stack([lo, up], axis=1)
+        coef = np.linalg.lstsq(design, targets, rcond=None)[0]   # both edges in one solve
+        rms = float(np.max(np.std(design @ coef - targets, axis=0)))
+        out = [poly2d_raw(coef[:, k].reshape(dn + 1, db + 1), self.n_ref, self.b_ref)
+               for k in range(2)]
         return out[0], out[1], rms
 
 
