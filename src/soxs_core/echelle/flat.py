@@ -471,8 +471,9 @@ def normalise_flats(calibrated: CalibratedFlats, order_table: OrderTable,
     Stage 1: ``level1_k`` = clipped mean (:func:`clipped_mean`) of frame k's good pixels
     (QUAL 0, finite) in the centre band (:func:`centre_band_pixels`).  First-pass master
     ``M1`` = ``clip_and_stack`` of frame_k / level1_k with ``clip`` (evaluated in the band,
-    the only place it is used).  Stage 2: ``level2_k`` = clipped mean over the good band
-    pixels of frame_k / M1.  Each frame is read once here.
+    the only place it is used).  Stage 2: ``level2_k`` = clipped mean of frame_k / M1 over
+    the band pixels good in every frame (so that all frames are measured against the same
+    M1; any good pixel where no pixel is good in all).  Each frame is read once here.
 
     Parameters
     ----------
@@ -527,10 +528,15 @@ def normalise_flats(calibrated: CalibratedFlats, order_table: OrderTable,
     m1 = clip_and_stack_arrays(norm[:, None, :], (errors * scale)[:, None, :],
                                qual[:, None, :], clip, threads=nthreads).value[0]
     del errors
-    usable = np.isfinite(m1) & (m1 > 0)
+    # every frame is measured on the same pixels: where one frame is masked (a saturated
+    # patch, say) the first-pass master is the mean of the others only, and measuring the
+    # other frames there but not that one would tilt their levels against it
+    common = np.isfinite(m1) & (m1 > 0) & np.all(good, axis=0)
+    if not common.any():
+        common = np.isfinite(m1) & (m1 > 0)
     levels = np.empty(nframes)
     for k in range(nframes):
-        sel = good[k] & usable
+        sel = good[k] & common
         ratio = norm[k][sel] / m1[sel]
         levels[k] = first[k] * clipped_mean(ratio)
     return FlatNormalisation(first_levels=first, levels=levels,
