@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -42,11 +43,13 @@ def _display_image(flux: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def render_order_edges(flux: np.ndarray, table: OrderTable, report: EdgeFitReport,
-                       binning: tuple[int, int] = (1, 1), title: str = ""):
+                       binning: tuple[int, int] = (1, 1), title: str = "",
+                       samples: Any = None):
     """The ORDER LOC RES figure (a matplotlib ``Figure``, not saved).
 
     Panels: the frame with the per-slice edge detections (upper and lower in two colours,
-    clipped ones as black crosses); the fitted edges with each order's area filled (alternate
+    clipped ones as black crosses, and the slice centres as grey dots when ``samples`` with a
+    ``centre`` array are given); the fitted edges with each order's area filled (alternate
     colours) and numbered; the residuals against the along-order position with each edge's rms
     and the X RES SD in the legend.
     """
@@ -84,6 +87,11 @@ def render_order_edges(flux: np.ndarray, table: OrderTable, report: EdgeFitRepor
         ax.set_ylim(extent[2], extent[3])
     r = report
     ms = 2.5 if r.b.size < 4000 else 1.5
+    centres = getattr(samples, "centre", None)
+    if centres is not None and np.size(centres) == r.b.size:
+        ok = np.isfinite(centres)
+        ax_det.plot(*xy(np.asarray(centres)[ok], r.b[ok]), ".", ms=1.0, color="0.6",
+                    label="slice centres")
     for values, used, colour, name in ((r.up, r.used_up, UP_COLOUR, "upper"),
                                        (r.low, r.used_low, LOW_COLOUR, "lower")):
         ok = np.isfinite(values)
@@ -140,7 +148,7 @@ def render_order_edges(flux: np.ndarray, table: OrderTable, report: EdgeFitRepor
 
 def plot_order_edges(path: str | os.PathLike, flux: np.ndarray, table: OrderTable,
                      report: EdgeFitReport, binning: tuple[int, int] = (1, 1),
-                     title: str = "") -> Path:
+                     title: str = "", samples: Any = None) -> Path:
     """Write the ORDER LOC RES plot (PDF) atomically; see :func:`render_order_edges`.
 
     Raises
@@ -148,5 +156,5 @@ def plot_order_edges(path: str | os.PathLike, flux: np.ndarray, table: OrderTabl
     OSError
         When the file cannot be written.
     """
-    fig = render_order_edges(flux, table, report, binning, title)
+    fig = render_order_edges(flux, table, report, binning, title, samples)
     return write_atomically(path, lambda tmp: fig.savefig(tmp, format="pdf", dpi=150))

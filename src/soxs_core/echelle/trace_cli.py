@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None, metavar="TRACE.pdf",
                    help="also write the ORDER LOC RES plot (default: none)")
     p.add_argument("--slice-length", type=_odd_positive, default=None,
-                   help="edge slices' length across the orders [px] (default: 1.4 times the "
-                        "median order width found, at least 24)")
+                   help="edge slices' length across the orders [px] (default: twice the median "
+                        "order width found, at least 24)")
     p.add_argument("--slice-width", type=_odd_positive, default=5,
                    help="edge slices' width along the orders [px]")
     p.add_argument("--min-percent", type=_percent, default=20.0,
@@ -161,7 +161,7 @@ def trace_flat_files(flats: list[Path], backgrounds: list[Path], dispersion_axis
     import numpy as np
 
     from soxs_core.echelle.edges import measure_order_edges
-    from soxs_core.echelle.tracing import fit_order_edges, trace_orders
+    from soxs_core.echelle.tracing import fit_order_edges, half_level_edges, trace_orders
     from soxs_core.errors import InputError
 
     say = log or (lambda message: None)
@@ -191,10 +191,23 @@ def trace_flat_files(flats: list[Path], backgrounds: list[Path], dispersion_axis
     say(f"{table.orders.size} orders self-traced, {trace.numbering}")
     widths = np.array(list(trace.widths.values()))
     if slice_length is None:
-        slice_length = max(24, int(round(1.4 * float(np.median(widths)))))
+        # the order and a margin on each side (the kernel walks out to the first valley)
+        slice_length = max(24, int(round(2.0 * float(np.median(widths)))))
     samples = measure_order_edges(flat, qual, table.centre, table.orders,
                                   list(zip(table.b_min, table.b_max)), axis, (1, 1),
                                   slice_length, slice_width, min_percent, max_percent)
+    # slices where the kernel finds no sharp slit end (soft, rounded orders of a defocused
+    # echelle) take the plain half-level crossings of the same slice
+    missing = ~(np.isfinite(samples.low) & np.isfinite(samples.up))
+    if missing.any():
+        low, up = half_level_edges(flat, qual, axis, samples.b[missing],
+                                   samples.centre[missing], slice_length, slice_width)
+        samples.low = samples.low.copy()
+        samples.up = samples.up.copy()
+        samples.low[missing], samples.up[missing] = low, up
+        found = int(np.count_nonzero(np.isfinite(low) & np.isfinite(up)))
+        say(f"{found} of {int(missing.sum())} slices without a sharp edge measured at their "
+            "half-level crossings")
     edges, report = fit_order_edges(samples, table, order_deg, along_deg, clip_sigma,
                                     clip_iterations)
     if report.dropped_orders:
@@ -332,7 +345,7 @@ def _write_outputs(args, table, report, flat) -> None:
               "NBKG": (len(args.background), "background frames subtracted (mean)"),
               "ESO PRO CATG": ("ORDER_TAB", "order table, orders numbered from the bottom")}
     for name, value in report.qc.values.items():
-        header[f"ESO QC {name}"] = (float(value), "[px] absolute residuals of the edge fits")
+        header[f"ESO QC {name}"] = (float(value), "[px] edge fit |residual|")
     table.header.update(header)
     with ExitStack() as stack:
         tmp_table = stack.enter_context(sibling_temporary(args.output))

@@ -36,7 +36,8 @@ from soxs_core.io.products import QcMeasurements
 
 __all__ = [
     "EdgeFitReport", "fit_order_edges", "trace_orders", "TraceReport", "find_cut_peaks",
-    "predicted_order_centres", "assign_order_numbers", "PINHOLE_TABLES",
+    "predicted_order_centres", "assign_order_numbers", "PINHOLE_TABLES", "plot_order_edges",
+    "half_level_edges",
 ]
 
 log = logging.getLogger("soxs.tracing")
@@ -255,6 +256,15 @@ def fit_order_edges(samples: Any, centre_table: OrderTable, order_deg: int, alon
     return table, report
 
 
+def plot_order_edges(path, flux: np.ndarray, samples: Any, report: EdgeFitReport,
+                     table: OrderTable, binning: tuple[int, int] = (1, 1), title: str = ""):
+    """Write the ORDER LOC RES plot of an edge fit (PDF, atomically); the slices' centres
+    come from ``samples``.  See :func:`soxs_core.echelle.plots.plot_order_edges`."""
+    from soxs_core.echelle.plots import plot_order_edges as plot
+
+    return plot(path, flux, table, report, binning, title, samples=samples)
+
+
 # =============================================================================================
 # Self-tracing
 # =============================================================================================
@@ -434,6 +444,45 @@ def find_cut_peaks(profile: np.ndarray, smooth: float = 1.0, sigma: float = PEAK
         heights.append(top - max(left_v, right_v))
     left, right = np.asarray(lefts, float), np.asarray(rights, float)
     return CutPeaks(0.5 * (left + right), right - left, np.asarray(heights, float), left, right)
+
+
+def half_level_edges(flux: np.ndarray, qual: np.ndarray | None, dispersion_axis: str,
+                     b: np.ndarray, centre: np.ndarray, slice_length: int, slice_width: int
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Order edges as the half-prominence crossings of slices (unbinned frame, px).
+
+    The plain definition for any echelle flat: where the flux falls half-way from the order's
+    top to the higher of its neighbouring valleys.  :mod:`soxs_core.echelle.edges` measures a
+    sharp slit end more precisely; this serves slices where that finds no edge (orders with
+    rounded, soft-edged profiles, as a defocused lab echelle has).
+
+    Returns
+    -------
+    low, up : ndarray
+        Per sample (NaN where the slice shows no order at its centre).
+    """
+    img = _oriented(flux, qual, dispersion_axis)
+    n_along, n_across = img.shape
+    low = np.full(np.size(b), np.nan)
+    up = np.full(np.size(b), np.nan)
+    hw, hl = slice_width // 2, slice_length // 2
+    import warnings
+
+    for k, (bb, cc) in enumerate(zip(np.asarray(b, float), np.asarray(centre, float))):
+        i, c = int(round(bb)), int(round(cc))
+        if i - hw < 0 or i + hw >= n_along or not 0 <= c < n_across:
+            continue
+        c0, c1 = max(0, c - hl), min(n_across, c + hl + 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            prof = np.nanmedian(img[i - hw:i + hw + 1, c0:c1], axis=0)
+        peaks = find_cut_peaks(prof, smooth=1.0)
+        if not peaks.centre.size:
+            continue
+        j = int(np.argmin(np.abs(peaks.centre + c0 - cc)))
+        if peaks.left[j] + c0 <= cc <= peaks.right[j] + c0:
+            low[k], up[k] = peaks.left[j] + c0, peaks.right[j] + c0
+    return low, up
 
 
 @dataclass
