@@ -30,7 +30,6 @@ QTH masters; :func:`flat_qc` gathers seed table 60's values.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -388,13 +387,38 @@ def centre_band_pixels(order_table: OrderTable, shape: tuple[int, int], binx: in
 
     The band is ``centre_order_window`` *unbinned* pixels wide, half on each side of every
     order centre (so it covers the same part of the slit whatever the binning), within each
-    order's valid along-order range.
+    order's valid along-order range: the pixels of ``order_table.centre_band_mask``, built
+    here run by run instead of as one full-frame mask per order.
     """
-    labels = np.zeros(shape, np.int16)
+    n_along, n_across, bb, ba = order_table.image_axes(shape, binx, biny)
+    half = 0.5 * float(centre_order_window)
+    along_parts, across_parts, order_parts = [], [], []
     for n in order_table.orders:
-        labels[order_table.centre_band_mask(shape, binx, biny, 0.5 * centre_order_window,
-                                            orders=[n])] = n
-    index = np.flatnonzero(labels).astype(np.int64)
+        b0, b1 = order_table.along_range(int(n))
+        ib = np.arange(max(int(np.ceil(to_binned(b0, bb))), 0),
+                       min(int(np.floor(to_binned(b1, bb))), n_along - 1) + 1)
+        if not ib.size:
+            continue
+        c = order_table.centre(float(n), to_unbinned(ib, bb))
+        first = np.clip(np.ceil(to_binned(c - half, ba)).astype(np.int64), 0, n_across)
+        last = np.clip(np.floor(to_binned(c + half, ba)).astype(np.int64), -1, n_across - 1)
+        width = np.maximum(last - first + 1, 0)
+        total = int(width.sum())
+        if not total:
+            continue
+        start = np.repeat(np.cumsum(width) - width, width)
+        across_parts.append(np.repeat(first, width) + (np.arange(total) - start))
+        along_parts.append(np.repeat(ib, width))
+        order_parts.append(np.full(total, int(n), np.int16))
+    if not along_parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int16)
+    along = np.concatenate(along_parts)
+    across = np.concatenate(across_parts)
+    rows, cols = (along, across) if order_table.dispersion_axis == "y" else (across, along)
+    # a label image sorts the pixels (and keeps a pixel once if two bands ever overlapped)
+    labels = np.zeros(shape, np.int16)
+    labels[rows, cols] = np.concatenate(order_parts)
+    index = np.flatnonzero(labels)
     return index, labels.ravel()[index]
 
 
@@ -612,9 +636,13 @@ def local_level(data: np.ndarray, usable: np.ndarray, rows: np.ndarray, cols: np
     pair = np.isfinite(vals[:, :half]) & np.isfinite(vals[:, half:])
     vals[~np.concatenate([pair, pair], axis=1)] = np.nan
     count = 2 * np.sum(pair, axis=1)
-    with warnings.catch_warnings():  # all-NaN rows (no usable pair) give NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        level = np.nanmedian(vals, axis=1)
+    # median of the finite values of each row: NaN sorts last, so the middle of the first
+    # `count` sorted values (an even count: the mean of the two middle ones)
+    vals.sort(axis=1)
+    upper = np.take_along_axis(vals, np.clip(count // 2, 0, 2 * half - 1)[:, None], 1)[:, 0]
+    lower = np.take_along_axis(vals, np.clip(count // 2 - 1, 0, 2 * half - 1)[:, None],
+                               1)[:, 0]
+    level = np.where(count > 0, 0.5 * (lower + upper), np.nan)
     return level, count
 
 
