@@ -22,6 +22,7 @@ from soxs_core.detector.instruments import Arm, slit_keyword
 from soxs_core.detector.rawframe import RawFrame
 from soxs_core.echelle import background, edges, flat, tracing
 from soxs_core.echelle.ordertable import OrderTable
+from soxs_core.echelle.plots import plot_order_edges
 from soxs_core.echelle.polynomial import fit_order_polynomial
 from soxs_core.errors import InputError
 from soxs_core.io.image import DetectorImage
@@ -226,8 +227,7 @@ def _reduce_lamp(frames: list[RawFrame], inputs: FlatInputs, params: FlatParamet
         if label in plots:
             written[label] = background.plot_background(
                 plots[label], master.data, model, in_order,
-                f"{arm.instrument} {arm.name}{suffix}: scattered light of the master flat",
-                qual=master.qual)
+                f"{arm.instrument} {arm.name}{suffix}: scattered light of the master flat")
         master = background.subtract_background(master, model)
         # the edges again, on the flat without its scattered-light pedestal
         table, report, samples = _edges(master, centres, arm, binning, params)
@@ -247,9 +247,10 @@ def _finish(master: DetectorImage, table: OrderTable, report: tracing.EdgeFitRep
     label = "ORDER LOC RES" + (f" {lamp}" if lamp else "")
     if label in plots:
         arm = frames[0].arm
-        written[label] = tracing.plot_order_edges(
-            plots[label], finished.image.data, samples, report, table, binning,
-            title=f"{arm.instrument} {arm.name}{' ' + lamp if lamp else ''}: order edges")
+        written[label] = plot_order_edges(
+            plots[label], master.data, table, report, binning,
+            title=f"{arm.instrument} {arm.name}{' ' + lamp if lamp else ''}: order edges",
+            samples=samples)
     return FlatResult(lamp=lamp, image=finished.image, table=table, qc=qc, frames=frames,
                       plots=dict(written))
 
