@@ -153,10 +153,11 @@ SPEC = RecipeSpec(
         QcSpec("ORDEXP90", "p90 order-centre flux", unit="e-",
                description="median over the raw flats of the 90th percentile of the flux in "
                "the centre-order band"),
-        QcSpec("COLDPIX NUM", "flagged in-order pix",
-               description="pixels between the order edges flagged in QUAL"),
-        QcSpec("COLDPIX FRAC", "flagged in-order frac",
-               description="fraction of the pixels between the order edges flagged in QUAL"),
+        QcSpec("COLDPIX NUM", "flagged pixels",
+               description="pixels of the master flat flagged in QUAL (static bad, from the "
+               "calibrations, saturated or without data in every flat, low-sensitivity)"),
+        QcSpec("COLDPIX FRAC", "flagged pixel fraction",
+               description="fraction of the master flat's pixels flagged in QUAL"),
         QcSpec("INNER ORDER PIX MEAN", "in-order mean",
                description="mean of the unflagged master-flat pixels between the edges"),
         QcSpec("INNER ORDER PIX SUM", "in-order sum",
