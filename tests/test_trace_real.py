@@ -1,0 +1,166 @@
+"""``soxs-trace`` on real lab-echelle flats (shared/real_data/echelle_lab) and its refusals.
+
+No truth is known for these frames: the orders are counted here from cuts through the frame by
+a method of this test's own, and the traced edges are checked against the light itself.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from scipy import ndimage, signal
+
+from shared_data import require_shared
+from soxs_core.echelle.ordertable import read_order_table
+
+DATA = require_shared("real_data/echelle_lab", module_level=True)
+FLATS = [DATA / f"sphere_CMOS_{i}.fits.gz" for i in range(3)]
+BKGS = [DATA / f"sphere_CMOS_bkg_{i}.fits.gz" for i in range(3)]
+#: cuts across the orders (columns; the dispersion runs along x)
+CUTS = (500, 1280, 2000)
+
+
+def run_trace(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "soxs_core.echelle.trace_cli",
+                           *map(str, args)], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def flat() -> np.ndarray:
+    on = np.mean([fits.getdata(p).astype(float) for p in FLATS], axis=0)
+    off = np.mean([fits.getdata(p).astype(float) for p in BKGS], axis=0)
+    return on - off
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lab")
+    table, plot = out / "TRACE_TAB.fits", out / "TRACE.pdf"
+    res = run_trace(*FLATS, "--background", *BKGS, "--output", table, "--plot", plot)
+    assert res.returncode == 0, res.stderr
+    return read_order_table(table), fits.getheader(table), plot, out
+
+
+def cut(flat: np.ndarray, x: int) -> np.ndarray:
+    return np.median(flat[:, x - 5:x + 6], axis=1)
+
+
+def eye_count(profile: np.ndarray) -> np.ndarray:
+    """Orders a person sees in a cut: bumps that stand well above the noise, at least 20 px
+    apart (positions of the maxima of the 7-px smoothed cut)."""
+    smooth = ndimage.uniform_filter1d(profile, 7)
+    noise = 1.4826 * np.median(np.abs(np.diff(profile))) / np.sqrt(2)
+    peaks, _ = signal.find_peaks(smooth, prominence=10 * noise, distance=20)
+    return peaks
+
+
+def test_every_visible_order_is_found(flat, traced):
+    table, _, _, _ = traced
+    n_seen = 0
+    for x in CUTS:
+        peaks = eye_count(cut(flat, x))
+        crossing = [n for n in table.orders if table.b_min[table.index(n)] <= x
+                    <= table.b_max[table.index(n)]]
+        lows = np.array([table.edge_low(float(n), x) for n in crossing])
+        ups = np.array([table.edge_up(float(n), x) for n in crossing])
+        # every bump seen lies between the edges of one traced order, and each traced order
+        # crossing the cut holds one bump (orders cut by the frame's border excepted)
+        inside = [(lows <= p) & (p <= ups) for p in peaks]
+        assert all(m.sum() == 1 for m in inside), (x, peaks)
+        whole = (lows > 0) & (ups < flat.shape[0] - 1)
+        held = np.array([sum((lo <= p <= up) for p in peaks) for lo, up in zip(lows, ups)])
+        assert np.all(held[whole] == 1), (x, held)
+        n_seen = max(n_seen, peaks.size)
+    assert n_seen >= 28  # "about 30 orders": the count itself is sane
+    # numbered 1, 2, ... from the bottom
+    assert table.orders.tolist() == list(range(1, table.orders.size + 1))
+    cen = [float(table.centre(float(n), 1280)) for n in table.orders
+           if table.b_min[table.index(n)] <= 1280 <= table.b_max[table.index(n)]]
+    assert np.all(np.diff(cen) > 0)
+
+
+def half_crossings(profile: np.ndarray, centre: float) -> tuple[float, float]:
+    """This test's own edges: where the cut falls half-way from the order's top to the lowest
+    point between it and the next order on each side."""
+    c = int(round(centre))
+    top = np.max(profile[c - 5:c + 6])
+    out = []
+    for d in (-1, 1):
+        k = c
+        while 0 < k < profile.size - 1 and profile[k] > 0.5 * top:
+            k += d
+        valley = np.min(profile[min(k, k + 15 * d):max(k, k + 15 * d) + 1])
+        level = 0.5 * (top + valley)
+        k = c
+        while 0 < k < profile.size - 1 and profile[k + d] > level:
+            k += d
+        # linear interpolation between k and k + d
+        out.append(k + d * (profile[k] - level) / (profile[k] - profile[k + d]))
+    return out[0], out[1]
+
+
+def test_edges_follow_the_light(flat, traced):
+    table, header, _, _ = traced
+    contrast, offsets = [], []
+    for n in table.orders:
+        b0, b1 = table.along_range(int(n))
+        for x in np.linspace(b0 + 30, b1 - 30, 12).astype(int):
+            lo, up = float(table.edge_low(float(n), x)), float(table.edge_up(float(n), x))
+            if lo < 8 or up > flat.shape[0] - 9:
+                continue  # cut by the frame's border
+            prof = ndimage.uniform_filter1d(cut(flat, x), 3)
+            centre = prof[int(round(0.5 * (lo + up)))]
+            for edge, d in ((lo, -1), (up, 1)):
+                inner = prof[int(round(edge - 3 * d))]
+                outer = prof[int(round(edge + 3 * d))]
+                contrast.append((inner - outer) / max(centre - outer, 1e-9))
+            mine = half_crossings(prof, 0.5 * (lo + up))
+            offsets += [lo - mine[0], up - mine[1]]
+    contrast, offsets = np.array(contrast), np.abs(offsets)
+    # 3 px inside an edge holds much more light than 3 px outside it
+    assert np.mean(contrast > 0.25) > 0.95, np.percentile(contrast, [1, 5, 50])
+    # the fitted edges are within about a pixel of the half-level crossings of the light
+    assert np.median(offsets) < 0.6 and np.percentile(offsets, 90) < 1.2, \
+        np.percentile(offsets, [50, 90, 99])
+    assert header["HIERARCH ESO QC X RES SD"] < 0.5
+
+
+def test_plot_written_whole(traced):
+    _, _, plot, out = traced
+    data = plot.read_bytes()
+    assert data.startswith(b"%PDF") and data.rstrip().endswith(b"%%EOF")
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("case", ["not_fits", "no_orders", "missing"])
+def test_bad_input_is_one_line(tmp_path, case):
+    out = tmp_path / "TAB.fits"
+    if case == "not_fits":
+        bad = tmp_path / "notes.fits"
+        bad.write_text("this is not a FITS file\n")
+        expect = "not a FITS file"
+    elif case == "no_orders":
+        bad = BKGS[0]  # a lamp-off (dark) frame given as the flat
+        expect = "no echelle order found"
+    else:
+        bad = tmp_path / "absent.fits.gz"
+        expect = "file not found"
+    res = run_trace(bad, "--output", out, "--plot", tmp_path / "P.pdf")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1, res.stderr
+    assert len(lines) == 1 and str(bad) in lines[0] and expect in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["notes.fits"]
+                                                         if case == "not_fits" else [])
+
+
+def test_bad_command_line_is_one_line(tmp_path):
+    res = run_trace(FLATS[0], "--output", tmp_path / "T.fits", "--min-percent", "120")
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and "--min-percent" in res.stderr
+    res = run_trace(FLATS[0], "--output", FLATS[0])
+    assert res.returncode == 2 and "is an input" in res.stderr
