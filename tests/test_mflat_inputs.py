@@ -156,3 +156,15 @@ def test_soxspipe_comma_tags_are_accepted(nights, tmp_path, capsys):
     flats = [e for e in entries if e[1] == "LAMP,FLAT_VIS"]
     rest = [e for e in entries if e[1] != "LAMP,FLAT_VIS"]
     _refused(tmp_path, flats[:4] + rest, capsys, "at least 5")
+
+
+def test_self_tracing_that_finds_no_orders(nights, tmp_path, capsys):
+    """Five lamp-flat frames with no lamp light (a bias given as a flat) and no ORDER_TAB."""
+    sim = InstrumentSimulator("xsh_vis", binning=BINNING["xsh_vis"], orders=ORDERS["xsh_vis"])
+    entries = [e for e in nights["xsh_vis"]["entries"] if e[1] == "MASTER_BIAS_VIS"]
+    for k in range(5):
+        hdul, _ = sim.detector.make_frame("FLAT", 15.0, 40 + k, signal=None)
+        path = tmp_path / f"dark_flat_{k}.fits"
+        hdul.writeto(path)
+        entries.append([str(path), "LAMP_FLAT_VIS"])
+    _refused(tmp_path, entries, capsys, "dark_flat_", "no ", "order")

@@ -10,6 +10,7 @@ pixels) and, for the X-shooter UVB arm, stitches the D2 and QTH masters.  It ret
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,8 +178,10 @@ def _full_frame(calibrated: flat.CalibratedFlats, k: int) -> np.ndarray:
 def self_trace(calibrated: flat.CalibratedFlats, arm: Arm) -> OrderTable:
     """Find and number the orders on the flats themselves (no ORDER_TAB given)."""
     frame = calibrated.frames[0]
-    image = np.nanmedian(np.stack([_full_frame(calibrated, k)
-                                   for k in range(min(3, len(calibrated.frames)))]), axis=0)
+    stack = np.stack([_full_frame(calibrated, k) for k in range(min(3, len(calibrated.frames)))])
+    with warnings.catch_warnings():  # pixels flagged in every frame stay NaN: not traced
+        warnings.simplefilter("ignore", RuntimeWarning)
+        image = np.nanmedian(stack, axis=0)
     table = tracing.trace_orders(image, None, arm.dispersion_axis,
                                  (calibrated.binx, calibrated.biny), arm=arm.code,
                                  source=str(frame.path))
