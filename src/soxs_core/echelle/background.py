@@ -1,0 +1,831 @@
+"""Scattered light: a smooth background modelled from the inter-order pixels of a frame.
+
+Light scattered inside the spectrograph puts a broad, smooth halo under and between the
+orders.  It is measured where no order falls (the *inter-order* pixels) and interpolated
+under the orders.  The frame is handled in its *canonical orientation*: rows of constant
+dispersion position (image rows when the orders run along ``y``, image columns for SOXS NIR,
+which disperses along ``x``).
+
+Method (all but two steps work on a grid of bands, so a 4000 x 2048 frame costs a fraction of
+a second):
+
+1. **Cells.**  The canonical rows are grouped into bands of ``band_rows`` rows (a quarter of
+   ``gaussian_blur_sigma``: the model is smoothed over far more than a band along the
+   dispersion anyway).  In each band, every cross-order position (column) gives one *cell*:
+   the median, interquartile range and count of its usable pixels (outside the widened orders,
+   QUAL free of ``reject_bits``, finite).  The median makes a cell immune to cosmic rays and
+   unflagged hot pixels; it is the one pixel loop (Cython kernel ``_background``, numpy twin
+   :func:`cell_statistics_reference`).
+2. **Across the orders.**  In each band a penalised least-squares B-spline of degree
+   ``bspline_deg`` (a P-spline: uniform knots, second-difference penalty) is fitted to the cell
+   medians, weighted by their inverse variance.  The penalty is scaled so that the spline
+   smooths over ``smoothing_length`` pixels where the data are dense; where there are none
+   (under an order, beyond a masked patch) it bridges linearly, so orders that leave only
+   narrow gaps and masked regions need no special case.  The design matrix is shared by all
+   bands; only the weights differ, so the normal equations of every band come from a few
+   matrix products and one batched solve.  Cells more than ``clip_sigma`` from the fit are
+   rejected and the fit repeated (``clip_iterations`` times at most).
+3. **Along the dispersion.**  The band models are smoothed with a Gaussian of
+   ``gaussian_blur_sigma`` pixels, as a local-linear (Gaussian-weighted) regression on the
+   band centres: in the interior that is exactly a Gaussian blur, and at the frame ends and
+   next to empty bands it does not drag the model towards the mean as a truncated blur would.
+4. **Back to pixels.**  Linear interpolation between band centres (second kernel, with its
+   numpy twin :func:`expand_bands_reference`).
+
+The model's statistical 1-sigma error is propagated through the two linear steps: the spline's
+sandwich covariance, then the squared local-linear weights.  It does not include the error of
+bridging under an order, which depends on the unknown curvature of the light there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.interpolate import BSpline
+
+from soxs_core.io.image import DetectorImage
+
+__all__ = [
+    "BackgroundModel",
+    "fit_background",
+    "subtract_background",
+    "plot_background",
+    "in_order_mask_from_edges",
+    "cell_statistics_reference",
+    "expand_bands_reference",
+    "band_solve_reference",
+]
+
+#: Bits of QUAL that keep a pixel out of the background fit (every bit: a static bad pixel
+#: or a low-sensitivity one does not measure the scattered light faithfully either).
+REJECT_ALL = 0xFF
+
+#: A cell enters the fit only with at least this many usable pixels (one or two pixels are
+#: too easily a cosmic-ray hit or a leaking order edge).
+MIN_CELL_PIXELS = 3
+
+#: Order of the difference penalty of the spline across the orders: third differences bridge
+#: an order with a parabola, so the light keeps its curvature under a bright order.
+PENALTY_ORDER = 3
+
+#: Variance of the median of n normal values is about (pi / 2) sigma^2 / n.
+_MEDIAN_VARIANCE = math.pi / 2.0
+
+#: IQR of a normal distribution in units of sigma.
+_IQR_SIGMA = 1.3489795
+
+
+# ---------------------------------------------------------------------------------- result
+@dataclass
+class BackgroundModel:
+    """A fitted scattered-light model.
+
+    Attributes
+    ----------
+    model : ndarray of float32
+        The background (e-) at every pixel of the frame.
+    uncertainty : ndarray of float32
+        Statistical 1-sigma error (e-) of ``model`` at every pixel.
+    used : ndarray of bool
+        Pixels that could enter the fit (outside the widened orders, good QUAL, finite).
+    dispersion_axis : str
+        ``"y"`` or ``"x"``, as given to :func:`fit_background`.
+    band_rows : int
+        Rows of constant dispersion position per band.
+    band_centres : ndarray
+        Canonical row coordinate of each band's centre.
+    band_model : ndarray
+        The model at the band centres (bands x cross-order pixels), canonical orientation.
+    stats : dict
+        Fit statistics: ``n_used`` (pixels), ``used_fraction``, ``n_cells``, ``n_clipped``
+        (cells rejected by the clipping), ``n_bands_fitted``, ``residual_rms`` (e-, robust rms
+        of the cell medians around the fit), ``chi_rms`` (the same in units of their expected
+        scatter, about 1 when the noise estimate is right), ``model_max``, ``model_median``,
+        ``uncertainty_median`` (e-).
+    parameters : dict
+        The parameters the model was fitted with.
+    """
+
+    model: np.ndarray
+    uncertainty: np.ndarray
+    used: np.ndarray
+    dispersion_axis: str
+    band_rows: int
+    band_centres: np.ndarray
+    band_model: np.ndarray
+    stats: dict[str, float] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------- cells
+def cell_statistics_reference(flux: np.ndarray, qual: np.ndarray, in_order: np.ndarray,
+                              band_rows: int, reject_bits: int = REJECT_ALL,
+                              errors: np.ndarray | None = None
+                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Median, interquartile range, count and mean squared error of the usable pixels of
+    every cell (pure numpy; the twin of the ``_background`` kernel).
+
+    Parameters
+    ----------
+    flux, qual, in_order : ndarray
+        Canonical orientation (rows of constant dispersion position).  A pixel is usable when
+        ``in_order`` is False, ``qual & reject_bits`` is 0 and its flux is finite.
+    band_rows : int
+        Rows per band; the last band takes the rows that are left.
+    reject_bits : int
+        QUAL bits that exclude a pixel.
+    errors : ndarray, optional
+        1-sigma errors; when given, the fourth result is the mean of their squares.
+
+    Returns
+    -------
+    median, iqr, count, mean_var : ndarray
+        Shape (bands, columns).  Median and quartiles (linear interpolation between order
+        statistics, as :func:`numpy.percentile`) in double precision rounded to float32; NaN
+        where the cell has no usable pixel.  ``count`` is int32; ``mean_var`` float32 (NaN
+        without ``errors`` or usable pixels).
+    """
+    rows, cols = flux.shape
+    nb = -(-rows // band_rows)
+    pad = nb * band_rows - rows
+    usable = ~np.asarray(in_order, bool) & ((np.asarray(qual).astype(np.int64)
+                                              & int(reject_bits)) == 0)
+    usable &= np.isfinite(flux)
+    values = np.where(usable, flux, np.inf).astype(np.float32)
+    values = np.pad(values, ((0, pad), (0, 0)), constant_values=np.inf)
+    ok = np.pad(usable, ((0, pad), (0, 0)))
+    srt = np.sort(values.reshape(nb, band_rows, cols), axis=1).astype(np.float64)
+    count = ok.reshape(nb, band_rows, cols).sum(axis=1).astype(np.int32)
+    safe = np.maximum(count, 1)
+
+    def quantile(q: float) -> np.ndarray:
+        pos = q * (safe - 1)
+        lo = np.floor(pos).astype(np.intp)
+        hi = np.minimum(lo + 1, safe - 1)
+        frac = pos - lo
+        vlo = np.take_along_axis(srt, lo[:, None, :], axis=1)[:, 0]
+        vhi = np.take_along_axis(srt, hi[:, None, :], axis=1)[:, 0]
+        # the order of operations is the kernel's
+        return vlo + frac * (vhi - vlo)
+
+    with np.errstate(invalid="ignore"):  # empty cells: inf - inf, replaced below
+        med = quantile(0.5)
+        iqr = quantile(0.75) - quantile(0.25)
+    empty = count == 0
+    med = np.where(empty, np.nan, med).astype(np.float32)
+    iqr = np.where(empty, np.nan, iqr).astype(np.float32)
+    if errors is None:
+        mean_var = np.full(med.shape, np.nan, np.float32)
+    else:
+        e2 = np.where(usable, np.asarray(errors, np.float64) ** 2, 0.0)
+        e2 = np.pad(e2, ((0, pad), (0, 0))).reshape(nb, band_rows, cols)
+        total = np.zeros((nb, cols))
+        for i in range(band_rows):  # row by row from the top: the kernel's summation order
+            total += e2[:, i]
+        mean_var = np.where(empty, np.nan, total / safe).astype(np.float32)
+    return med, iqr, count, mean_var
+
+
+def _cell_statistics(flux, qual, in_order, band_rows, reject_bits, errors, used):
+    """The kernel (it also fills ``used``, the usable pixels, canonical orientation) when it
+    is built, otherwise the numpy twin."""
+    try:
+        from soxs_core import _background
+    except ImportError:  # pragma: no cover - the kernel is part of the build
+        used[...] = (~np.asarray(in_order, bool) & ((qual & reject_bits) == 0)
+                     & np.isfinite(flux))
+        return cell_statistics_reference(flux, qual, in_order, band_rows, reject_bits, errors)
+    rows, cols = flux.shape
+    nb = -(-rows // band_rows)
+    med = np.empty((nb, cols), np.float32)
+    iqr = np.empty((nb, cols), np.float32)
+    count = np.empty((nb, cols), np.int32)
+    mean_var = np.empty((nb, cols), np.float32)
+    err = (np.zeros((1, 1), np.float32) if errors is None
+           else np.asarray(errors, np.float32))
+    _background.cell_statistics(
+        np.asarray(flux, np.float32), np.asarray(qual, np.uint8),
+        np.asarray(in_order, bool).view(np.uint8), int(band_rows), int(reject_bits),
+        err, errors is not None, med, iqr, count, mean_var, used.view(np.uint8))
+    return med, iqr, count, mean_var
+
+
+# ---------------------------------------------------------------------------------- expand
+def expand_bands_reference(values: np.ndarray, centres: np.ndarray, rows: int) -> np.ndarray:
+    """Linear interpolation of band values to every canonical row (pure numpy twin of the
+    ``_background`` kernel).
+
+    Rows beyond the first or last band centre are extrapolated along the line through the two
+    outermost centres.  ``values`` is (bands, columns) float64; the result is float32, each
+    value ``(1 - t) * v0 + t * v1`` computed in double precision.
+    """
+    j, t = _interpolation_weights(centres, rows)
+    if values.shape[0] == 1:
+        return np.repeat(values.astype(np.float32), rows, axis=0)
+    v0 = values[j]
+    v1 = values[j + 1]
+    return ((1.0 - t)[:, None] * v0 + t[:, None] * v1).astype(np.float32)
+
+
+def _interpolation_weights(centres: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    y = np.arange(rows, dtype=np.float64)
+    nb = centres.size
+    if nb == 1:
+        return np.zeros(rows, np.intp), np.zeros(rows)
+    j = np.clip(np.searchsorted(centres, y, side="right") - 1, 0, nb - 2).astype(np.intp)
+    t = (y - centres[j]) / (centres[j + 1] - centres[j])
+    return j, t
+
+
+def _expand(values: np.ndarray, centres: np.ndarray, out: np.ndarray) -> None:
+    """Fill ``out`` (canonical rows x columns, possibly a transposed view) by interpolation."""
+    rows = out.shape[0]
+    try:
+        from soxs_core import _background
+    except ImportError:  # pragma: no cover
+        out[...] = expand_bands_reference(values, centres, rows)
+        return
+    j, t = _interpolation_weights(centres, rows)
+    _background.expand_bands(np.ascontiguousarray(values, np.float64),
+                             j.astype(np.int64), t.astype(np.float64), out)
+
+
+# ---------------------------------------------------------------------------------- spline
+def _spline_basis(n: int, degree: int, spacing: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Uniform-knot B-spline basis over pixel centres ``0 .. n-1``.
+
+    Returns the knot interval of every pixel (non-decreasing; the first non-zero basis
+    function there has the same index), the ``degree + 1`` non-zero basis values at every
+    pixel, the first pixel of every interval and the number of basis functions.
+    """
+    segments = max(1, min(n, int(math.ceil(n / spacing))))
+    lo, hi = -0.5, n - 0.5
+    inner = np.linspace(lo, hi, segments + 1)
+    step = inner[1] - inner[0]
+    knots = np.concatenate([lo - step * np.arange(degree, 0, -1), inner,
+                            hi + step * np.arange(1, degree + 1)])
+    x = np.arange(n, dtype=np.float64)
+    first = np.clip(np.searchsorted(inner, x, side="right") - 1, 0, segments - 1)
+    design = BSpline.design_matrix(x, knots, degree).toarray()
+    rows = np.arange(n)
+    vals = np.stack([design[rows, first + p] for p in range(degree + 1)], axis=1)
+    starts = np.flatnonzero(np.diff(first, prepend=-1))
+    if starts.size != segments:
+        raise ValueError("knot spacing below one pixel")
+    return first.astype(np.intp), vals, starts, segments + degree
+
+
+def _normal_equations(w: np.ndarray, wy: np.ndarray, vals: np.ndarray, starts: np.ndarray,
+                      nbasis: int, bandwidth: int) -> tuple[np.ndarray, np.ndarray]:
+    """``B^T diag(w_b) B`` (band storage) and ``B^T (w_b y_b)`` of every band b.
+
+    Band storage: ``out[b, d, k]`` is the matrix entry ``(k + d, k)``, ``d = 0 ..
+    bandwidth``.  The basis functions non-zero at a pixel are ``first .. first + degree``;
+    pixels sharing an interval are summed with one ``reduceat`` per pair of basis functions.
+    """
+    nb = w.shape[0]
+    deg1 = vals.shape[1]
+    seg = np.arange(starts.size)
+    info = np.zeros((nb, bandwidth + 1, nbasis))
+    rhs = np.zeros((nb, nbasis))
+    for p in range(deg1):
+        rhs[:, seg + p] += np.add.reduceat(wy * vals[:, p], starts, axis=1)
+        for q in range(p, deg1):
+            # entry (first + q, first + p)
+            info[:, q - p, seg + p] += np.add.reduceat(w * (vals[:, p] * vals[:, q]), starts,
+                                                       axis=1)
+    return info, rhs
+
+
+def _difference_penalty_band(nbasis: int, bandwidth: int, order: int) -> np.ndarray:
+    """Difference penalty ``D^T D`` (``order``-th differences) in band storage."""
+    d = np.diff(np.eye(nbasis), n=order, axis=0)
+    full = d.T @ d
+    out = np.zeros((bandwidth + 1, nbasis))
+    for k in range(min(bandwidth, order) + 1):
+        out[k, :nbasis - k] = np.diagonal(full, -k)
+    return out
+
+
+def band_to_dense(ab: np.ndarray) -> np.ndarray:
+    """Dense symmetric matrices from band storage (``ab[..., d, k]`` = entry ``(k + d, k)``)."""
+    p1, n = ab.shape[-2:]
+    out = np.zeros(ab.shape[:-2] + (n, n))
+    k = np.arange(n)
+    for d in range(p1):
+        kk = k[:n - d]
+        out[..., kk + d, kk] = ab[..., d, :n - d]
+        out[..., kk, kk + d] = ab[..., d, :n - d]
+    return out
+
+
+def band_solve_reference(ab: np.ndarray, rhs: np.ndarray, want_inverse: bool = True
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Solutions and band of the inverse of stacked symmetric band matrices (numpy twin of
+    the kernel's ``band_solve``; dense algebra, so equal to it to rounding only).
+
+    Returns ``x`` (bands x n), ``zb`` (the inverse's band, layout of ``ab``) and ``failed``
+    (uint8, 1 where a matrix is not positive definite).
+    """
+    nb, p1, n = ab.shape
+    x = np.zeros((nb, n))
+    zb = np.zeros((nb, p1, n))
+    failed = np.zeros(nb, np.uint8)
+    dense = band_to_dense(ab)
+    for b in range(nb):
+        try:
+            np.linalg.cholesky(dense[b])
+        except np.linalg.LinAlgError:
+            failed[b] = 1
+            continue
+        x[b] = np.linalg.solve(dense[b], rhs[b])
+        if want_inverse:
+            inv = np.linalg.inv(dense[b])
+            for d in range(p1):
+                zb[b, d, :n - d] = np.diagonal(inv, -d)
+    return x, zb, failed
+
+
+def _band_solve(ab: np.ndarray, rhs: np.ndarray, want_inverse: bool
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        from soxs_core import _background
+    except ImportError:  # pragma: no cover
+        return band_solve_reference(ab, rhs, want_inverse)
+    ab = np.ascontiguousarray(ab, np.float64)
+    x = np.zeros(rhs.shape)
+    zb = np.zeros(ab.shape)
+    failed = np.zeros(ab.shape[0], np.uint8)
+    _background.band_solve(ab, np.ascontiguousarray(rhs, np.float64), x, zb,
+                           bool(want_inverse), failed)
+    return x, zb, failed
+
+
+def _evaluate(coef: np.ndarray, first: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """Spline values (bands x columns) from coefficients (bands x nbasis)."""
+    out = np.zeros((coef.shape[0], first.size))
+    for p in range(vals.shape[1]):
+        out += coef[:, first + p] * vals[:, p]
+    return out
+
+
+def _quadratic_form(zb: np.ndarray, first: np.ndarray, vals: np.ndarray) -> np.ndarray:
+    """``b_c^T Z_b b_c`` for every band b and column c, from the band of Z_b."""
+    out = np.zeros((zb.shape[0], first.size))
+    deg1 = vals.shape[1]
+    for p in range(deg1):
+        for q in range(deg1):
+            lo, d = (first + min(p, q)), abs(p - q)
+            out += zb[:, d, lo] * (vals[:, p] * vals[:, q])
+    return out
+
+
+# ---------------------------------------------------------------------------------- smoothing
+def _local_linear(values: np.ndarray, variance: np.ndarray, x: np.ndarray,
+                  weight: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-weighted local-linear regression of ``values`` (bands x columns) on the band
+    positions ``x``, evaluated at the same positions, and the propagated variance."""
+    dx = x[None, :] - x[:, None]  # (i, j): x_j - x_i
+    g = np.exp(-0.5 * (dx / sigma) ** 2) * weight[None, :]
+    g[np.abs(dx) > 4.0 * sigma] = 0.0
+    s0 = g.sum(axis=1)
+    s1 = (g * dx).sum(axis=1)
+    s2 = (g * dx * dx).sum(axis=1)
+    det = s0 * s2 - s1 * s1
+    flat = det <= 1e-12 * np.maximum(s0 * s2, 1e-300)
+    # equivalent kernel: l_ij = g_ij (s2_i - s1_i dx_ij) / det_i; a constant where the local
+    # line is undetermined (a single band in reach)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lin = g * (s2[:, None] - s1[:, None] * dx) / det[:, None]
+        const = g / s0[:, None]
+    ell = np.where(flat[:, None], const, lin)
+    ell = np.nan_to_num(ell, nan=0.0, posinf=0.0, neginf=0.0)
+    return ell @ values, (ell * ell) @ variance
+
+
+# ---------------------------------------------------------------------------------- fit
+def _canonical(array: np.ndarray, dispersion_axis: str) -> np.ndarray:
+    return array if dispersion_axis == "y" else array.T
+
+
+def fit_background(flux: np.ndarray, qual: np.ndarray | None, in_order: np.ndarray,
+                   dispersion_axis: str, bspline_deg: int = 2,
+                   gaussian_blur_sigma: float = 65.0, errors: np.ndarray | None = None, *,
+                   smoothing_length: float | None = None, band_rows: int | None = None,
+                   clip_sigma: float = 5.0, clip_iterations: int = 2,
+                   reject_bits: int = REJECT_ALL) -> BackgroundModel:
+    """Model the scattered light of a frame from its inter-order pixels.
+
+    Parameters
+    ----------
+    flux : ndarray
+        The frame (e-), detrended.
+    qual : ndarray of uint8 or None
+        QUAL bits; pixels with any of ``reject_bits`` set are not used.
+    in_order : ndarray of bool
+        True where a pixel belongs to an order (widened beyond its edges): not background.
+    dispersion_axis : {"y", "x"}
+        Image axis along which the orders run (``x`` for SOXS NIR).
+    bspline_deg : int
+        Degree of the spline fitted across the orders (along each row of constant dispersion
+        position).
+    gaussian_blur_sigma : float
+        Sigma (px) of the Gaussian smoothing of the model along the dispersion direction.
+    errors : ndarray, optional
+        1-sigma errors of ``flux``: weights and the model's error then come from them,
+        otherwise from the scatter of the inter-order pixels themselves.
+    smoothing_length : float, optional
+        Scale (px) over which the spline smooths across the orders where the inter-order
+        pixels are dense; default ``gaussian_blur_sigma / 3`` (at least 6 px).
+    band_rows : int, optional
+        Rows of constant dispersion position per band; default ``gaussian_blur_sigma / 4``
+        (at least 2).
+    clip_sigma : float
+        Cells whose median lies further than this many expected sigma from the fit are
+        rejected.
+    clip_iterations : int
+        Maximum number of fit-and-clip cycles.
+    reject_bits : int
+        QUAL bits that exclude a pixel.
+
+    Returns
+    -------
+    BackgroundModel
+
+    Raises
+    ------
+    ValueError
+        When the shapes disagree, a parameter is out of range or no pixel is usable.
+    """
+    flux = np.asarray(flux)
+    if flux.ndim != 2:
+        raise ValueError("flux must be a 2-D image")
+    if dispersion_axis not in ("x", "y"):
+        raise ValueError(f"dispersion_axis must be 'x' or 'y', not {dispersion_axis!r}")
+    if qual is None:
+        qual = np.zeros(flux.shape, np.uint8)
+    in_order = np.asarray(in_order, bool)
+    for name, arr in (("qual", qual), ("in_order", in_order), ("errors", errors)):
+        if arr is not None and np.shape(arr) != flux.shape:
+            raise ValueError(f"{name} has shape {np.shape(arr)}, flux {flux.shape}")
+    deg = int(bspline_deg)
+    if not 1 <= deg <= 5:
+        raise ValueError(f"bspline_deg must be 1 to 5, not {bspline_deg}")
+    sigma = float(gaussian_blur_sigma)
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"gaussian_blur_sigma must be positive, not {gaussian_blur_sigma}")
+    length = float(smoothing_length if smoothing_length is not None else max(6.0, sigma / 3))
+    if not (math.isfinite(length) and length > 0):
+        raise ValueError(f"smoothing_length must be positive, not {smoothing_length}")
+
+    cflux = _canonical(flux, dispersion_axis)
+    cqual = _canonical(np.asarray(qual), dispersion_axis)
+    cmask = _canonical(in_order, dispersion_axis)
+    cerr = None if errors is None else _canonical(np.asarray(errors), dispersion_axis)
+    rows, cols = cflux.shape
+    h = int(band_rows) if band_rows is not None else max(2, int(round(sigma / 4)))
+    h = max(1, min(h, rows))
+
+    used = np.empty(flux.shape, bool)
+    med, iqr, count, mean_var = _cell_statistics(cflux, cqual, cmask, h, reject_bits, cerr,
+                                                 _canonical(used, dispersion_axis))
+    nb = med.shape[0]
+    starts = np.arange(nb) * h
+    centres = 0.5 * (starts + np.minimum(starts + h, rows) - 1)
+
+    good = count >= MIN_CELL_PIXELS
+    n_used_cells = int(good.sum())
+    if n_used_cells == 0:
+        raise ValueError("no inter-order pixel is usable for the background")
+
+    # per-pixel variance of each cell: from the errors when given, else from the band's
+    # typical scatter (one value per band, so that the weights do not follow the data's own
+    # fluctuations)
+    # (every fourth column is plenty for a median and four times cheaper)
+    spread = np.where(good & (count >= 4), iqr, np.inf)[:, ::4]
+    n_spread = np.isfinite(spread).sum(axis=1)
+    srt = np.sort(spread, axis=1)
+    pix_sigma_band = np.take_along_axis(
+        srt, np.maximum(n_spread - 1, 0)[:, None] // 2, axis=1)[:, 0] / _IQR_SIGMA
+    pix_sigma_band[n_spread == 0] = np.nan
+    finite = np.isfinite(pix_sigma_band)
+    fill = float(np.median(pix_sigma_band[finite])) if finite.any() else 1.0
+    pix_sigma_band = np.where(np.isfinite(pix_sigma_band) & (pix_sigma_band > 0),
+                              pix_sigma_band, fill if fill > 0 else 1.0)
+    if errors is not None:
+        pix_var = np.where(good, mean_var.astype(np.float64), np.nan)
+    else:
+        pix_var = np.broadcast_to((pix_sigma_band ** 2)[:, None], med.shape).copy()
+    pix_var = np.where(np.isfinite(pix_var) & (pix_var > 0), pix_var,
+                       (pix_sigma_band ** 2)[:, None])
+    cell_var = _MEDIAN_VARIANCE * pix_var / np.maximum(count, 1)
+    y = np.where(good, med.astype(np.float64), 0.0)
+
+    spacing = max(2.0, length / 1.0)
+    first, vals, starts, nbasis = _spline_basis(cols, deg, spacing)
+    bandwidth = max(deg, PENALTY_ORDER)
+    penalty = _difference_penalty_band(nbasis, bandwidth, PENALTY_ORDER)
+    active = good.copy()
+    n_clipped = 0
+    iterations = max(0, int(clip_iterations))
+    for it in range(iterations + 1):
+        w = np.where(active, 1.0 / cell_var, 0.0)
+        info, rhs = _normal_equations(w, w * y, vals, starts, nbasis, bandwidth)
+        density = w.sum(axis=1) / cols  # weight per pixel
+        # smoothing-spline scaling: the penalty matches the data's weight over
+        # `length` pixels, so the spline smooths over about that scale where data are dense
+        lam = density * length ** (2 * PENALTY_ORDER) / spacing ** (2 * PENALTY_ORDER - 1)
+        system = info + lam[:, None, None] * penalty[None]
+        # a whisper of ridge keeps bands with almost no data solvable
+        system[:, 0, :] += 1e-9 * np.maximum(system[:, 0, :].mean(axis=1), 1e-300)[:, None]
+        band_ok = active.sum(axis=1) >= max(deg + 2, 3)
+        last = it == iterations
+        coef, zb, failed = _band_solve(system, rhs, want_inverse=True)
+        band_ok &= failed == 0
+        coef[~band_ok] = 0.0
+        fit = _evaluate(coef, first, vals)
+        z = (y - fit) / np.sqrt(cell_var)
+        if last:
+            break
+        reject = active & band_ok[:, None] & (np.abs(z) > clip_sigma)
+        if not reject.any():
+            break
+        n_clipped += int(reject.sum())
+        active &= ~reject
+
+    # posterior (Bayesian) variance of the spline, b^T A^-1 b: an upper bound of its
+    # sampling variance, equal to it where the data outweigh the penalty
+    fit_var = np.where(band_ok[:, None], _quadratic_form(zb, first, vals), 0.0)
+
+    sel = active & band_ok[:, None]
+    resid = (y - fit)[sel]
+    chi = z[sel]
+    resid_rms = float(1.4826 * np.median(np.abs(resid - np.median(resid)))) if resid.size else 0.0
+    chi_rms = float(1.4826 * np.median(np.abs(chi - np.median(chi)))) if chi.size else 0.0
+
+    weight = band_ok.astype(np.float64)
+    smooth, smooth_var = _local_linear(fit, fit_var, centres, weight, sigma)
+    smooth_err = np.sqrt(np.maximum(smooth_var, 0.0))
+
+    model = np.empty(flux.shape, np.float32)
+    unc = np.empty(flux.shape, np.float32)
+    _expand(smooth, centres, _canonical(model, dispersion_axis))
+    _expand(smooth_err, centres, _canonical(unc, dispersion_axis))
+
+    n_used = int(np.count_nonzero(used))
+    stats = dict(n_used=n_used, used_fraction=n_used / flux.size, n_cells=n_used_cells,
+                 n_clipped=n_clipped, n_bands_fitted=int(band_ok.sum()),
+                 residual_rms=resid_rms, chi_rms=chi_rms,
+                 model_max=float(smooth.max()), model_median=float(np.median(smooth)),
+                 uncertainty_median=float(np.median(smooth_err)))
+    params = dict(bspline_deg=deg, gaussian_blur_sigma=sigma, smoothing_length=length,
+                  band_rows=h, clip_sigma=float(clip_sigma),
+                  clip_iterations=int(clip_iterations), reject_bits=int(reject_bits))
+    return BackgroundModel(model=model, uncertainty=unc, used=used,
+                           dispersion_axis=dispersion_axis, band_rows=h, band_centres=centres,
+                           band_model=smooth, stats=stats, parameters=params)
+
+
+# ---------------------------------------------------------------------------------- subtract
+def subtract_background(image: DetectorImage, model: BackgroundModel) -> DetectorImage:
+    """The image minus the background model; the model's error is added to ERRS in
+    quadrature and QUAL is kept.
+
+    Raises
+    ------
+    ValueError
+        When the model was fitted to a frame of another shape.
+    """
+    if model.model.shape != image.shape:
+        raise ValueError(f"background model of shape {model.model.shape} for an image of "
+                         f"shape {image.shape}")
+    data = (np.asarray(image.data, np.float32) - model.model).astype(np.float32)
+    unc = np.asarray(model.uncertainty, np.float32)
+    err = np.sqrt(np.asarray(image.error, np.float32) ** 2 + unc ** 2).astype(np.float32)
+    return DetectorImage(data=data, error=err, qual=np.array(image.qual, np.uint8, copy=True),
+                         header=image.header.copy())
+
+
+# ---------------------------------------------------------------------------------- mask
+def in_order_mask_from_edges(shape: tuple[int, int], orders: Sequence[int],
+                             b_ranges: Mapping[int, tuple[float, float]]
+                             | Sequence[tuple[float, float]],
+                             low_fn: Callable[[int, np.ndarray], np.ndarray],
+                             up_fn: Callable[[int, np.ndarray], np.ndarray],
+                             dispersion_axis: str, binning: tuple[int, int] = (1, 1),
+                             widen: float = 3.0) -> np.ndarray:
+    """Boolean image, True on every pixel that an order (widened) touches.
+
+    Parameters
+    ----------
+    shape : (rows, cols)
+        Shape of the (binned) frame.
+    orders : sequence of int
+        Order numbers.
+    b_ranges : mapping or sequence
+        ``(b_min, b_max)`` along-order range (unbinned px) of each order, keyed by order
+        number or in the order of ``orders``.
+    low_fn, up_fn : callable
+        ``f(order, b_unbinned) -> a_unbinned``: the lower and upper cross-order edges.
+    dispersion_axis : {"y", "x"}
+        Image axis along which the orders run.
+    binning : (binx, biny)
+        Binning of the frame; binned index ``i`` has its centre at unbinned
+        ``i * bin + (bin - 1) / 2``.
+    widen : float
+        Margin (binned px) added beyond both edges and beyond both ends of each order.
+
+    Returns
+    -------
+    ndarray of bool
+    """
+    rows, cols = (int(s) for s in shape)
+    binx, biny = (int(b) for b in binning)
+    if dispersion_axis == "y":
+        n_b, n_a, bb, ba = rows, cols, biny, binx
+    elif dispersion_axis == "x":
+        n_b, n_a, bb, ba = cols, rows, binx, biny
+    else:
+        raise ValueError(f"dispersion_axis must be 'x' or 'y', not {dispersion_axis!r}")
+    diff = np.zeros((n_b, n_a + 1), np.int32)
+    for k, order in enumerate(orders):
+        lo_b, hi_b = (b_ranges[order] if isinstance(b_ranges, Mapping) else b_ranges[k])
+        ib_lo = (float(lo_b) - 0.5 * (bb - 1)) / bb - widen
+        ib_hi = (float(hi_b) - 0.5 * (bb - 1)) / bb + widen
+        ib = np.arange(max(0, int(math.floor(ib_lo - 0.5)) + 1),
+                       min(n_b - 1, int(math.ceil(ib_hi + 0.5)) - 1) + 1)
+        if ib.size == 0:
+            continue
+        # beyond its ends an order's edges are held at their end values, not extrapolated
+        b = np.clip(ib * bb + 0.5 * (bb - 1), float(lo_b), float(hi_b))
+        lo = np.asarray(low_fn(order, b), float)
+        up = np.asarray(up_fn(order, b), float)
+        a_lo = (np.minimum(lo, up) - 0.5 * (ba - 1)) / ba - widen
+        a_hi = (np.maximum(lo, up) - 0.5 * (ba - 1)) / ba + widen
+        ok = np.isfinite(a_lo) & np.isfinite(a_hi)
+        # pixel i covers [i - 0.5, i + 0.5]: every pixel overlapping [a_lo, a_hi]
+        start = np.clip(np.floor(a_lo - 0.5).astype(np.int64) + 1, 0, n_a)
+        stop = np.clip(np.ceil(a_hi + 0.5).astype(np.int64), 0, n_a)
+        ok &= stop > start
+        np.add.at(diff, (ib[ok], start[ok]), 1)
+        np.add.at(diff, (ib[ok], stop[ok]), -1)
+    mask = np.cumsum(diff, axis=1)[:, :n_a] > 0
+    return mask if dispersion_axis == "y" else np.ascontiguousarray(mask.T)
+
+
+# ---------------------------------------------------------------------------------- plot
+def _block_reduce(image: np.ndarray, weight: np.ndarray | None, factor: int) -> np.ndarray:
+    """Block mean (over ``weight``-True pixels, NaN where none) for display."""
+    rows, cols = image.shape
+    r, c = rows // factor * factor, cols // factor * factor
+    img = np.asarray(image[:r, :c], np.float64)
+    w = np.ones(img.shape) if weight is None else np.asarray(weight[:r, :c], np.float64)
+    img = np.where(w > 0, img, 0.0)
+    shape = (r // factor, factor, c // factor, factor)
+    total = img.reshape(shape).sum(axis=(1, 3))
+    n = w.reshape(shape).sum(axis=(1, 3))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, total / n, np.nan)
+
+
+def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
+                     in_order: np.ndarray, title: str, cuts: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    axis = model.dispersion_axis
+    flux = np.asarray(flux, np.float32)
+    factor = max(1, int(math.ceil(max(flux.shape) / 700)))
+    used = model.used
+    data_small = _block_reduce(flux, used, factor)
+    model_small = _block_reduce(model.model, None, factor)
+    resid_small = _block_reduce(flux - model.model, used, factor)
+    frame_small = _block_reduce(flux, None, factor)
+    vmax = float(np.nanmax(model_small)) if np.isfinite(model_small).any() else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    extent = (-0.5, flux.shape[1] - 0.5, -0.5, flux.shape[0] - 0.5)
+    stats = model.stats
+    spread = float(np.nanpercentile(np.abs(resid_small), 95)) if np.isfinite(
+        resid_small).any() else 1.0
+    spread = max(spread, 1e-3)
+
+    fig = plt.figure(figsize=(11.69, 8.27))
+    grid = fig.add_gridspec(2, 4, height_ratios=[1.25, 1.0], hspace=0.32, wspace=0.35)
+    fig.suptitle(title, fontsize=13)
+    panels = [
+        ("frame (log)", np.log10(np.clip(frame_small, max(vmax * 1e-2, 1e-3), None)),
+         "gray", None, None, "log10 e-"),
+        ("inter-order pixels used", data_small, "viridis", 0.0, 1.15 * vmax, "e-"),
+        ("background model", model_small, "viridis", 0.0, 1.15 * vmax, "e-"),
+        ("data - model (used pixels)", resid_small, "RdBu_r", -spread, spread, "e-"),
+    ]
+    for k, (name, img, cmap, lo, hi, unit) in enumerate(panels):
+        ax = fig.add_subplot(grid[0, k])
+        shown = ax.imshow(img, origin="lower", cmap=cmap, vmin=lo, vmax=hi, extent=extent,
+                          aspect="auto", interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("x [px]", fontsize=8)
+        ax.set_ylabel("y [px]", fontsize=8)
+        ax.tick_params(labelsize=7)
+        bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label(unit, fontsize=7)
+
+    # cuts across the orders (canonical rows)
+    cf = _canonical(flux, axis)
+    cm = _canonical(model.model, axis)
+    cu = _canonical(used, axis)
+    co = _canonical(np.asarray(in_order, bool), axis)
+    rows, cols = cf.shape
+    half = max(1, model.band_rows // 2)
+    where = np.linspace(0.2, 0.8, max(1, cuts)) if cuts > 1 else np.array([0.5])
+    x = np.arange(cols)
+    disp = "y" if axis == "y" else "x"
+    across = "x" if axis == "y" else "y"
+    for k, frac in enumerate(where[:4]):
+        ax = fig.add_subplot(grid[1, k]) if cuts <= 4 else fig.add_subplot(grid[1, k])
+        r = int(round(frac * (rows - 1)))
+        r0, r1 = max(0, r - half), min(rows, r + half + 1)
+        band = cf[r0:r1].astype(np.float64)
+        ok = cu[r0:r1]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            all_med = np.nanmedian(band, axis=0)
+            used_med = np.nanmedian(np.where(ok, band, np.nan), axis=0)
+        mod = cm[r].astype(np.float64)
+        top = 1.6 * max(float(np.nanmax(mod)), 1e-3)
+        inside = co[r]
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], inside.astype(np.int8), [0]])))
+        for s0, s1 in zip(edges[::2], edges[1::2]):
+            ax.axvspan(s0 - 0.5, s1 - 0.5, color="0.88", lw=0)
+        ax.plot(x, np.clip(all_med, -top, top), color="0.55", lw=0.5, label="data")
+        ax.plot(x, used_med, ".", ms=1.5, color="tab:blue", label="inter-order (used)")
+        ax.plot(x, mod, color="tab:red", lw=1.2, label="model")
+        ax.set_ylim(min(-0.1 * top, float(np.nanmin(mod)) - 0.1 * top), top)
+        ax.set_xlim(-0.5, cols - 0.5)
+        ax.set_title(f"cut at {disp} = {r} (median of {r1 - r0} rows)", fontsize=9)
+        ax.set_xlabel(f"{across} [px] (grey bands: orders, masked)", fontsize=8)
+        ax.set_ylabel("e-", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if k == 0:
+            ax.legend(fontsize=7, loc="upper left", markerscale=4)
+    fig.text(0.01, 0.005,
+             f"used pixels {stats.get('used_fraction', 0.0) * 100:.1f} %   "
+             f"model max {stats.get('model_max', 0.0):.1f} e-   "
+             f"median {stats.get('model_median', 0.0):.1f} e-   "
+             f"model error (median) {stats.get('uncertainty_median', 0.0):.2f} e-   "
+             f"cell rms {stats.get('residual_rms', 0.0):.2f} e- "
+             f"(chi {stats.get('chi_rms', 0.0):.2f})   clipped cells {stats.get('n_clipped', 0)}   "
+             f"bspline_deg {model.parameters.get('bspline_deg')}   "
+             f"gaussian_blur_sigma {model.parameters.get('gaussian_blur_sigma')} px",
+             fontsize=7)
+    with PdfPages(target) as pdf:
+        pdf.savefig(fig)
+    plt.close(fig)
+
+
+def plot_background(path: str | os.PathLike, flux: np.ndarray, model: BackgroundModel,
+                    in_order: np.ndarray, title: str, *, cuts: int = 3) -> Path:
+    """Write the BKGROUND QC plot (one PDF page, written atomically).
+
+    Top: the frame (log stretch), the inter-order pixels used (block means), the model on the
+    same colour scale and the residual data - model on the used pixels.  Bottom: ``cuts``
+    (at most 4) cuts across the orders at evenly spaced dispersion positions, with the
+    masked orders shaded, the data, the inter-order pixels used and the model.
+
+    Parameters
+    ----------
+    path : path-like
+        The PDF to write.
+    flux : ndarray
+        The frame the model was fitted to.
+    model : BackgroundModel
+        The fitted model.
+    in_order : ndarray of bool
+        The order mask given to the fit.
+    title : str
+        Title of the page (arm, lamp...).
+    cuts : int
+        Number of cuts across the orders (1 to 4).
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    from soxs_core.io.safety import write_atomically
+
+    cuts = int(min(max(cuts, 1), 4))
+    return write_atomically(Path(path), lambda tmp: _draw_background(
+        tmp, flux, model, in_order, title, cuts))
