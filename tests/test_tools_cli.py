@@ -275,7 +275,7 @@ def test_readme_manual_flow_works_as_written(tmp_path, capsys, monkeypatch):
     args = build_parser().parse_args(simulate[1:])
     (arm,) = args.arm
     # a small night of the README's arm: few frames, one order, the most-binned set-up
-    small = ["--binning", arm.binnings[-1], "--n-bias", "3", "--n-dark", "3", "--n-flat", "1",
+    small = ["--binning", arm.binnings[-1], "--n-bias", "3", "--n-dark", "3", "--n-flat", "5",
              "--n-science", "1", "--n-std", "0", "--dark-exptime", "600",
              "--orders", str(int(load_format(arm.code).orders[0]))]
     monkeypatch.chdir(tmp_path)
