@@ -61,6 +61,8 @@ PEAK_CONTRAST = 0.3
 #: ... and its full width at half prominence is at least this many binned pixels (a hot or
 #: bad column is one pixel wide).
 PEAK_MIN_WIDTH = 2.0
+#: A trace must be detected in at least this fraction of the cuts between its ends.
+MIN_DETECTED_FRACTION = 0.6
 
 
 # =============================================================================================
@@ -861,7 +863,10 @@ def trace_orders(flux: np.ndarray, qual: np.ndarray | None = None, dispersion_ax
     spacing = float(np.median(np.diff(all_c))) if all_c.size > 1 else float(n_across)
     traces = _merge_duplicates(_merge_fragments(traces, spacing))
     min_points = max(4, int(np.ceil(min_length * n_cuts)))
-    traces = [t for t in traces if len(t.b) >= min_points]
+    # a real order is seen in most cuts it spans; noise peaks linked by chance are not
+    span = [np.count_nonzero((positions >= t.b[0]) & (positions <= t.b[-1])) for t in traces]
+    traces = [t for t, k in zip(traces, span) if len(t.b) >= min_points
+              and len(t.b) >= MIN_DETECTED_FRACTION * k]
     if not traces:
         raise InputError(f"{where}: no echelle order found in the flat (no trace along the "
                          f"dispersion in at least {min_points} of {n_cuts} cuts); is it a "
