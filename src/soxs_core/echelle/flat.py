@@ -113,8 +113,10 @@ STITCH_OFFSET = 5.0
 
 #: QUAL bits that mean "no usable measured value".
 _NO_VALUE = np.uint8(Qual.NO_DATA | Qual.NON_FINITE)
-#: Rows of one frame prepared at once in the band-gathering pass.
+#: Rows of one frame prepared at once in the band-gathering pass (and of other row loops).
 _GATHER_ROWS = 256
+#: Low-sensitivity candidates tested at once.
+_CANDIDATE_CHUNK = 1 << 16
 
 
 def flat_clip_settings(stacked_clipping_sigma: float, stacked_clipping_iterations: int
@@ -548,9 +550,11 @@ def normalise_flats(calibrated: CalibratedFlats, order_table: OrderTable,
         if per_frame:
             order_flux[int(n)] = float(np.median(per_frame))
     scale = (1.0 / first).astype(np.float32)[:, None]
-    norm = values * scale
-    m1 = clip_and_stack_arrays(norm[:, None, :], (errors * scale)[:, None, :],
-                               qual[:, None, :], clip, threads=nthreads).value[0]
+    norm = values  # scaled in place: the raw band values are not needed again
+    norm *= scale
+    errors *= scale
+    m1 = clip_and_stack_arrays(norm[:, None, :], errors[:, None, :], qual[:, None, :], clip,
+                               threads=nthreads).value[0]
     del errors
     # every frame is measured on the same pixels: where one frame is masked (a saturated
     # patch, say) the first-pass master is the mean of the others only, and measuring the
@@ -596,8 +600,10 @@ def stack_master_flat(calibrated: CalibratedFlats, normalisation: FlatNormalisat
     cal = calibrated.calibration
     if cal.error is not None:
         weight = np.float32(np.mean(1.0 / levels))
-        common = cal.error * weight
-        np.sqrt(res.error * res.error + common * common, out=res.error)
+        for start in range(0, shape[0], _GATHER_ROWS):  # row chunks: no full-frame temporary
+            err = res.error[start:start + _GATHER_ROWS]
+            common = cal.error[start:start + _GATHER_ROWS] * weight
+            np.sqrt(err * err + common * common, out=err)
     if cal.qual is not None:
         res.qual |= cal.qual
     return DetectorImage(data=res.value, error=res.error, qual=res.qual)
@@ -691,17 +697,26 @@ def low_sensitivity_mask(data: np.ndarray, error: np.ndarray, qual: np.ndarray,
     usable = _along_view(in_order & ((qual & _NO_VALUE) == 0) & np.isfinite(data),
                          dispersion_axis)
     # candidates: below `keep` x the brightest usable pixel within the neighbourhood (never
-    # below the neighbours' median), from one running-maximum pass; the exact test runs on
-    # the candidates only
-    clean = np.where(usable, d, -np.inf).astype(np.float32)
-    brightest = maximum_filter1d(clean, 2 * LOW_SENS_NEIGHBOURS + 1, axis=0, mode="constant",
-                                 cval=-np.inf)
-    del clean
-    with np.errstate(invalid="ignore"):
-        cand = usable & (d < np.float32(keep) * brightest)
-    del brightest
-    rows, cols = np.nonzero(cand)
-    if rows.size:
+    # below the neighbours' median), from a running maximum over bands of rows (with their
+    # halo); the exact test runs on the candidates only
+    h, n_along = LOW_SENS_NEIGHBOURS, d.shape[0]
+    found_rows, found_cols = [], []
+    for start in range(0, n_along, _GATHER_ROWS):
+        stop = min(n_along, start + _GATHER_ROWS)
+        lo, hi = max(0, start - h), min(n_along, stop + h)
+        clean = np.where(usable[lo:hi], d[lo:hi], -np.inf).astype(np.float32)
+        brightest = maximum_filter1d(clean, 2 * h + 1, axis=0, mode="constant",
+                                     cval=-np.inf)[start - lo:stop - lo]
+        with np.errstate(invalid="ignore"):
+            cand = usable[start:stop] & (d[start:stop] < np.float32(keep) * brightest)
+        r, c = np.nonzero(cand)
+        found_rows.append(r + start)
+        found_cols.append(c)
+    all_rows, all_cols = np.concatenate(found_rows), np.concatenate(found_cols)
+    flagged = _along_view(out, dispersion_axis)
+    for first in range(0, all_rows.size, _CANDIDATE_CHUNK):  # bounded temporaries
+        rows = all_rows[first:first + _CANDIDATE_CHUNK]
+        cols = all_cols[first:first + _CANDIDATE_CHUNK]
         level, count = local_level(d, usable, rows, cols)
         elevel, _ = local_level(e, usable, rows, cols)
         f = d[rows, cols]
@@ -709,7 +724,7 @@ def low_sensitivity_mask(data: np.ndarray, error: np.ndarray, qual: np.ndarray,
             noise = elevel * np.sqrt(1.0 + (np.pi / 2) / np.maximum(count, 1))
             flag = ((count >= 4) & (f < keep * level)
                     & (level - f > LOW_SENS_NOISE_GUARD * noise))
-        _along_view(out, dispersion_axis)[rows[flag], cols[flag]] = True
+        flagged[rows[flag], cols[flag]] = True
     return out
 
 
@@ -788,7 +803,8 @@ def _fill_no_value(data: np.ndarray, error: np.ndarray, qual: np.ndarray,
 
 def finish_master_flat(master: DetectorImage, order_table: OrderTable, binx: int, biny: int,
                        low_sensitivity_clipping_sigma: float = 2.0,
-                       background: np.ndarray | None = None) -> FinishedFlat:
+                       background: np.ndarray | None = None,
+                       overwrite: bool = False) -> FinishedFlat:
     """Finish a stacked master flat once its order edges are known.
 
     Steps: subtract ``background`` (the scattered-light model, in the master's units; its
@@ -806,6 +822,9 @@ def finish_master_flat(master: DetectorImage, order_table: OrderTable, binx: int
     binx, biny : int
     low_sensitivity_clipping_sigma : float
     background : ndarray, optional
+    overwrite : bool
+        Finish ``master``'s own planes instead of copies (saves three full-frame planes when
+        the unfinished master is not needed again).
 
     Returns
     -------
@@ -813,9 +832,9 @@ def finish_master_flat(master: DetectorImage, order_table: OrderTable, binx: int
     """
     if not order_table.has_edges:
         raise ValueError("finishing a master flat needs an order table with edges")
-    data = np.array(master.data, np.float32)
-    error = np.array(master.error, np.float32)
-    qual = np.array(master.qual, np.uint8)
+    data = np.array(master.data, np.float32, copy=not overwrite)
+    error = np.array(master.error, np.float32, copy=not overwrite)
+    qual = np.array(master.qual, np.uint8, copy=not overwrite)
     if background is not None:
         data -= np.asarray(background, np.float32)
     in_order = order_table.in_order_mask(data.shape, binx, biny)
