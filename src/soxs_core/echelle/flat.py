@@ -93,14 +93,14 @@ LEVEL_CLIP_ITERATIONS = 3
 LEVEL_SAMPLE = 250_000
 
 #: Unit of ``low_sensitivity_clipping_sigma``: a fraction of the pixel's local flat level.
-#: The spread of a master flat's flux within an order is dominated by the blaze and the lamp
-#: spectrum (its MAD is 0.2 to 1.1 of the median in the simulated X-shooter and SOXS orders),
-#: which would make the seed's cut depend on the order's blaze; the spread of the pixel
-#: response itself (PRNU, about 1 %) makes a 2-sigma cut flag 2.3 % of normal pixels.  A
-#: quarter of the local level is the spread of a typical normalised flat's flux between its
-#: orders' centres and ends, so the default of 2 flags pixels with less than half their
-#: neighbours' response: far outside any normal pixel, and every pixel whose noise
-#: flat-fielding would more than double.
+#: Neither spread the seed's wording suggests works as the unit.  The spread (MAD) of a
+#: master flat's flux within an order is dominated by the blaze and the lamp spectrum (0.2 to
+#: 1.1 of the median in the simulated X-shooter and SOXS orders), so the cut would follow
+#: each order's blaze; the spread of the pixel response itself (PRNU, about 1 %) makes a
+#: 2-sigma cut flag 2.3 % of normal pixels.  A fixed quarter of the local level is a chosen
+#: unit, so that the default of 2 flags pixels with less than half their neighbours'
+#: response (flat-fielding would more than double their noise): far outside any normal
+#: pixel, while every pixel of response <= 0.4 is caught.
 LOW_SENS_UNIT = 0.25
 #: Neighbours on each side along the dispersion axis whose median is a pixel's local level.
 LOW_SENS_NEIGHBOURS = 8
