@@ -52,9 +52,13 @@ PARAMS = (
     Param("poly-clipping-iteration-limit", int,
           "Maximum fit-and-clip cycles of the global edge fits.", minimum=0),
     Param("low-sensitivity-clipping-sigma", float,
-          "A pixel inside an order whose response falls this many times the spread (MAD "
-          "sigma) of the order's normalised flux below its neighbours' level is flagged "
-          "LOW_SENS.", minimum=0.1),
+          "A pixel between the order edges is flagged LOW_SENS when its flux is below its "
+          "local level L (the median of its in-order neighbours up to 8 px away along the "
+          "dispersion) by more than this many times 0.25 L, and by more than 5 sigma of the "
+          "noise expected at L; 0.25 L stands for the seed's 'sigma' (an order's own flux "
+          "spread follows its blaze, and the pixel-to-pixel spread would flag 2 % of normal "
+          "pixels), so the default 2 flags pixels with less than half their neighbours' "
+          "response.", minimum=0.1),
     Param("scale-d2-to-qth", bool,
           "UVB: scale the D2-lamp master flat to the QTH one before stitching them."),
     Param("bspline-deg", int,

@@ -240,20 +240,23 @@ def _reduce_lamp(frames: list[RawFrame], inputs: FlatInputs, params: FlatParamet
 def _finish(master: DetectorImage, table: OrderTable, report: tracing.EdgeFitReport,
             samples: edges.EdgeSamples, normalisation: flat.FlatNormalisation | None,
             params: FlatParameters, binning: tuple[int, int], frames: list[RawFrame],
-            lamp: str, plots: Mapping[str, Path], written: dict[str, Path]) -> FlatResult:
-    finished = flat.finish_master_flat(master, table, *binning,
-                                       params.low_sensitivity_clipping_sigma)
-    qc = flat.flat_qc(normalisation, finished)
-    qc.update(report.qc)
-    qc.add("N ORDERS", int(table.orders.size))
-    temperature_qc(frames[0], qc)
+            lamp: str, plots: Mapping[str, Path], written: dict[str, Path],
+            in_place: bool = False) -> FlatResult:
     label = "ORDER LOC RES" + (f" {lamp}" if lamp else "")
-    if label in plots:
+    if label in plots:  # drawn on the stacked flat, before its inter-order pixels become 1
         arm = frames[0].arm
         written[label] = plot_order_edges(
             plots[label], master.data, table, report, binning,
             title=f"{arm.instrument} {arm.name}{' ' + lamp if lamp else ''}: order edges",
             samples=samples)
+    # in place (saving three full-frame planes) unless the UVB stitching needs it again
+    finished = flat.finish_master_flat(master, table, *binning,
+                                       params.low_sensitivity_clipping_sigma,
+                                       overwrite=in_place)
+    qc = flat.flat_qc(normalisation, finished)
+    qc.update(report.qc)
+    qc.add("N ORDERS", int(table.orders.size))
+    temperature_qc(frames[0], qc)
     return FlatResult(lamp=lamp, image=finished.image, table=table, qc=qc, frames=frames,
                       plots=dict(written))
 
@@ -306,7 +309,8 @@ def make_master_flat(inputs: FlatInputs, params: FlatParameters,
         lamp = _reduce_lamp(frames, inputs, params, plots, "", written)
         binning = (lamp.calibrated.binx, lamp.calibrated.biny)
         return [_finish(lamp.master, lamp.table, lamp.report, lamp.samples,
-                        lamp.normalisation, params, binning, frames, "", plots, written)]
+                        lamp.normalisation, params, binning, frames, "", plots, written,
+                        in_place=True)]
     results, reduced = [], {}
     for stem, name in LAMPS.items():
         written = {}
@@ -329,5 +333,5 @@ def make_master_flat(inputs: FlatInputs, params: FlatParameters,
     table, report, samples = _edges(stitched, centres, arm, binning, params)
     frames = [*inputs.flats["LAMP_DFLAT"], *inputs.flats["LAMP_QFLAT"]]
     results.append(_finish(stitched, table, report, samples, None, params, binning, frames,
-                           "", plots, {}))
+                           "", plots, {}, in_place=True))
     return results
