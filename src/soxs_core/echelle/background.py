@@ -18,10 +18,11 @@ a second):
    :func:`cell_statistics_reference`).
 2. **Across the orders.**  In each band a penalised least-squares B-spline of degree
    ``bspline_deg`` (a P-spline: uniform knots, second-difference penalty) is fitted to the cell
-   medians, weighted by their inverse variance.  The penalty is scaled so that the spline
-   smooths over ``smoothing_length`` pixels where the data are dense; where there are none
-   (under an order, beyond a masked patch) it bridges linearly, so orders that leave only
-   narrow gaps and masked regions need no special case.  The design matrix is shared by all
+   medians, weighted by their inverse variance.  The penalty (third differences of the
+   coefficients) is scaled so that the spline smooths over ``smoothing_length`` pixels where
+   the data are dense; where there are none (under an order, beyond a masked patch) it
+   bridges with a parabola that keeps the light's curvature, so orders that leave only narrow
+   gaps and masked regions need no special case.  The design matrix is shared by all
    bands; only the weights differ, so the normal equations of every band come from a few
    matrix products and one batched solve.  Cells more than ``clip_sigma`` from the fit are
    rejected and the fit repeated (``clip_iterations`` times at most).
@@ -32,9 +33,10 @@ a second):
 4. **Back to pixels.**  Linear interpolation between band centres (second kernel, with its
    numpy twin :func:`expand_bands_reference`).
 
-The model's statistical 1-sigma error is propagated through the two linear steps: the spline's
-sandwich covariance, then the squared local-linear weights.  It does not include the error of
-bridging under an order, which depends on the unknown curvature of the light there.
+The model's 1-sigma error has two parts in quadrature: the noise of the inter-order pixels
+propagated through the two linear steps (the spline's posterior variance, then the squared
+local-linear weights), and the local rms misfit of the model to the inter-order cells beyond
+their noise, which stands for what the smooth model cannot follow, under the orders too.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ class BackgroundModel:
     model : ndarray of float32
         The background (e-) at every pixel of the frame.
     uncertainty : ndarray of float32
-        Statistical 1-sigma error (e-) of ``model`` at every pixel.
+        1-sigma error (e-) of ``model`` at every pixel: statistical and misfit parts in
+        quadrature.
     used : ndarray of bool
         Pixels that could enter the fit (outside the widened orders, good QUAL, finite).
     dispersion_axis : str
@@ -103,6 +106,11 @@ class BackgroundModel:
         Canonical row coordinate of each band's centre.
     band_model : ndarray
         The model at the band centres (bands x cross-order pixels), canonical orientation.
+    band_statistical_error, band_systematic_error : ndarray
+        The two parts of ``uncertainty`` at the band centres: the propagated noise of the
+        inter-order pixels, and the local rms misfit of the model to the inter-order cells
+        beyond their noise (how well the smooth model can follow the light; it stands for the
+        error of bridging under the orders too).
     stats : dict
         Fit statistics: ``n_used`` (pixels), ``used_fraction``, ``n_cells``, ``n_clipped``
         (cells rejected by the clipping), ``n_bands_fitted``, ``residual_rms`` (e-, robust rms
@@ -120,6 +128,8 @@ class BackgroundModel:
     band_rows: int
     band_centres: np.ndarray
     band_model: np.ndarray
+    band_statistical_error: np.ndarray | None = None
+    band_systematic_error: np.ndarray | None = None
     stats: dict[str, float] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
 
@@ -244,15 +254,24 @@ def _interpolation_weights(centres: np.ndarray, rows: int) -> tuple[np.ndarray, 
     return j, t
 
 
-def _expand(values: np.ndarray, centres: np.ndarray, out: np.ndarray) -> None:
-    """Fill ``out`` (canonical rows x columns, possibly a transposed view) by interpolation."""
+def _expand(values: np.ndarray, centres: np.ndarray, out: np.ndarray,
+            extrapolate: bool = True) -> None:
+    """Fill ``out`` (canonical rows x columns, possibly a transposed view) by interpolation;
+    without ``extrapolate`` rows beyond the outer band centres take those bands' values (an
+    error must not be extrapolated through zero)."""
     rows = out.shape[0]
+    j, t = _interpolation_weights(centres, rows)
+    if not extrapolate:
+        t = np.clip(t, 0.0, 1.0)
     try:
         from soxs_core import _background
     except ImportError:  # pragma: no cover
-        out[...] = expand_bands_reference(values, centres, rows)
+        v = np.asarray(values, np.float64)
+        if v.shape[0] == 1:
+            out[...] = v[0].astype(np.float32)
+        else:
+            out[...] = ((1.0 - t)[:, None] * v[j] + t[:, None] * v[j + 1]).astype(np.float32)
         return
-    j, t = _interpolation_weights(centres, rows)
     _background.expand_bands(np.ascontiguousarray(values, np.float64),
                              j.astype(np.int64), t.astype(np.float64), out)
 
@@ -411,6 +430,32 @@ def _local_linear(values: np.ndarray, variance: np.ndarray, x: np.ndarray,
     return ell @ values, (ell * ell) @ variance
 
 
+def _misfit(y: np.ndarray, model: np.ndarray, cell_var: np.ndarray, used: np.ndarray,
+            band_rows: int, sigma: float, length: float) -> np.ndarray:
+    """Local rms by which the model misses the inter-order cells beyond their noise.
+
+    The excess ``(y - model)^2 - var`` of the used cells is averaged over ``8 * length``
+    columns (wide enough to reach the gaps on both sides of an order) and over the blur's
+    Gaussian along the dispersion; where no cell is in reach the median of the frame stands.
+    """
+    from scipy.ndimage import gaussian_filter1d, uniform_filter1d
+
+    excess = np.where(used, (y - model) ** 2 - cell_var, 0.0)
+    weight = used.astype(np.float64)
+    width = max(3, int(round(8 * length)))
+    band_sigma = sigma / band_rows
+    num = gaussian_filter1d(uniform_filter1d(excess, width, axis=1, mode="nearest"),
+                            band_sigma, axis=0, mode="nearest")
+    den = gaussian_filter1d(uniform_filter1d(weight, width, axis=1, mode="nearest"),
+                            band_sigma, axis=0, mode="nearest")
+    reach = den > 1e-3 * max(float(den.max()), 1e-300)
+    out = np.zeros(y.shape)
+    out[reach] = num[reach] / den[reach]
+    if reach.any() and not reach.all():
+        out[~reach] = float(np.median(out[reach]))
+    return np.sqrt(np.maximum(out, 0.0))
+
+
 # ---------------------------------------------------------------------------------- fit
 def _canonical(array: np.ndarray, dispersion_axis: str) -> np.ndarray:
     return array if dispersion_axis == "y" else array.T
@@ -444,7 +489,7 @@ def fit_background(flux: np.ndarray, qual: np.ndarray | None, in_order: np.ndarr
         otherwise from the scatter of the inter-order pixels themselves.
     smoothing_length : float, optional
         Scale (px) over which the spline smooths across the orders where the inter-order
-        pixels are dense; default ``gaussian_blur_sigma / 3`` (at least 6 px).
+        pixels are dense; default ``gaussian_blur_sigma / 6`` (at least 4 px).
     band_rows : int, optional
         Rows of constant dispersion position per band; default ``gaussian_blur_sigma / 4``
         (at least 2).
@@ -482,7 +527,7 @@ def fit_background(flux: np.ndarray, qual: np.ndarray | None, in_order: np.ndarr
     sigma = float(gaussian_blur_sigma)
     if not (math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"gaussian_blur_sigma must be positive, not {gaussian_blur_sigma}")
-    length = float(smoothing_length if smoothing_length is not None else max(6.0, sigma / 3))
+    length = float(smoothing_length if smoothing_length is not None else max(4.0, sigma / 6))
     if not (math.isfinite(length) and length > 0):
         raise ValueError(f"smoothing_length must be positive, not {smoothing_length}")
 
@@ -573,25 +618,30 @@ def fit_background(flux: np.ndarray, qual: np.ndarray | None, in_order: np.ndarr
 
     weight = band_ok.astype(np.float64)
     smooth, smooth_var = _local_linear(fit, fit_var, centres, weight, sigma)
-    smooth_err = np.sqrt(np.maximum(smooth_var, 0.0))
+    stat_err = np.sqrt(np.maximum(smooth_var, 0.0))
+    sys_err = _misfit(y, smooth, cell_var, active & band_ok[:, None], h, sigma, length)
+    smooth_err = np.hypot(stat_err, sys_err)
 
     model = np.empty(flux.shape, np.float32)
     unc = np.empty(flux.shape, np.float32)
     _expand(smooth, centres, _canonical(model, dispersion_axis))
-    _expand(smooth_err, centres, _canonical(unc, dispersion_axis))
+    _expand(smooth_err, centres, _canonical(unc, dispersion_axis), extrapolate=False)
 
     n_used = int(np.count_nonzero(used))
     stats = dict(n_used=n_used, used_fraction=n_used / flux.size, n_cells=n_used_cells,
                  n_clipped=n_clipped, n_bands_fitted=int(band_ok.sum()),
                  residual_rms=resid_rms, chi_rms=chi_rms,
                  model_max=float(smooth.max()), model_median=float(np.median(smooth)),
-                 uncertainty_median=float(np.median(smooth_err)))
+                 uncertainty_median=float(np.median(smooth_err)),
+                 statistical_error_median=float(np.median(stat_err)),
+                 systematic_error_median=float(np.median(sys_err)))
     params = dict(bspline_deg=deg, gaussian_blur_sigma=sigma, smoothing_length=length,
                   band_rows=h, clip_sigma=float(clip_sigma),
                   clip_iterations=int(clip_iterations), reject_bits=int(reject_bits))
     return BackgroundModel(model=model, uncertainty=unc, used=used,
                            dispersion_axis=dispersion_axis, band_rows=h, band_centres=centres,
-                           band_model=smooth, stats=stats, parameters=params)
+                           band_model=smooth, band_statistical_error=stat_err,
+                           band_systematic_error=sys_err, stats=stats, parameters=params)
 
 
 # ---------------------------------------------------------------------------------- subtract
@@ -721,14 +771,14 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
     spread = max(spread, 1e-3)
 
     fig = plt.figure(figsize=(11.69, 8.27))
-    grid = fig.add_gridspec(2, 4, height_ratios=[1.25, 1.0], hspace=0.32, wspace=0.35)
+    grid = fig.add_gridspec(2, 4, height_ratios=[1.25, 1.0], hspace=0.32, wspace=0.45)
     fig.suptitle(title, fontsize=13)
     panels = [
-        ("frame (log)", np.log10(np.clip(frame_small, max(vmax * 1e-2, 1e-3), None)),
+        ("frame (log10 e-)", np.log10(np.clip(frame_small, max(vmax * 1e-2, 1e-3), None)),
          "gray", None, None, "log10 e-"),
-        ("inter-order pixels used", data_small, "viridis", 0.0, 1.15 * vmax, "e-"),
-        ("background model", model_small, "viridis", 0.0, 1.15 * vmax, "e-"),
-        ("data - model (used pixels)", resid_small, "RdBu_r", -spread, spread, "e-"),
+        ("inter-order pixels used (e-)", data_small, "viridis", 0.0, 1.15 * vmax, "e-"),
+        ("background model (e-)", model_small, "viridis", 0.0, 1.15 * vmax, "e-"),
+        ("data - model, used (e-)", resid_small, "RdBu_r", -spread, spread, "e-"),
     ]
     for k, (name, img, cmap, lo, hi, unit) in enumerate(panels):
         ax = fig.add_subplot(grid[0, k])
@@ -740,7 +790,7 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
         ax.tick_params(labelsize=7)
         bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
         bar.ax.tick_params(labelsize=7)
-        bar.set_label(unit, fontsize=7)
+        del unit
 
     # cuts across the orders (canonical rows)
     cf = _canonical(flux, axis)
@@ -753,8 +803,8 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
     x = np.arange(cols)
     disp = "y" if axis == "y" else "x"
     across = "x" if axis == "y" else "y"
-    for k, frac in enumerate(where[:4]):
-        ax = fig.add_subplot(grid[1, k]) if cuts <= 4 else fig.add_subplot(grid[1, k])
+    for k, frac in enumerate(where[:3]):
+        ax = fig.add_subplot(grid[1, k])
         r = int(round(frac * (rows - 1)))
         r0, r1 = max(0, r - half), min(rows, r + half + 1)
         band = cf[r0:r1].astype(np.float64)
@@ -774,12 +824,31 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
         ax.plot(x, mod, color="tab:red", lw=1.2, label="model")
         ax.set_ylim(min(-0.1 * top, float(np.nanmin(mod)) - 0.1 * top), top)
         ax.set_xlim(-0.5, cols - 0.5)
-        ax.set_title(f"cut at {disp} = {r} (median of {r1 - r0} rows)", fontsize=9)
+        ax.set_title(f"cut at {disp} = {r} (median over {r1 - r0} px in {disp})", fontsize=9)
         ax.set_xlabel(f"{across} [px] (grey bands: orders, masked)", fontsize=8)
         ax.set_ylabel("e-", fontsize=8)
         ax.tick_params(labelsize=7)
         if k == 0:
             ax.legend(fontsize=7, loc="upper left", markerscale=4)
+    # and one along the dispersion, through the brightest part of the model
+    ax = fig.add_subplot(grid[1, 3])
+    c = int(np.argmax(model.band_model.max(axis=0)))
+    c0, c1 = max(0, c - 40), min(cols, c + 41)
+    inter = np.flatnonzero(cu[:, c0:c1].any(axis=0)) + c0
+    if inter.size:
+        # the inter-order column nearest to the maximum, so that the data can be seen
+        c = int(inter[np.argmin(np.abs(inter - c))])
+    y = np.arange(rows)
+    good = cu[:, c]
+    ax.plot(y[good], cf[good, c], ".", ms=1, color="tab:blue", alpha=0.4,
+            label="inter-order (used)")
+    ax.plot(y, cm[:, c], color="tab:red", lw=1.2, label="model")
+    top = 1.6 * max(float(cm[:, c].max()), 1e-3)
+    ax.set_ylim(-0.1 * top, top)
+    ax.set_title(f"along the dispersion at {across} = {c}", fontsize=9)
+    ax.set_xlabel(f"{disp} [px]", fontsize=8)
+    ax.set_ylabel("e-", fontsize=8)
+    ax.tick_params(labelsize=7)
     fig.text(0.01, 0.005,
              f"used pixels {stats.get('used_fraction', 0.0) * 100:.1f} %   "
              f"model max {stats.get('model_max', 0.0):.1f} e-   "
@@ -801,8 +870,9 @@ def plot_background(path: str | os.PathLike, flux: np.ndarray, model: Background
 
     Top: the frame (log stretch), the inter-order pixels used (block means), the model on the
     same colour scale and the residual data - model on the used pixels.  Bottom: ``cuts``
-    (at most 4) cuts across the orders at evenly spaced dispersion positions, with the
-    masked orders shaded, the data, the inter-order pixels used and the model.
+    (at most 3) cuts across the orders at evenly spaced dispersion positions, with the
+    masked orders shaded, the data, the inter-order pixels used and the model, and one cut
+    along the dispersion through the model's maximum.
 
     Parameters
     ----------
@@ -817,7 +887,7 @@ def plot_background(path: str | os.PathLike, flux: np.ndarray, model: Background
     title : str
         Title of the page (arm, lamp...).
     cuts : int
-        Number of cuts across the orders (1 to 4).
+        Number of cuts across the orders (1 to 3).
 
     Returns
     -------
@@ -826,6 +896,6 @@ def plot_background(path: str | os.PathLike, flux: np.ndarray, model: Background
     """
     from soxs_core.io.safety import write_atomically
 
-    cuts = int(min(max(cuts, 1), 4))
+    cuts = int(min(max(cuts, 1), 3))
     return write_atomically(Path(path), lambda tmp: _draw_background(
         tmp, flux, model, in_order, title, cuts))
