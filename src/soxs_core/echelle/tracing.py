@@ -136,6 +136,15 @@ def _capped_degrees(order: np.ndarray, b: np.ndarray, order_deg: int, along_deg:
     return order_deg, along_deg
 
 
+def _sum_polynomials(first: OrderPolynomial, second: OrderPolynomial) -> OrderPolynomial:
+    """``first + second`` as one polynomial (degrees: the larger of each)."""
+    shape = tuple(max(a, b) for a, b in zip(first.coeffs.shape, second.coeffs.shape))
+    total = np.zeros(shape)
+    for poly in (first, second):
+        total[:poly.coeffs.shape[0], :poly.coeffs.shape[1]] += poly.coeffs
+    return OrderPolynomial(total)
+
+
 def _sample_arrays(samples: Any) -> tuple[np.ndarray, ...]:
     try:
         order = np.asarray(samples.order, float).ravel()
@@ -153,6 +162,11 @@ def fit_order_edges(samples: Any, centre_table: OrderTable, order_deg: int, alon
                     clip_sigma: float, max_iterations: int,
                     min_samples: int = 5) -> tuple[OrderTable, EdgeFitReport]:
     """Fit the measured upper and lower order edges with one clipped global polynomial each.
+
+    Each edge is fitted as measured, as its distance from the order centre: a global
+    polynomial of ``order_deg`` x ``along_deg`` in (order, along-order pixel), clipped, added
+    to the centre polynomial (the table then holds centre + distance as one polynomial, of
+    the larger degrees).  The slit image's width may change along and across the orders.
 
     Parameters
     ----------
@@ -199,8 +213,13 @@ def fit_order_edges(samples: Any, centre_table: OrderTable, order_deg: int, alon
             raise InputError(f"{where}: no {which} order edge detected "
                              f"({np.count_nonzero(good)} samples): cannot fit the order edges")
         degrees = _capped_degrees(order[good], b[good], order_deg, along_deg)
-        fit = fit_order_polynomial(order[good], b[good], values[good], degrees[0], degrees[1],
-                                   clip_sigma, max_iterations)
+        # the edge's distance from the order centre is what is fitted with the recipe's
+        # degrees, so that the centre polynomial (its own table's degrees) carries the order's
+        # curvature and the edge polynomial adds the slit image's changing width
+        baseline = centre_table.centre(order[good], b[good])
+        fit = fit_order_polynomial(order[good], b[good], values[good] - baseline,
+                                   degrees[0], degrees[1], clip_sigma, max_iterations)
+        fit.polynomial = _sum_polynomials(centre_table.centre, fit.polynomial)
         used = np.zeros(order.size, bool)
         used[good] = fit.used
         res = np.full(order.size, np.nan)
