@@ -100,8 +100,8 @@ cdef inline int _half_crossing(const double* p, int kc, int d, int k_start, int 
     return -1
 
 
-cdef void _side(const double* p, const double* s, int n, int kc, int d, double fl,
-                double peak, double noise, Params* par, double* pos_out, double* t_out,
+cdef void _side(const double* p, const double* s, const double* filled, int n, int kc, int d,
+                double fl, double peak, double noise, Params* par, double* pos_out, double* t_out,
                 double* level_out) noexcept nogil:
     """One side: ``pos_out`` = signed offset (profile px) of the edge from ``kc``."""
     cdef int kmax = (n - 1 - kc) if d > 0 else kc
@@ -186,6 +186,8 @@ cdef void _side(const double* p, const double* s, int n, int kc, int d, double f
     # equal-area position of the step
     total = 0.0
     for k in range(klo, khi + 1):
+        if filled[kc + d * k] != 0.0:
+            return
         height = (ym + slope * (k - xm)) - floor_loc
         if not height > 0:
             return
@@ -213,7 +215,7 @@ cdef inline double _near_floor(const double* p, const double* s, int kc, int d, 
 cdef void _sample(const float[:, :] flux, const unsigned char[:, :] qual, Py_ssize_t row,
                   double centre, int slice_length, int slice_width, unsigned char reject,
                   Params* par, double* vals, double* p, double* s, double* win,
-                  double* diff, double* res) noexcept nogil:
+                  double* diff, double* filled, double* res) noexcept nogil:
     """Measure one slice; ``res`` = low, up, t_low, t_up, level_low, level_up, floor, peak."""
     cdef Py_ssize_t nrow = flux.shape[0], ncol = flux.shape[1]
     cdef int hw = slice_width // 2, hl = slice_length // 2
@@ -248,9 +250,11 @@ cdef void _sample(const float[:, :] flux, const unsigned char[:, :] qual, Py_ssi
                 count += 1
         if count:
             p[j] = _median(vals, count)
+            filled[j] = 0.0
             nvalid += 1
         else:
             p[j] = NAN
+            filled[j] = 1.0
     if nvalid == 0:
         return
     # fill columns without good pixels
@@ -304,7 +308,8 @@ cdef void _sample(const float[:, :] flux, const unsigned char[:, :] qual, Py_ssi
         return
     base = <double>(lo + kc)
     for i in range(2):
-        _side(p, s, n, kc, -1 if i == 0 else 1, fl, peak, noise, par, &pos, &t, &level)
+        _side(p, s, filled, n, kc, -1 if i == 0 else 1, fl, peak, noise, par, &pos, &t,
+              &level)
         res[i] = base + pos
         res[2 + i] = t
         res[4 + i] = level
@@ -355,16 +360,16 @@ def detect_slice_edges(const float[:, :] flux, const unsigned char[:, :] qual,
     par.min_width = min_width
     with nogil:
         for i in prange(n, num_threads=num_threads, schedule="dynamic", chunksize=16):
-            buf = <double*>malloc((width + 3 * length + wlen + 8) * sizeof(double))
+            buf = <double*>malloc((width + 4 * length + wlen + 8) * sizeof(double))
             if buf == NULL:
                 failed += 1
             else:
                 _sample(flux, qual, along[i], centre[i], slice_length, slice_width, reject,
                         &par, buf, buf + width, buf + width + length,
                         buf + width + 2 * length, buf + width + 2 * length + wlen,
-                        buf + width + 3 * length + wlen)
+                        buf + width + 3 * length + wlen, buf + width + 4 * length + wlen)
                 for k in range(8):
-                    out[k, i] = buf[width + 3 * length + wlen + k]
+                    out[k, i] = buf[width + 4 * length + wlen + k]
                 free(buf)
     if failed:
         raise MemoryError("no memory for the edge slices")

@@ -88,9 +88,9 @@ PLATEAU_LENGTH = 6
 #: Pixels of the refined, near-edge plateau window.
 NEAR_PLATEAU_LENGTH = 3
 #: A pixel belongs to the plateau once its profile is within this fraction of the plateau line.
-PLATEAU_TOLERANCE = 0.015
+PLATEAU_TOLERANCE = 0.005
 #: ... or within this many times the slice's noise, whichever is larger.
-NOISE_TOLERANCE = 3.0
+NOISE_TOLERANCE = 2.0
 #: Plateau pixels further than this many noise sigma from the running median are replaced by it.
 DESPIKE = 5.0
 #: Most pixels the equal-area window reaches inside the half-level bracket.
@@ -102,7 +102,7 @@ FLOOR_LENGTH = 3
 #: A slice is measured only if its peak minus floor exceeds this many times its noise
 #: (1.4826 MAD of the pixel-to-pixel differences / sqrt 2): pure noise or a dark stretch of
 #: an order has no edges to find.
-MIN_CONTRAST = 20.0
+MIN_CONTRAST = 10.0
 #: Narrowest plausible order (px), soxspipe's hard-coded limit.
 MIN_WIDTH = 10.0
 #: Half-width of the running median the detection walks on: dips of up to RUN_HALF pixels
@@ -303,7 +303,7 @@ def _half_crossing(pk, k_start, kv, fl, xm, ym, slope):
     return -1, np.nan
 
 
-def _one_side(p, s, kc, d, floor, peak, min_fraction, max_fraction, noise):
+def _one_side(p, s, kc, d, floor, peak, min_fraction, max_fraction, noise, filled):
     """Edge of one side (offset from kc in profile pixels, signed), threshold, level.
 
     Scalar loops on purpose: this is the kernel's ``_side`` line by line."""
@@ -314,6 +314,7 @@ def _one_side(p, s, kc, d, floor, peak, min_fraction, max_fraction, noise):
         return nan, nan, nan
     pk = p[kc + d * np.arange(kmax + 1)]
     sk = s[kc + d * np.arange(kmax + 1)]
+    gap = filled[kc + d * np.arange(kmax + 1)]
     kd = -1
     t = nan
     for step in range(11):
@@ -382,6 +383,9 @@ def _one_side(p, s, kc, d, floor, peak, min_fraction, max_fraction, noise):
         return nan, t, level
     total = 0.0
     for k in range(klo, khi + 1):
+        if gap[k]:
+            # an interpolated column on the soft end: its light is a guess
+            return nan, t, level
         height = (ym + slope * (k - xm)) - fl
         if not height > 0:
             return nan, t, level
@@ -426,6 +430,7 @@ def detect_slice_edges_reference(flux: np.ndarray, qual: np.ndarray, along, cent
         p = _fill(prof[i], inside[i])
         if p is None:
             continue
+        filled = ~np.isfinite(prof[i][inside[i]])
         kc = hl - first
         s = _running_median(p, RUN_HALF)
         lo_k, hi_k = max(0, kc - PEAK_HALF), min(p.size - 1, kc + PEAK_HALF)
@@ -438,7 +443,7 @@ def detect_slice_edges_reference(flux: np.ndarray, qual: np.ndarray, along, cent
         base = c0[i] + first + kc
         for row, d in ((0, -1), (1, 1)):
             off, t, level = _one_side(p, s, kc, d, floor, peak, min_fraction, max_fraction,
-                                      noise)
+                                      noise, filled)
             out[row, i] = base + off
             out[2 + row, i] = t
             out[4 + row, i] = level
