@@ -107,14 +107,20 @@ def main(argv: list[str] | None = None) -> int:
         if code != 0:
             status = code
             break
+        shown_qc = None
         for product in sorted(outdir.glob("*.fits")):
             header = read_header(product)
             print(f"  -> {product}  ({header['ESO PRO CATG']})")
-            for key in header:
-                if key.startswith("ESO QC "):
-                    value = header[key]
-                    shown = f"{value:.5g}" if isinstance(value, float) else value
-                    print(f"       {key[7:]:<16} {shown}")
+            qc = [(key[7:], header[key]) for key in header if key.startswith("ESO QC ")]
+            if qc and qc == shown_qc:  # a recipe's products share their QC values
+                print("       (QC as above)")
+                continue
+            shown_qc = qc
+            for name, value in qc:
+                shown = f"{value:.5g}" if isinstance(value, float) else value
+                print(f"       {name:<16} {shown}")
+        for plot in sorted(outdir.glob("*.pdf")):
+            print(f"  -> {plot}  (QC plot)")
     return status
 
 
