@@ -590,6 +590,11 @@ class RecipeContext:
         # As CPL recipes do, the product states the exposure time of what it combines: CPL
         # does not inherit EXPTIME, and calibration association matches darks by it.
         header["EXPTIME"] = (first_frame.exptime, "[s] exposure time of the combined frames")
+        if output.kind == "image":
+            # soxspipe reads a prepared frame's binning from CDELT1/2 (pixel size in detector
+            # pixels); ours are prepared frames too
+            header["CDELT1"] = (float(first_frame.binx), "binning along x")
+            header["CDELT2"] = (float(first_frame.biny), "binning along y")
         return dicb_sorted(header), filename, header_qc
 
     def _protected(self) -> list[Path]:
