@@ -9,8 +9,8 @@ module is skipped.  The nights are small (three orders) and shared by the tests:
   own :func:`~soxs_core.echelle.ordertable.read_order_table` evaluates (< 1e-3 px), on a frame
   dispersed along x (SOXS NIR) and one along y (X-shooter VIS, 2x2 binned); our MASTER_FLAT
   read the way soxspipe opens frames (``CCDData`` with FLUX/QUAL/ERRS) holds our planes;
-* soxspipe's stare accepts our MASTER_BIAS and MASTER_FLAT as inputs (known to fail: our
-  products carry no CDELT1/CDELT2, which soxspipe's input check reads for the binning);
+* soxspipe's stare input check accepts our MASTER_BIAS, MASTER_FLAT and ORDER_TAB (it reads
+  the binning from CDELT1/CDELT2, which our image products carry since commit a5b0cfb);
 * ``soxspipe prep`` on a copy of a simulated SOXS NIR night writes an mflat SOF (tags
   ``LAMP,FLAT_NIR`` with a comma, a MASTER_DARK and an ORDER_TAB at the paths where its own
   earlier steps would write them); with our master dark and the night's order-centre table at
@@ -190,46 +190,23 @@ _STARE_INPUTS = """
 """
 
 
-def _stare_frames(vis: dict, tmp_path: Path, binning_cards: bool) -> list[str]:
-    """A stare SOF's frames as ``[path, tag, ...]``: a raw flat relabelled as the science
-    frame (only the input check reads it), our master bias and flat (copies with CDELT1/2
-    when ``binning_cards``), our ORDER_TAB and the night's DISP_TAB/DISP_IMAGE."""
+def test_soxspipe_stare_accepts_our_products(nights, tmp_path):
+    """soxspipe's stare input check (arm, binning from CDELT1/CDELT2, read speed, gain, slit)
+    takes our MASTER_BIAS, MASTER_FLAT and ORDER_TAB with the night's DISP_TAB/DISP_IMAGE;
+    a raw flat relabelled as the science frame stands in for one (only the check reads it)."""
+    vis = nights["xsh_vis"]
     science = tmp_path / "XSH_VIS_OBJECT.fits"
     with fits.open(vis["result"].raw["FLAT"][0]) as hdul:
         hdul[0].header["HIERARCH ESO DPR CATG"] = "SCIENCE"
         hdul[0].header["HIERARCH ESO DPR TYPE"] = "OBJECT"
         hdul[0].header["HIERARCH ESO DPR TECH"] = "ECHELLE,SLIT,STARE"
         hdul.writeto(science)
-    masters = []
-    for key in ("master_bias", "master_flat"):
-        path = vis[key]
-        if binning_cards:
-            path = tmp_path / path.name
-            with fits.open(vis[key]) as hdul:
-                binx, biny = (hdul[0].header[f"ESO DET WIN1 BIN{a}"] for a in "XY")
-                hdul[0].header["CDELT1"], hdul[0].header["CDELT2"] = float(binx), float(biny)
-                hdul.writeto(path)
-        masters.append(str(path))
     calib = vis["result"].calib
-    return [str(science), "OBJECT_VIS", masters[0], "MASTER_BIAS_VIS", masters[1],
-            "MASTER_FLAT_VIS", str(vis["order_tab"]), "ORDER_TAB_VIS", str(calib["DISP_TAB"]),
-            "DISP_TAB_VIS", str(calib["DISP_IMAGE"]), "DISP_IMAGE_VIS"]
-
-
-def test_soxspipe_stare_accepts_our_products_given_binning_cards(nights, tmp_path):
-    """Everything else soxspipe's stare checks on its inputs (arm, read speed, gain, slit,
-    order table, dispersion map) agrees with our products."""
-    done = _soxspipe(_STARE_INPUTS, str(tmp_path),
-                     *_stare_frames(nights["xsh_vis"], tmp_path, binning_cards=True))
-    assert done.returncode == 0 and "accepted" in done.stdout, done.stderr[-1500:]
-
-
-@pytest.mark.xfail(strict=True, reason="our MASTER_BIAS/MASTER_FLAT carry no CDELT1/CDELT2; "
-                   "soxspipe's input check reads the binning from them and stops with "
-                   "\"'<' not supported between instances of 'str' and 'float'\"")
-def test_soxspipe_stare_accepts_our_products(nights, tmp_path):
-    done = _soxspipe(_STARE_INPUTS, str(tmp_path),
-                     *_stare_frames(nights["xsh_vis"], tmp_path, binning_cards=False))
+    frames = [str(science), "OBJECT_VIS", str(vis["master_bias"]), "MASTER_BIAS_VIS",
+              str(vis["master_flat"]), "MASTER_FLAT_VIS", str(vis["order_tab"]),
+              "ORDER_TAB_VIS", str(calib["DISP_TAB"]), "DISP_TAB_VIS",
+              str(calib["DISP_IMAGE"]), "DISP_IMAGE_VIS"]
+    done = _soxspipe(_STARE_INPUTS, str(tmp_path), *frames)
     assert done.returncode == 0 and "accepted" in done.stdout, done.stderr[-1500:]
 
 
