@@ -52,14 +52,17 @@ PINHOLE_TABLES = {
     "soxs_nir": "SOXS_SPH_TAB_NIR_Xe.fits",
 }
 
-#: A peak of a cut counts as an order when it rises this many noise sigmas above the deeper
+#: A peak of a cut counts as an order when it rises this many noise sigmas above the higher
 #: of its two bases, ...
 PEAK_SIGMA = 8.0
-#: ... its prominence is at least this fraction of its height above the deeper base (a bump
-#: of the illumination on top of a plateau is not an order), ...
+#: ... and the valley between it and a brighter neighbour is at least this fraction of its
+#: height above the deeper valley beyond the pair (a bump of the illumination or the noise on
+#: top of a plateau is not an order; a faint order beside a bright one, with a dark gap between
+#: them, is), ...
 PEAK_CONTRAST = 0.3
-#: ... and its full width at half prominence is at least this many binned pixels (a hot or
-#: bad column is one pixel wide).
+#: ... and its full width at half prominence, the smoothing removed in quadrature, is at least
+#: this many binned pixels (a hot or bad column is one or two pixels wide; a cold one is
+#: filled before the search, see :func:`find_cut_peaks`).
 PEAK_MIN_WIDTH = 2.0
 #: A trace must be detected in at least this fraction of the cuts between its ends.
 MIN_DETECTED_FRACTION = 0.6
@@ -394,10 +397,55 @@ class CutPeaks:
         return CutPeaks(0.5 * (left + right), right - left, height, left, right)
 
 
+def _crossing(p: np.ndarray, start: int, level: float, step: int) -> float | None:
+    """Where ``p`` first falls to ``level`` walking from ``start`` by ``step`` (+1/-1),
+    interpolated; None when the walk reaches the profile's end (the order is cut by the
+    frame)."""
+    i, n = start, p.size
+    while 0 <= i + step < n and p[i + step] > level:
+        i += step
+    if not 0 <= i + step < n:
+        return None
+    return float(i + step * (p[i] - level) / (p[i] - p[i + step]))
+
+
+def _separate_orders(p: np.ndarray, peaks: np.ndarray, contrast: float) -> np.ndarray:
+    """The candidate peaks that are distinct orders.
+
+    Neighbouring candidates are joined (the lower one dropped), weakest pair first, while the
+    valley between them is shallow: less than ``contrast`` of the lower peak's height above
+    the deeper valley beyond the pair.  After each join the valleys beyond a pair reach
+    further out, so the ripple or noise bumps along a plateau are all judged against the
+    plateau's own height, not against each other, while a faint order beside a bright one
+    keeps the dark gap between them.
+    """
+    pk = [int(v) for v in peaks]
+    while len(pk) > 1:
+        idx = np.asarray(pk)
+        vv = np.array([np.min(p[a:b + 1]) for a, b in zip(idx[:-1], idx[1:])])
+        outer = np.concatenate([[np.min(p[:idx[0] + 1])], vv, [np.min(p[idx[-1]:])]])
+        lower = np.where(p[idx[:-1]] <= p[idx[1:]], np.arange(idx.size - 1),
+                         np.arange(1, idx.size))
+        top = p[idx[lower]]
+        floor = np.minimum(outer[:-2], outer[2:])
+        ratio = (top - vv) / np.maximum(top - floor, 1e-30)
+        k = int(np.argmin(ratio))
+        if ratio[k] >= contrast:
+            break
+        del pk[int(lower[k])]
+    return np.asarray(pk, int)
+
+
 def find_cut_peaks(profile: np.ndarray, smooth: float = 1.0, sigma: float = PEAK_SIGMA,
                    contrast: float = PEAK_CONTRAST, min_width: float = PEAK_MIN_WIDTH
                    ) -> CutPeaks:
     """Orders crossed by one cross-dispersion cut.
+
+    Works alike for the narrow ridges of fibre-fed echelles, for slit-wide plateaus with
+    ripple and noise on top (SOXS, X-shooter) and for a faint order beside a bright one:
+    candidates are the maxima standing ``sigma`` noise sigmas above their bases; neighbours
+    with a shallow valley between them are one order (see :func:`_separate_orders`); dips of
+    one or two columns are filled; an order must have two edges and a finite width.
 
     Parameters
     ----------
@@ -418,48 +466,37 @@ def find_cut_peaks(profile: np.ndarray, smooth: float = 1.0, sigma: float = PEAK
     if raw.size < 5:
         return CutPeaks.empty()
     noise = _local_noise(raw)
+    # a dip one or two columns wide (a cold column) is no gap between orders: filled by a
+    # closing (which leaves ridges, plateaus and the gaps of >= 3 px between orders as they
+    # are) so that it neither splits an order nor bounds a false one
+    raw = ndimage.grey_closing(raw, size=3, mode="nearest")
     p = ndimage.gaussian_filter1d(raw, smooth, mode="nearest") if smooth > 0 else raw
     # the smoothing lowers white noise by this factor
     kernel = signal.windows.gaussian(int(8 * smooth) | 1, smooth) if smooth > 0 else np.ones(1)
     kernel /= kernel.sum()
     noise_s = noise * np.sqrt(np.sum(kernel ** 2))
+    # the smoothing widens every feature: widths are judged with its FWHM removed in
+    # quadrature (exact for Gaussian profiles; a one-column spike comes out ~0.8 px wide, a
+    # two-column one ~1.5 px, a fibre ridge of sigma 1.3 px its true 3.1 px)
+    blur2 = (2.3548 * smooth) ** 2 if smooth > 0 else 0.0
     peaks, props = signal.find_peaks(p, prominence=0.0)
-    if not peaks.size:
-        return CutPeaks.empty()
-    prom = props["prominences"]
-    deep = np.minimum(p[props["left_bases"]], p[props["right_bases"]])
-    height = p[peaks] - deep
-    ok = (prom >= sigma * noise_s[peaks]) & (prom >= contrast * np.maximum(height, 1e-30))
-    peaks, prom = peaks[ok], prom[ok]
-    if not peaks.size:
-        return CutPeaks.empty()
+    peaks = peaks[props["prominences"] >= sigma * noise_s[peaks]] if peaks.size else peaks
+    peaks = _separate_orders(p, peaks, contrast)
     lefts, rights, heights = [], [], []
-    bounds = np.concatenate([[0], (peaks[1:] + peaks[:-1]) // 2, [p.size - 1]])
     for k, pk in enumerate(peaks):
-        lo_i, hi_i = int(bounds[k]), int(bounds[k + 1])
         # valleys between this order and its neighbours (or the frame's ends)
-        left_v = float(np.min(p[lo_i:pk + 1])) if k == 0 else float(
-            np.min(p[peaks[k - 1]:pk + 1]))
-        right_v = float(np.min(p[pk:hi_i + 1])) if k == peaks.size - 1 else float(
-            np.min(p[pk:peaks[k + 1] + 1]))
+        left_v = float(np.min(p[(peaks[k - 1] if k else 0):pk + 1]))
+        right_v = float(np.min(p[pk:(peaks[k + 1] if k + 1 < peaks.size else p.size - 1) + 1]))
         top = p[pk]
         level = 0.5 * (top + max(left_v, right_v))
-        # half-level crossings walking out from the peak
-        i = pk
-        while i > 0 and p[i - 1] > level:
-            i -= 1
-        if i == 0:
-            continue  # the order is cut by the frame's end: no left edge
-        x_left = (i - 1) + (level - p[i - 1]) / (p[i] - p[i - 1])
-        j = pk
-        while j < p.size - 1 and p[j + 1] > level:
-            j += 1
-        if j == p.size - 1:
+        # half-level crossings walking out from the peak; an order cut by the frame's end
+        # has no edge there and is left out
+        x_left = _crossing(p, int(pk), level, -1)
+        x_right = _crossing(p, int(pk), level, +1)
+        if x_left is None or x_right is None:
             continue
-        x_right = j + (p[j] - level) / (p[j] - p[j + 1])
-        width = x_right - x_left
-        if width < min_width:
-            continue
+        if (x_right - x_left) ** 2 - blur2 < min_width ** 2:
+            continue  # a hot column, not an order
         lefts.append(x_left)
         rights.append(x_right)
         heights.append(top - max(left_v, right_v))
@@ -863,9 +900,9 @@ def trace_orders(flux: np.ndarray, qual: np.ndarray | None = None, dispersion_ax
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
             profiles = [np.nanmedian(img[p - half:p + half + 1], axis=0) for p in positions]
     # light smoothing only: wider smoothing fills the narrow gaps between bright orders (a
-    # faint order next to a bright one would lose its contrast); the noise bumps on top of a
-    # plateau fail the contrast test, and two peaks closer than the typical order width are
-    # one noisy plateau
+    # faint order next to a bright one would lose its contrast); the ripple and noise bumps
+    # on top of a plateau are joined to it by find_cut_peaks, and two peaks still closer than
+    # the typical order width are one noisy plateau
     cuts = [find_cut_peaks(p, smooth=1.0) for p in profiles]
     all_w = np.concatenate([c.width for c in cuts]) if cuts else np.zeros(0)
     if all_w.size:
