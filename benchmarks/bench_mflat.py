@@ -25,8 +25,9 @@
   cannot run X-shooter flats: ``calibrate_frame_set`` defines the dome-flat set only for SOXS
   but uses it for every instrument (``UnboundLocalError: domeflatCollection``); the runner
   gives that local an empty set while the method runs (a line tracer, no soxspipe code
-  changed), adds CDELT1/CDELT2 to a copy of our master bias (soxspipe reads the binning from
-  them) and names the SOF as soxspipe needs (see its docstring).  Both pipelines' times,
+  changed), adds CDELT1/CDELT2 to a copy of a master bias written without them (before commit
+  a5b0cfb; soxspipe reads the binning from them) and names the SOF as soxspipe needs (see its
+  docstring).  Both pipelines' times,
   memory and edge residuals are printed side by side, with the ratios.
 
 The machine is shared and noisy: compare the ratios measured in one run, not absolute times

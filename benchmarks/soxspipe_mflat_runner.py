@@ -19,8 +19,8 @@ get there on X-shooter flats:
   frames are copied into one, lines ``path TAG``;
 * CDELT1/CDELT2 on every image it is given: its input check reads the binning from them on
   every frame but tables and stops with "'<' not supported between instances of 'str' and
-  'float'" on our master bias, which carries the binning in ``ESO DET WIN1 BINX/BINY`` only;
-  such a product is copied into WORKDIR with the two cards added;
+  'float'" on a master bias that carries the binning in ``ESO DET WIN1 BINX/BINY`` only (ours
+  before commit a5b0cfb); such a product is copied into WORKDIR with the two cards added;
 * a logger with a PRINT level and a working directory for its ``reduced/``, ``qc/`` and
   ``tmp/`` trees.
 
