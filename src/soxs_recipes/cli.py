@@ -62,9 +62,18 @@ def _reuse_freed_memory() -> None:
     mallopt(m_trim_threshold, 1 << 30)
 
 
+def _single_threaded_blas() -> None:
+    """One BLAS thread unless the user chose otherwise: the recipes' linear algebra is small
+    (polynomial fits, spline systems), where OpenBLAS's threads cost more in start-up and, on
+    a busy machine, in waiting than they save; the pixel kernels have their own threads."""
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+
+
 def main() -> None:
     """Console-script entry point."""
     install_signal_handlers(PROGRAM)
+    _single_threaded_blas()
     _reuse_freed_memory()
     status = run()
     remove_tracked()
