@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,8 @@ def verify_flat_inputs(inputs: FlatInputs, min_flats: int) -> None:
 #: Unbinned px by which the order edges are widened to mask the orders for the background
 #: fit: the slit ends are soft over about a pixel, and the scattered light is smooth.
 BACKGROUND_MASK_WIDEN = 4.0
+#: Unbinned px by which the orders' along-order ranges are extended for that mask.
+BACKGROUND_MASK_EXTEND = 150.0
 
 
 @dataclass
@@ -206,6 +208,19 @@ def _edges(master: DetectorImage, table: OrderTable, arm: Arm, binning: tuple[in
     return fitted, report, samples
 
 
+def _centre_between_edges(centres: OrderTable, samples: edges.EdgeSamples,
+                          params: FlatParameters) -> OrderTable:
+    """A self-traced table's centres replaced by the fit of the measured edges' midpoints:
+    the traced centres wobble by tenths of a pixel, the midpoints of slit edges do not."""
+    mid = 0.5 * (samples.low + samples.up)
+    good = np.isfinite(mid) & np.isin(samples.order, centres.orders)
+    deg = centres.centre.order_deg, centres.centre.along_deg
+    fit = fit_order_polynomial(samples.order[good], samples.b[good], mid[good], *deg,
+                               params.poly_fitting_residual_clipping_sigma,
+                               params.poly_clipping_iteration_limit)
+    return replace(centres, centre=fit.polynomial)
+
+
 def _reduce_lamp(frames: list[RawFrame], inputs: FlatInputs, params: FlatParameters,
                  plots: Mapping[str, Path], suffix: str, written: dict[str, Path]
                  ) -> _LampReduction:
@@ -216,13 +231,20 @@ def _reduce_lamp(frames: list[RawFrame], inputs: FlatInputs, params: FlatParamet
     calibrated = flat.calibrate_frame_set(frames, inputs.master_bias, inputs.master_dark,
                                           inputs.lamp_off or None, clip)
     binning = (calibrated.binx, calibrated.biny)
+    traced = inputs.order_table is None
     centres = inputs.order_table or self_trace(calibrated, arm)
     norm = flat.normalise_flats(calibrated, centres, params.centre_order_window, clip)
     master = flat.stack_master_flat(calibrated, norm, clip)
     table, report, samples = _edges(master, centres, arm, binning, params)
+    if traced:
+        centres = _centre_between_edges(centres, samples, params)
+        table, report, samples = _edges(master, centres, arm, binning, params)
     model = None
     if params.subtract_background:
-        in_order = table.in_order_mask(master.shape, *binning, widen=BACKGROUND_MASK_WIDEN)
+        # an order's light goes on beyond where its edges could be measured (its faint
+        # ends): masked too, or it would count as scattered light
+        in_order = table.in_order_mask(master.shape, *binning, widen=BACKGROUND_MASK_WIDEN,
+                                       extend=BACKGROUND_MASK_EXTEND)
         model = background.fit_background(master.data, master.qual, in_order,
                                           arm.dispersion_axis, params.bspline_deg,
                                           params.gaussian_blur_sigma, errors=master.error)
@@ -259,6 +281,14 @@ def _finish(master: DetectorImage, table: OrderTable, report: tracing.EdgeFitRep
     temperature_qc(frames[0], qc)
     return FlatResult(lamp=lamp, image=finished.image, table=table, qc=qc, frames=frames,
                       plots=dict(written))
+
+
+def _order_light(lamp: _LampReduction) -> dict[int, float]:
+    """Per order: the lamp's median centre-band flux (e-), zero where its edges were not
+    found along at least a few positions."""
+    counts = lamp.report.sample_counts
+    return {int(n): (float(f) if counts.get(int(n), 0) >= 5 else 0.0)
+            for n, f in lamp.normalisation.order_flux.items()}
 
 
 def _union_centres(first: OrderTable, second: OrderTable) -> OrderTable:
@@ -322,9 +352,11 @@ def make_master_flat(inputs: FlatInputs, params: FlatParameters,
                                lamp.normalisation, params, binning, frames, name, plots,
                                written))
     d, q = reduced["DLAMP"], reduced["QLAMP"]
+    # each order from the lamp that gives it more light; the edge-fit sample counts the
+    # seed page names tie whenever both lamps' edges are found along a whole order
     order, scale = flat.find_uvb_overlap_order_and_scale(
-        d.master, q.master, d.table, *binning, d.report.sample_counts,
-        q.report.sample_counts, window=params.centre_order_window)
+        d.master, q.master, d.table, *binning, _order_light(d), _order_light(q),
+        window=params.centre_order_window)
     log.info("UVB: D2 and QTH flats stitched at order %d, D2 scaled by %.4g%s", order, scale,
              "" if params.scale_d2_to_qth else " (not applied: scale-d2-to-qth is false)")
     stitched = flat.stitch_uv_mflats(d.master, q.master, d.table, order, scale, *binning,

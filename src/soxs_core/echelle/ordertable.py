@@ -125,9 +125,10 @@ class OrderTable:
         return cols, rows, binx, biny
 
     def in_order_mask(self, shape: tuple[int, int], binx: int = 1, biny: int = 1,
-                      widen: float = 0.0, orders=None) -> np.ndarray:
+                      widen: float = 0.0, orders=None, extend: float = 0.0) -> np.ndarray:
         """Pixels of a binned frame lying between an order's edges (widened by ``widen``
-        unbinned px on each side) within its valid along-order range.
+        unbinned px on each side) within its valid along-order range (extended by ``extend``
+        unbinned px at both ends, the edges extrapolated there).
 
         Without edges (an order-centre table), no pixel is in an order: use
         :meth:`centre_band_mask`.
@@ -136,7 +137,7 @@ class OrderTable:
             raise ValueError("order table has no edges")
         return self._band(shape, binx, biny, orders,
                           lambda n, b: (self.edge_low(n, b) - widen,
-                                        self.edge_up(n, b) + widen))
+                                        self.edge_up(n, b) + widen), extend)
 
     def centre_band_mask(self, shape: tuple[int, int], binx: int, biny: int,
                          half_width: float, orders=None) -> np.ndarray:
@@ -155,12 +156,13 @@ class OrderTable:
                 self.edge_low(o, b) - widen, self.edge_up(o, b) + widen))] = n
         return out
 
-    def _band(self, shape, binx, biny, orders, limits) -> np.ndarray:
+    def _band(self, shape, binx, biny, orders, limits, extend: float = 0.0) -> np.ndarray:
         n_along, n_across, bb, ba = self.image_axes(shape, binx, biny)
         mask_t = np.zeros((n_along, n_across), dtype=bool)
         cols = np.arange(n_across)
         for n in (self.orders if orders is None else orders):
             b0, b1 = self.along_range(int(n))
+            b0, b1 = b0 - extend, b1 + extend
             ib = np.arange(max(int(np.ceil(to_binned(b0, bb))), 0),
                            min(int(np.floor(to_binned(b1, bb))), n_along - 1) + 1)
             if not ib.size:
