@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from soxs_core.echelle.edges import measure_order_edges
+from soxs_core.echelle.edges import SAMPLE_STEP, measure_order_edges
 from soxs_core.echelle.ordertable import OrderTable, read_order_table
 from soxs_core.echelle.tracing import (
     assign_order_numbers,
@@ -38,6 +38,17 @@ ALONG_DEG = 5
 EDGE_RMS, EDGE_MAX = 0.1, 0.5
 #: master flat of this many frames (its noise)
 N_FLATS = 5
+#: slice width (rows median-collapsed) of the edge measurement
+SLICE_WIDTH = 5
+#: An order's edges can be measured where its light stands this many noise sigmas (of one
+#: pixel of a collapsed slice) above the dark between orders.  The edge kernel refuses
+#: slices below 10 sigma (edges.MIN_CONTRAST, where one edge sample is still ~0.15 px noisy);
+#: 15 leaves a margin so that a sample just at the limit is not demanded.  Where an order is
+#: fainter (the blue end of the UVB's bluest order 24: 0.2-6 e- per pixel under the QTH lamp
+#: against 1.2-1.9 e- of noise) no edge is there to measure, whatever its geometric length.
+USABLE_SNR = 15.0
+#: trace_orders' default number of cuts along the dispersion
+N_CUTS = 60
 
 
 def _truth_orders(fmt, min_fraction: float = 0.1) -> list[int]:
@@ -65,6 +76,7 @@ class Setup:
         signal = sim.lamp_model("QTH") * sim.truth.sensitivity
         rng = np.random.default_rng(11)
         sigma = np.sqrt((np.maximum(signal, 0) + sim.detector.read_noise ** 2) / N_FLATS)
+        self.signal, self.sigma = signal, sigma
         self.flat = (signal + rng.normal(size=signal.shape) * sigma).astype(np.float32)
         self.qual = np.zeros(self.flat.shape, np.uint8)
         path = tmp_path_factory.mktemp(f"tab_{arm}_{binning}") / "ORDER_TAB.fits"
@@ -81,9 +93,35 @@ class Setup:
         samples = measure_order_edges(self.flat, self.qual, table.centre, table.orders,
                                       list(zip(table.b_min, table.b_max)),
                                       self.fmt.dispersion_axis, (self.bx, self.by), length,
-                                      5, 20, 50)
+                                      SLICE_WIDTH, 20, 50)
         fitted, report = fit_order_edges(samples, table, order_deg, ALONG_DEG, 5.0, 5)
         return fitted, report, samples
+
+    def lit(self, n: int) -> np.ndarray:
+        """Along-order positions (unbinned px) where order ``n`` lies inside the frame and its
+        true light at the centre is ``USABLE_SNR`` noise sigmas of a collapsed slice pixel
+        (the median of ``SLICE_WIDTH`` rows: 1.2533 / sqrt(w) of one pixel's) above the dark
+        outside its slit ends."""
+        fmt, g = self.fmt, self.fmt.geometry(n)
+        b = np.arange(np.ceil(g.b_min), np.floor(g.b_max) + 1)
+        lo, up = fmt.edges(n, b)
+        b = b[(lo >= 0) & (up <= fmt.n_across - 1)]
+        lo, up = fmt.edges(n, b)
+        bin_b, bin_a = (self.by, self.bx) if fmt.dispersion_axis == "y" else (self.bx, self.by)
+        n_b, n_a = (self.signal.shape if fmt.dispersion_axis == "y"
+                    else self.signal.shape[::-1])
+
+        def binned(v, k, size):
+            return np.clip(np.round((v - 0.5 * (k - 1)) / k).astype(int), 0, size - 1)
+
+        ib = binned(b, bin_b, n_b)
+        at = {name: binned(v, bin_a, n_a) for name, v in
+              (("c", fmt.centre(n, b)), ("lo", lo - 8.0), ("up", up + 8.0))}
+        img = self.signal if fmt.dispersion_axis == "y" else self.signal.T
+        err = self.sigma if fmt.dispersion_axis == "y" else self.sigma.T
+        dark = np.maximum(img[ib, at["lo"]], img[ib, at["up"]])
+        snr = (img[ib, at["c"]] - dark) / (err[ib, at["c"]] * 1.2533 / np.sqrt(SLICE_WIDTH))
+        return b[snr >= USABLE_SNR]
 
     def usable(self, table: OrderTable, n: int) -> np.ndarray:
         """Along-order positions (unbinned px) inside the table's range and the true one."""
@@ -132,14 +170,27 @@ def test_numbering_without_format_counts_from_the_bottom(setup: Setup):
 @pytest.mark.parametrize("which", ["true", "traced"])
 def test_edges_match_truth(setup: Setup, which: str):
     """Fitted upper and lower edges within 0.1 px rms (0.5 px max) of the true slit ends over
-    the usable length of every order, with the true order table and with self-tracing."""
+    the usable length of every order, with the true order table and with self-tracing.  The
+    usable length is where the order's light allows an edge to be measured (``Setup.lit``):
+    the table's range must cover it but for at most two edge samples at either end (one
+    falls on the sampling grid short of the light's end; the frame's last rows or a cold
+    column of the pixel response across an edge may spoil one or two more) and, self-traced,
+    for the spacing of the tracing's cuts (an order is seen only at its cuts)."""
     table, report, _ = setup.fits[which]
     assert sorted(table.orders.tolist()) == sorted(_truth_orders(setup.fmt))
     assert not report.dropped_orders
+    # unbinned px between edge samples (SAMPLE_STEP binned px // binning, times binning)
+    step = (SAMPLE_STEP // setup.by if setup.fmt.dispersion_axis == "y"
+            else SAMPLE_STEP // setup.bx) * (setup.by if setup.fmt.dispersion_axis == "y"
+                                              else setup.bx)
+    allowed = 2.5 * step + (setup.fmt.n_along / (N_CUTS - 1) if which == "traced" else 0.0)
     for n in table.orders:
         b = setup.usable(table, int(n))
-        g = setup.fmt.geometry(int(n))
-        assert b.size >= 0.8 * (g.b_max - g.b_min)  # the usable length is most of the order
+        lit = setup.lit(int(n))
+        b0, b1 = table.along_range(int(n))
+        assert lit.size > 0, int(n)
+        short = (max(b0 - lit[0], 0.0), max(lit[-1] - b1, 0.0))
+        assert max(short) <= allowed, (which, int(n), short, (b0, b1), (lit[0], lit[-1]))
         lo, up = setup.fmt.edges(int(n), b)
         for name, fitted, true in (("low", table.edge_low, lo), ("up", table.edge_up, up)):
             d = fitted(float(n), b) - true
@@ -186,6 +237,47 @@ def test_edges_follow_a_slit_width_that_changes(setup: Setup):
 
 
 # ------------------------------------------------------------------ pieces
+def test_edge_range_reaches_a_faint_order_end():
+    """An order that fades towards its ends is measured there with more noise than the bright
+    orders set the clipping scale by; its range still reaches its last samples that agree with
+    the fit within their own noise, and stops at a gross outlier or where the edges stop."""
+    from types import SimpleNamespace
+
+    from soxs_core.echelle.polynomial import OrderPolynomial
+
+    rng = np.random.default_rng(4)
+    b = np.arange(100.0, 2900.0, 25.0)
+    orders = np.array([10, 11, 12])
+    centre = OrderPolynomial(np.array([[0.0, 0.0], [100.0, 0.0]]))  # A = 100 n
+    table = OrderTable(dispersion_axis="y", orders=orders, b_min=np.full(3, 100.0),
+                       b_max=np.full(3, 2875.0), centre=centre, n_across=2000)
+    rows = {"order": [], "b": [], "low": [], "up": []}
+    for n in orders:
+        noise = np.full(b.size, 0.02)
+        if n == 12:  # faint towards its upper end: 0.02 -> 0.25 px from 2000 px on
+            noise = 0.02 + 0.23 * np.clip((b - 2000.0) / 600.0, 0, 1)
+        lo = 100.0 * n - 20 + rng.normal(0, 1, b.size) * noise
+        up = 100.0 * n + 20 + rng.normal(0, 1, b.size) * noise
+        if n == 12:
+            lo[b > 2650] = np.nan  # too faint for the edge kernel
+            up[b > 2650] = np.nan
+            lo[b == 2500.0] += 3.0  # a gross outlier (a cosmic on the edge), inside
+        for key, v in (("order", np.full(b.size, n)), ("b", b), ("low", lo), ("up", up)):
+            rows[key].append(v)
+    samples = SimpleNamespace(**{k: np.concatenate(v) for k, v in rows.items()})
+    fitted, report = fit_order_edges(samples, table, 2, 2, 5.0, 5)
+    clipped = ~(report.used_low & report.used_up) & (report.order == 12) & (report.b > 2000)
+    assert np.count_nonzero(clipped) > 5  # the global clipping rejects the noisy end
+    b0, b1 = fitted.along_range(12)
+    # the last detected sample (2650) plus half a step; the outlier does not stop it
+    assert b1 == pytest.approx(2650.0 + 12.5)
+    assert fitted.along_range(11) == pytest.approx((100.0, 2875.0))  # as sampled
+    # a stretch of gross outliers at the end is not measured light: it ends the range
+    samples.low[(samples.order == 12) & (samples.b >= 2400) & (samples.b <= 2650)] += 3.0
+    _, b1 = fit_order_edges(samples, table, 2, 2, 5.0, 5)[0].along_range(12)
+    assert b1 <= 2400.0
+
+
 def test_order_numbers_survive_a_shift_of_the_instrument():
     """Traces displaced by tens of pixels still get their true numbers, also when only some
     orders are seen; the shift is measured."""

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-from scipy import ndimage, signal
 
 from soxs_core.echelle.ordertable import OrderTable, to_unbinned
 from soxs_core.echelle.polynomial import MAX_DEGREE, OrderPolynomial, fit_order_polynomial
@@ -161,6 +160,50 @@ def _sample_arrays(samples: Any) -> tuple[np.ndarray, ...]:
     return order, b, low, up
 
 
+def _robust_scale(r: np.ndarray) -> float:
+    """1.4826 MAD about the median (0 for fewer than two values)."""
+    r = r[np.isfinite(r)]
+    return float(1.4826 * np.median(np.abs(r - np.median(r)))) if r.size > 1 else 0.0
+
+
+def _measured_extent(b: np.ndarray, res_up: np.ndarray, res_low: np.ndarray,
+                     used: np.ndarray, scales: tuple[float, float], clip_sigma: float,
+                     half_window: int = 4) -> tuple[float, float]:
+    """First and last along-order position of one order where its edges are measured.
+
+    The global clipping judges every sample by one scale, set by the bright orders; where an
+    order fades (the blue end of a UVB order, the ends of the blaze) its edges are measured
+    with more noise and are clipped although they agree with the fit as well as their noise
+    allows.  So the extent starts from the samples used by both fits and grows outwards over
+    samples with both edges detected whose residuals are within ``clip_sigma`` of the local
+    scale (robust, over the ``2 half_window + 1`` nearest detected samples, never below the
+    clipping's scale), stepping over single misses: a gross outlier, or a stretch where the
+    edges were not detected, ends it.
+    """
+    srt = np.argsort(b)
+    b, res_up, res_low, used = b[srt], res_up[srt], res_low[srt], used[srt]
+    detected = np.flatnonzero(np.isfinite(res_up) & np.isfinite(res_low))
+    agree = np.zeros(b.size, bool)
+    for j, i in enumerate(detected):
+        win = detected[max(0, j - half_window):j + half_window + 1]
+        local = _robust_scale(np.concatenate([res_up[win], res_low[win]]))
+        agree[i] = (abs(res_up[i]) <= clip_sigma * max(local, scales[0])
+                    and abs(res_low[i]) <= clip_sigma * max(local, scales[1]))
+    agree |= used
+    u = np.flatnonzero(used)
+    ends = []
+    for start, step in ((int(u[0]), -1), (int(u[-1]), +1)):
+        end, k, misses = start, start, 0
+        while 0 <= k + step < b.size and misses <= 1:
+            k += step
+            if agree[k]:
+                end, misses = k, 0
+            else:
+                misses += 1
+        ends.append(float(b[end]))
+    return ends[0], ends[1]
+
+
 def fit_order_edges(samples: Any, centre_table: OrderTable, order_deg: int, along_deg: int,
                     clip_sigma: float, max_iterations: int,
                     min_samples: int = 5) -> tuple[OrderTable, EdgeFitReport]:
@@ -196,8 +239,10 @@ def fit_order_edges(samples: Any, centre_table: OrderTable, order_deg: int, alon
     -------
     table : OrderTable
         ``centre_table`` restricted to the orders with edges, with ``edge_up``/``edge_low`` and
-        each order's along-order range where its edges were detected (extended by half the
-        local sample spacing, within the frame's extent of the samples).
+        each order's along-order range where its edges were measured: the samples used by
+        both fits, grown over detected samples that agree with the fits within their local
+        noise (see :func:`_measured_extent`), extended by half the local sample spacing,
+        within the frame's extent of the samples.
     report : EdgeFitReport
 
     Raises
@@ -230,6 +275,8 @@ def fit_order_edges(samples: Any, centre_table: OrderTable, order_deg: int, alon
         fits[name] = (fit, used, res)
     (fit_up, used_up, res_up), (fit_low, used_low, res_low) = fits["up"], fits["low"]
     both = used_up & used_low
+    # the clipping's own scale of each edge: the floor of the local scales below
+    scales = tuple(_robust_scale(r[u]) for r, u in ((res_up, used_up), (res_low, used_low)))
     keep, b_min, b_max, counts, dropped = [], [], [], {}, []
     for n in centre_table.orders:
         sel = both & (order == n)
@@ -239,12 +286,15 @@ def fit_order_edges(samples: Any, centre_table: OrderTable, order_deg: int, alon
             dropped.append(int(n))
             continue
         step = float(np.median(np.diff(bs))) if bs.size > 1 else 0.0
-        lo_lim = float(np.nanmin(b[order == n]))
-        hi_lim = float(np.nanmax(b[order == n]))
+        mine = order == n
+        lo_lim = float(np.nanmin(b[mine]))
+        hi_lim = float(np.nanmax(b[mine]))
+        first, last = _measured_extent(b[mine], res_up[mine], res_low[mine], both[mine],
+                                       scales, clip_sigma)
         # half a sample step beyond the outermost detections, never beyond the positions
         # that were sampled for the order at all (the frame or the order's end)
-        b_min.append(max(bs[0] - 0.5 * step, min(lo_lim, bs[0])))
-        b_max.append(min(bs[-1] + 0.5 * step, max(hi_lim, bs[-1])))
+        b_min.append(max(first - 0.5 * step, min(lo_lim, first)))
+        b_max.append(min(last + 0.5 * step, max(hi_lim, last)))
         keep.append(int(n))
     if not keep:
         raise InputError(f"{where}: no order has {min_samples} positions with both edges "
@@ -355,6 +405,9 @@ def _local_noise(profile: np.ndarray, window: int = 41) -> np.ndarray:
     A running median of ``|d|`` (d the first difference) is insensitive to the few steep
     pixels at order edges; ``median |d| / (0.6745 sqrt 2)`` is sigma for white noise.
     """
+    # scipy imported here, not at module load: every soxs-esorex run imports this module
+    from scipy import ndimage
+
     d = np.abs(np.diff(profile))
     d = np.concatenate([d[:1], d])
     med = ndimage.median_filter(d, size=min(window, d.size), mode="nearest")
@@ -462,6 +515,8 @@ def find_cut_peaks(profile: np.ndarray, smooth: float = 1.0, sigma: float = PEAK
         Centre of each order as the midpoint of its two half-prominence crossings (the middle
         of a plateau, the top of a ridge), its width there and its prominence.
     """
+    from scipy import ndimage, signal  # not at module load (slow; every recipe imports us)
+
     raw = _fill_nan(np.asarray(profile, float))
     if raw.size < 5:
         return CutPeaks.empty()
