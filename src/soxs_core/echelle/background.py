@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.interpolate import BSpline
 
 from soxs_core.io.image import DetectorImage
 
@@ -285,6 +284,9 @@ def _spline_basis(n: int, degree: int, spacing: float
     function there has the same index), the ``degree + 1`` non-zero basis values at every
     pixel, the first pixel of every interval and the number of basis functions.
     """
+    # scipy.interpolate imported here, not at module load (~1 s for every soxs-esorex run)
+    from scipy.interpolate import BSpline
+
     segments = max(1, min(n, int(math.ceil(n / spacing))))
     lo, hi = -0.5, n - 0.5
     inner = np.linspace(lo, hi, segments + 1)
