@@ -737,18 +737,33 @@ def in_order_mask_from_edges(shape: tuple[int, int], orders: Sequence[int],
 
 
 # ---------------------------------------------------------------------------------- plot
-def _block_reduce(image: np.ndarray, weight: np.ndarray | None, factor: int) -> np.ndarray:
-    """Block mean (over ``weight``-True pixels, NaN where none) for display."""
+def _block_reduce(image: np.ndarray, weight: np.ndarray | None, factor: int,
+                  subtract: np.ndarray | None = None) -> np.ndarray:
+    """Block mean (float32) of ``image - subtract`` over the finite, ``weight``-True pixels of
+    each ``factor`` x ``factor`` block (NaN where none), for display.
+
+    Worked through strips of block rows on reshaped views, so that no full-frame copy (and
+    no float64) is made: a few MB at a time whatever the frame's size.
+    """
     rows, cols = image.shape
-    r, c = rows // factor * factor, cols // factor * factor
-    img = np.asarray(image[:r, :c], np.float64)
-    w = np.ones(img.shape) if weight is None else np.asarray(weight[:r, :c], np.float64)
-    img = np.where(w > 0, img, 0.0)
-    shape = (r // factor, factor, c // factor, factor)
-    total = img.reshape(shape).sum(axis=(1, 3))
-    n = w.reshape(shape).sum(axis=(1, 3))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, total / n, np.nan)
+    nr, nc = rows // factor, cols // factor
+    out = np.full((nr, nc), np.nan, np.float32)
+    step = max(1, (1 << 21) // max(1, factor * factor * nc))  # block rows per ~2 Mpx strip
+    for i0 in range(0, nr, step):
+        i1 = min(nr, i0 + step)
+        sl = (slice(i0 * factor, i1 * factor), slice(0, nc * factor))
+        img = np.asarray(image[sl], np.float32)
+        if subtract is not None:
+            img = img - np.asarray(subtract[sl], np.float32)
+        ok = np.isfinite(img)
+        if weight is not None:
+            ok &= np.asarray(weight[sl], bool)
+        shape = (i1 - i0, factor, nc, factor)
+        total = np.where(ok, img, np.float32(0)).reshape(shape).sum(axis=(1, 3))
+        n = ok.reshape(shape).sum(axis=(1, 3))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[i0:i1] = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+    return out
 
 
 def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
@@ -760,12 +775,13 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
     from matplotlib.backends.backend_pdf import PdfPages
 
     axis = model.dispersion_axis
-    flux = np.asarray(flux, np.float32)
+    flux = np.asarray(flux)
+    # at most ~700 display px on a side: block means in float32 strips, no full-frame copy
     factor = max(1, int(math.ceil(max(flux.shape) / 700)))
     used = model.used
     data_small = _block_reduce(flux, used, factor)
     model_small = _block_reduce(model.model, None, factor)
-    resid_small = _block_reduce(flux - model.model, used, factor)
+    resid_small = _block_reduce(flux, used, factor, subtract=model.model)
     frame_small = _block_reduce(flux, None, factor)
     vmax = float(np.nanmax(model_small)) if np.isfinite(model_small).any() else 1.0
     vmax = vmax if vmax > 0 else 1.0
@@ -775,7 +791,7 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
         resid_small).any() else 1.0
     spread = max(spread, 1e-3)
 
-    fig = plt.figure(figsize=(11.69, 8.27))
+    fig = plt.figure(figsize=(11.69, 8.27), dpi=100)
     grid = fig.add_gridspec(2, 4, height_ratios=[1.25, 1.0], hspace=0.32, wspace=0.45)
     fig.suptitle(title, fontsize=13)
     panels = [
@@ -788,7 +804,7 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
     for k, (name, img, cmap, lo, hi, unit) in enumerate(panels):
         ax = fig.add_subplot(grid[0, k])
         shown = ax.imshow(img, origin="lower", cmap=cmap, vmin=lo, vmax=hi, extent=extent,
-                          aspect="auto", interpolation="nearest")
+                          aspect="auto", interpolation="nearest", rasterized=True)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("x [px]", fontsize=8)
         ax.set_ylabel("y [px]", fontsize=8)
@@ -825,7 +841,9 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
         for s0, s1 in zip(edges[::2], edges[1::2]):
             ax.axvspan(s0 - 0.5, s1 - 0.5, color="0.88", lw=0)
         ax.plot(x, np.clip(all_med, -top, top), color="0.55", lw=0.5, label="data")
-        ax.plot(x, used_med, ".", ms=1.5, color="tab:blue", label="inter-order (used)")
+        # thousands of vector markers were most of the drawing time: rasterized instead
+        ax.plot(x, used_med, ".", ms=1.5, color="tab:blue", label="inter-order (used)",
+                rasterized=True)
         ax.plot(x, mod, color="tab:red", lw=1.2, label="model")
         ax.set_ylim(min(-0.1 * top, float(np.nanmin(mod)) - 0.1 * top), top)
         ax.set_xlim(-0.5, cols - 0.5)
@@ -846,7 +864,7 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
     y = np.arange(rows)
     good = cu[:, c]
     ax.plot(y[good], cf[good, c], ".", ms=1, color="tab:blue", alpha=0.4,
-            label="inter-order (used)")
+            label="inter-order (used)", rasterized=True)
     ax.plot(y, cm[:, c], color="tab:red", lw=1.2, label="model")
     top = 1.6 * max(float(cm[:, c].max()), 1e-3)
     ax.set_ylim(-0.1 * top, top)
@@ -865,7 +883,7 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
              f"gaussian_blur_sigma {model.parameters.get('gaussian_blur_sigma')} px",
              fontsize=7)
     with PdfPages(target) as pdf:
-        pdf.savefig(fig)
+        pdf.savefig(fig, dpi=100)
     plt.close(fig)
 
 
