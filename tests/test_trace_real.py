@@ -31,10 +31,29 @@ def run_trace(*args: str | Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def flat() -> np.ndarray:
-    on = np.mean([fits.getdata(p).astype(float) for p in FLATS], axis=0)
-    off = np.mean([fits.getdata(p).astype(float) for p in BKGS], axis=0)
-    return on - off
+def frames() -> tuple[np.ndarray, np.ndarray]:
+    """The lamp-on and lamp-off frames, stacked (float32)."""
+    on = np.array([fits.getdata(p) for p in FLATS], np.float32)
+    off = np.array([fits.getdata(p) for p in BKGS], np.float32)
+    return on, off
+
+
+@pytest.fixture(scope="module")
+def flat(frames) -> np.ndarray:
+    on, off = frames
+    return on.mean(axis=0, dtype=np.float64) - off.mean(axis=0, dtype=np.float64)
+
+
+def cut_noise(frames, x: int) -> np.ndarray:
+    """Noise sigma of ``cut(flat, x)`` per row, from the scatter between the three lamp-on
+    and the three lamp-off frames (so no structure of the light enters it): the variance of
+    a mean of 3 each, times the 1.2533 / sqrt(11) of an 11-column median, smoothed over 15
+    rows."""
+    on, off = frames
+    cols = slice(x - 5, x + 6)
+    var = (on[:, :, cols].var(axis=0, ddof=1).mean(axis=1)
+           + off[:, :, cols].var(axis=0, ddof=1).mean(axis=1)) / 3.0
+    return ndimage.median_filter(np.sqrt(var), 15) * 1.2533 / np.sqrt(11)
 
 
 @pytest.fixture(scope="module")
@@ -50,35 +69,38 @@ def cut(flat: np.ndarray, x: int) -> np.ndarray:
     return np.median(flat[:, x - 5:x + 6], axis=1)
 
 
-def eye_count(profile: np.ndarray) -> np.ndarray:
-    """Orders a person sees in a cut: bumps that stand well above the noise, at least 20 px
-    apart (positions of the maxima of the 7-px smoothed cut)."""
+def eye_count(profile: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Orders a person sees in a cut: bumps of the 7-px smoothed cut at least 20 px apart that
+    stand 10 noise sigmas above their surroundings (positions of the maxima)."""
     smooth = ndimage.uniform_filter1d(profile, 7)
-    noise = 1.4826 * np.median(np.abs(np.diff(profile))) / np.sqrt(2)
-    peaks, _ = signal.find_peaks(smooth, prominence=10 * noise, distance=20)
-    return peaks
+    peaks, props = signal.find_peaks(smooth, prominence=0.0, distance=20)
+    return peaks[props["prominences"] >= 10 * noise[peaks] / np.sqrt(7)]
 
 
-def test_every_visible_order_is_found(flat, traced):
+def test_every_visible_order_is_found(flat, frames, traced):
+    """Each bump seen by eye in three cuts lies between the edges of exactly one traced order,
+    each traced order crossing a cut holds exactly one bump (none is a false order), and every
+    traced order is seen in some cut.  An order's edges are evaluated at the cut even where it
+    lies a little beyond the order's range: the faintest orders' ends are seen by eye (a
+    10-sigma bump of an 11-column cut smoothed over 7 px) where 5-column slices cannot
+    measure an edge."""
     table, _, _, _ = traced
-    n_seen = 0
+    seen: set[int] = set()
     for x in CUTS:
-        peaks = eye_count(cut(flat, x))
-        crossing = [n for n in table.orders if table.b_min[table.index(n)] <= x
-                    <= table.b_max[table.index(n)]]
-        lows = np.array([table.edge_low(float(n), x) for n in crossing])
-        ups = np.array([table.edge_up(float(n), x) for n in crossing])
-        # every bump seen lies between the edges of one traced order, and each traced order
-        # crossing the cut holds one bump (orders cut by the frame's border excepted)
-        inside = [(lows <= p) & (p <= ups) for p in peaks]
-        assert all(m.sum() == 1 for m in inside), (x, peaks)
-        whole = (lows > 0) & (ups < flat.shape[0] - 1)
-        held = np.array([sum((lo <= p <= up) for p in peaks) for lo, up in zip(lows, ups)])
-        # (the tracing sees faint upper orders a 10-sigma bump test may not: at most one)
-        assert np.all(held[whole] <= 1), (x, held)
-        assert np.count_nonzero(held == 1) == peaks.size
-        n_seen = max(n_seen, peaks.size)
-    assert n_seen >= 25  # "about 30 orders" (the faintest fail a 10-sigma bump test)
+        peaks = eye_count(cut(flat, x), cut_noise(frames, x))
+        lows = np.array([table.edge_low(float(n), x) for n in table.orders])
+        ups = np.array([table.edge_up(float(n), x) for n in table.orders])
+        inside = [np.flatnonzero((lows <= p) & (p <= ups)) for p in peaks]
+        assert all(k.size == 1 for k in inside), (x, peaks, [k.tolist() for k in inside])
+        seen |= {int(table.orders[k[0]]) for k in inside}
+        crossing = np.array([table.b_min[table.index(n)] <= x <= table.b_max[table.index(n)]
+                             for n in table.orders])
+        whole = crossing & (lows > 0) & (ups < flat.shape[0] - 1)
+        held = np.array([np.count_nonzero((lo <= peaks) & (peaks <= up))
+                         for lo, up in zip(lows, ups)])
+        assert np.all(held[whole] == 1), (x, table.orders[whole][held[whole] != 1])
+    assert seen == set(table.orders.tolist()), sorted(set(table.orders.tolist()) - seen)
+    assert table.orders.size >= 28  # "about 30 orders"
     # numbered 1, 2, ... from the bottom
     assert table.orders.tolist() == list(range(1, table.orders.size + 1))
     cen = [float(table.centre(float(n), 1280)) for n in table.orders
@@ -108,9 +130,13 @@ def half_crossings(profile: np.ndarray, centre: float) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def test_edges_follow_the_light(flat, traced):
+def test_edges_follow_the_light(flat, frames, traced):
+    """The fitted edges lie on the half-level crossings of the light (this test's own, on
+    11-column cuts), within their measurement noise: that of the crossing (the cut's noise
+    from the frames' scatter over the profile's slope there) and a 0.3 px floor for what a
+    global polynomial over 30 orders cannot follow."""
     table, header, _, _ = traced
-    contrast, offsets = [], []
+    contrast, offsets, sigmas = [], [], []
     for n in table.orders:
         b0, b1 = table.along_range(int(n))
         for x in np.linspace(b0 + 30, b1 - 30, 12).astype(int):
@@ -118,21 +144,30 @@ def test_edges_follow_the_light(flat, traced):
             if lo < 8 or up > flat.shape[0] - 9:
                 continue  # cut by the frame's border
             prof = ndimage.uniform_filter1d(cut(flat, x), 3)
+            noise = cut_noise(frames, x) / np.sqrt(3)  # of the 3-px smoothed cut
             centre = prof[int(round(0.5 * (lo + up)))]
             for edge, d in ((lo, -1), (up, 1)):
                 inner = prof[int(round(edge - 3 * d))]
                 outer = prof[int(round(edge + 3 * d))]
                 contrast.append((inner - outer) / max(centre - outer, 1e-9))
             mine = half_crossings(prof, 0.5 * (lo + up))
-            offsets += [lo - mine[0], up - mine[1]]
-    contrast, offsets = np.array(contrast), np.abs(offsets)
+            for edge, m in zip((lo, up), mine):
+                k = int(np.floor(m))
+                slope = abs(prof[k + 1] - prof[k])
+                offsets.append(edge - m)
+                sigmas.append(noise[k] / max(slope, 1e-9))
+    contrast, offsets, sigmas = np.array(contrast), np.abs(offsets), np.array(sigmas)
     # 3 px inside an edge holds much more light than 3 px outside it
     assert np.mean(contrast > 0.25) > 0.95, np.percentile(contrast, [1, 5, 50])
-    # the fitted edges are within about a pixel of the half-level crossings of the light
-    # (soft, rounded lab orders: the kernel's slit-end edges sit ~1 px from half level)
-    assert np.median(offsets) < 1.0 and np.percentile(offsets, 90) < 2.5, \
-        np.percentile(offsets, [50, 90, 99])
-    assert header["HIERARCH ESO QC X RES SD"] < 0.5
+    # no offset between the two definitions of the edge: on the bright orders the crossings
+    # are measured to a few hundredths of a pixel (the kernel's slit-end edges sat ~1.5 px
+    # outside them on these rounded orders, a median of 0.9 px)
+    assert np.median(offsets) < 0.2, np.percentile(offsets, [50, 90, 99])
+    # and the scatter is the noise: within 0.3 px + 3 sigma (98.5 % measured; the few beyond
+    # are the faintest orders' ends, where the fit leans on the brighter samples)
+    within = offsets <= 0.3 + 3.0 * sigmas
+    assert np.mean(within) > 0.97, np.percentile(offsets / np.hypot(sigmas, 0.1), [50, 90, 99])
+    assert header["HIERARCH ESO QC X RES SD"] < 0.2  # the seed page's QC range
 
 
 def test_plot_written_whole(traced):

@@ -347,3 +347,14 @@ def test_no_orders_in_a_bias_is_one_line_error():
     with pytest.raises(InputError, match=r"bias_frame\.fits: no echelle order found") as exc:
         trace_orders(bias, None, "y", source="bias_frame.fits")
     assert "\n" not in str(exc.value)
+
+
+def test_a_dark_with_a_glow_is_no_order():
+    """The broad glow of a dark (a dome across a third of the frame, far above the noise of a
+    cut) has two half-level crossings but is no echelle order: InputError."""
+    rng = np.random.default_rng(3)
+    x = np.arange(500.0)
+    glow = 1000 + 40 * np.exp(-0.5 * ((x - 260) / 70) ** 2)
+    dark = (glow[None, :] + rng.normal(0, 4, (600, 500))).astype(np.float32)
+    with pytest.raises(InputError, match=r"dark\.fits: no echelle order found"):
+        trace_orders(dark, None, "y", source="dark.fits")
