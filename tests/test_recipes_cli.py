@@ -166,7 +166,7 @@ def test_plugin_module_exposes_only_the_recipes():
     namespace: dict = {}
     exec(compile(module.read_text(), str(module), "exec"), namespace)
     classes = [v for v in namespace.values() if isinstance(v, type)]
-    assert {c.__name__ for c in classes} == {"SoxsMbias", "SoxsMdark"}
+    assert {c.__name__ for c in classes} == {"SoxsMbias", "SoxsMdark", "SoxsMflat"}
 
 
 def test_soxspipe_style_api(night, tmp_path):
