@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from soxs_core.simulate.options import number
+
 __all__ = ["main", "build_parser", "trace_flat_files"]
 
 PROG = "soxs-trace"
@@ -22,44 +24,10 @@ PROG = "soxs-trace"
 SOFT_EDGE = 0.5
 
 
-def _odd_positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
-    return value
-
-
-def _percent(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 100:
-        raise argparse.ArgumentTypeError(f"{value:g} is not between 0 and 100")
-    return value
-
-
-def _degree(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value <= 9:
-        raise argparse.ArgumentTypeError(f"{value} is not in 0..9")
-    return value
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not (value > 0 and value < float("inf")):
-        raise argparse.ArgumentTypeError(f"{value:g} is not a finite number > 0")
-    return value
+_AT_LEAST_ONE = number(int, minimum=1)
+_PERCENT = number(float, above=0, below=100)
+_DEGREE = number(int, minimum=0, below=10)
+_POSITIVE = number(float, above=0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,22 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="order table to write (required)")
     p.add_argument("--plot", type=Path, default=None, metavar="TRACE.pdf",
                    help="also write the ORDER LOC RES plot (default: none)")
-    p.add_argument("--slice-length", type=_odd_positive, default=None,
+    p.add_argument("--slice-length", type=_AT_LEAST_ONE, default=None,
                    help="edge slices' length across the orders [px] (default: twice the median "
                         "order width found, at least 24)")
-    p.add_argument("--slice-width", type=_odd_positive, default=5,
+    p.add_argument("--slice-width", type=_AT_LEAST_ONE, default=5,
                    help="edge slices' width along the orders [px]")
-    p.add_argument("--min-percent", type=_percent, default=20.0,
+    p.add_argument("--min-percent", type=_PERCENT, default=20.0,
                    help="lowest edge threshold, %% of the order's peak above the floor")
-    p.add_argument("--max-percent", type=_percent, default=50.0,
+    p.add_argument("--max-percent", type=_PERCENT, default=50.0,
                    help="highest edge threshold, %% of the order's peak above the floor")
-    p.add_argument("--order-deg", type=_degree, default=6,
+    p.add_argument("--order-deg", type=_DEGREE, default=6,
                    help="degree in order number of the edge fits, 0..9")
-    p.add_argument("--disp-axis-deg", type=_degree, default=5,
+    p.add_argument("--disp-axis-deg", type=_DEGREE, default=5,
                    help="degree along the orders of the edge fits, 0..9")
-    p.add_argument("--clip-sigma", type=_positive, default=5.0,
+    p.add_argument("--clip-sigma", type=_POSITIVE, default=5.0,
                    help="clipping of the edge fits' residuals [robust sigma]")
-    p.add_argument("--clip-iterations", type=_degree, default=3,
+    p.add_argument("--clip-iterations", type=_DEGREE, default=3,
                    help="most fit-and-clip cycles of the edge fits, 0..9")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing output files")
