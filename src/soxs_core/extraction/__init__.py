@@ -1,0 +1,1 @@
+"""Spectrum extraction from a stare frame: sky model, object trace, optimal extraction."""

@@ -1,0 +1,1 @@
+"""One-dimensional spectra: order merging, response function, efficiency, flux calibration."""
