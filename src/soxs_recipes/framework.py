@@ -182,8 +182,9 @@ class OutputSpec:
     Attributes
     ----------
     kind : str
-        ``image`` (FLUX/QUAL/ERRS), ``table`` (FITS tables) or ``plot`` (a QC PDF, not a DFS
-        product: no PRO keywords, not in the products SOF).
+        ``image`` (FLUX/QUAL/ERRS), ``table`` (FITS tables), ``plot`` (a QC PDF) or ``text``
+        (an ASCII version of a product); plots and texts are not DFS products: no PRO
+        keywords, not in the products SOF.
     suffix : str
         Added to the file name when several products share a PRO CATG (UVB per-lamp ones).
     arms : tuple of str
@@ -205,7 +206,7 @@ class OutputSpec:
     def filename_for(self, arm: Arm) -> str:
         """Base name of the product file for ``arm`` (``master_bias_vis.fits``)."""
         extra = f"_{self.suffix}" if self.suffix else ""
-        ext = "pdf" if self.kind == "plot" else "fits"
+        ext = {"plot": "pdf", "text": "txt"}.get(self.kind, "fits")
         return f"{self.catg_for(arm).lower()}{extra}.{ext}"
 
     def written_for(self, arm: Arm) -> bool:
@@ -248,6 +249,20 @@ class QcSpec:
     def header_comment(self) -> str:
         """The comment of the header card: the short comment and the unit."""
         return f"{self.comment} [{self.unit}]" if self.unit else self.comment
+
+    @property
+    def is_template(self) -> bool:
+        """A per-order QC: ``<N>`` in the name stands for the order number (``SNR MEDIAN
+        O<N>`` -> ``SNR MEDIAN O12``), one keyword per order, none required."""
+        return "<N>" in self.name
+
+    def matches(self, name: str) -> bool:
+        if not self.is_template:
+            return name == self.name
+        head, tail = self.name.split("<N>", 1)
+        middle = name[len(head):len(name) - len(tail)] if len(name) > len(head) + len(
+            tail) else ""
+        return name.startswith(head) and name.endswith(tail) and middle.isdigit()
 
 
 @dataclass(frozen=True)
@@ -461,6 +476,8 @@ class RecipeContext:
     plots: list[Path] = field(default_factory=list)
     _calib_refs: list[FrameRef] = field(default_factory=list)
     _raw_refs: list[FrameRef] = field(default_factory=list)
+    #: whether the recipe's acceptable QC ranges are checked (soxs_stare: standards only)
+    apply_qc_ranges: bool = True
 
     def raw_frames(self, stem: str) -> list[RawFrame]:
         return self.raw.get(stem, [])
@@ -522,6 +539,12 @@ class RecipeContext:
         self._calib_refs.append(FrameRef(path=path, tag=tag, md5=None))
         return table
 
+    def note_calib(self, stem: str) -> None:
+        """Record a calibration the science read itself (a table or map) for provenance."""
+        for path, tag in self.calib.get(stem, []):
+            if all(ref.path != path for ref in self._calib_refs):
+                self._calib_refs.append(FrameRef(path=path, tag=tag, md5=None))
+
     def declared_qc(self, qc: QcMeasurements) -> dict[str, QcValue]:
         """Each declared QC with its value (or why it has none), comment and range.
 
@@ -531,16 +554,22 @@ class RecipeContext:
             When ``qc`` holds a name the recipe does not declare, or leaves a declared QC
             without a value or a reason: a bug in the recipe, which the tests catch.
         """
-        declared = {q.name: q for q in self.spec.qc}
+        declared = {q.name: q for q in self.spec.qc if not q.is_template}
+        templates = [q for q in self.spec.qc if q.is_template]
+        for name in sorted(qc.names() - set(declared)):
+            template = next((q for q in templates if q.matches(name)), None)
+            if template is not None:
+                declared[name] = template
         stray = sorted(qc.names() - set(declared))
         if stray:
             raise RuntimeError(f"{self.spec.name}: QC {', '.join(stray)} not declared in its "
                                "RecipeSpec")
-        silent = [name for name in declared if name not in qc.names()]
+        silent = [name for name, q in declared.items()
+                  if name not in qc.names() and not q.is_template]
         if silent:
             raise RuntimeError(f"{self.spec.name}: declared QC {', '.join(silent)} given "
                                "neither a value nor the reason it has none")
-        ranges = self.qc_ranges()
+        ranges = self.qc_ranges() if self.apply_qc_ranges else {}
         return {name: QcValue(value=qc.values.get(name), comment=q.header_comment,
                               valid_range=ranges.get(name),
                               missing_reason=qc.missing.get(name, ""))
@@ -631,6 +660,20 @@ class RecipeContext:
                                           overwrite=self.overwrite,
                                           protected=self._protected())
         return self._record(path, output.catg_for(self.arm), header_qc)
+
+    def save_text(self, output: OutputSpec, write: Callable[[Path], Any]) -> Path:
+        """Write a text output (``write(temporary_path)`` fills it) atomically."""
+        from soxs_core.io.safety import write_atomically
+
+        path = self.output_dir / output.filename_for(self.arm)
+        if find_same_file(path, self._protected()) is not None:
+            raise InputError(f"{path}: the {output.label} file would overwrite an input")
+        if path.exists() and not self.overwrite:
+            raise InputError(f"{path}: exists already (use --overwrite to replace it)")
+        write_atomically(path, write)
+        self.plots.append(path)
+        log.info("%s: wrote %s (%s)", self.spec.name, path, output.label)
+        return path
 
     def plot_path(self, output: OutputSpec) -> Path:
         """Where a QC plot goes; the plotting function writes it atomically."""

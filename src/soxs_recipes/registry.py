@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import mbias, mdark, mflat
+from . import mbias, mdark, mflat, stare
 
 #: recipe name -> module with SPEC, verify(context), reduce(context) and the PyRecipe class
 RECIPES: dict[str, ModuleType] = {
     mbias.SPEC.name: mbias,
     mdark.SPEC.name: mdark,
     mflat.SPEC.name: mflat,
+    stare.SPEC.name: stare,
 }
 
 

@@ -110,6 +110,11 @@ def read_soxspipe_settings(path: str | os.PathLike | dict, spec: RecipeSpec) -> 
         for key, value in values.items():
             if where == block_name and key in arm_blocks and isinstance(value, dict):
                 continue
+            if isinstance(value, dict):
+                # a sub-block (soxs-stare's detect-continuum, sky-subtraction...): its keys
+                # are parameters of the recipe under their own names
+                take(value, target, f"{where}.{key}")
+                continue
             try:
                 param = spec.param(str(key))
             except KeyError:

@@ -7,5 +7,6 @@ every PyRecipe subclass it finds in the module.
 from soxs_recipes.mbias import SoxsMbias
 from soxs_recipes.mdark import SoxsMdark
 from soxs_recipes.mflat import SoxsMflat
+from soxs_recipes.stare import SoxsStare
 
-__all__ = ["SoxsMbias", "SoxsMdark", "SoxsMflat"]
+__all__ = ["SoxsMbias", "SoxsMdark", "SoxsMflat", "SoxsStare"]

@@ -1,0 +1,595 @@
+"""The stare-mode reduction as one sequence of steps (what ``soxs_stare`` runs).
+
+:func:`reduce_stare` combines the raw frames (clip_and_stack, or L.A.Cosmic on a single frame),
+detrends them, divides by the master flat, removes the scattered light, models and subtracts
+the sky (:mod:`.sky`), traces the object (:mod:`.objecttrace`), extracts it optimally and with a
+boxcar (:mod:`.horne`), merges the orders and, for a flux standard, derives the response and
+efficiency, and flux-calibrates (:mod:`soxs_core.spectrum`).  It returns a
+:class:`StareResult`; the recipe writes it.
+
+Noise model.  After detrending, a pixel's variance is ``read_var + k * (photon electrons)``:
+``read_var`` holds the read noise and the calibrations' errors, ``k`` is 1 / (frames
+averaged x flat value).  The extraction re-estimates the photon part from its models (sky,
+background and object) instead of the noisy data, as Horne (1986) prescribes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from soxs_core.combine.masters import verify_frames
+from soxs_core.combine.stacking import ClipSettings, clip_and_stack
+from soxs_core.detector.instruments import Arm, slit_keyword
+from soxs_core.detector.quality import Qual
+from soxs_core.detector.rawframe import RawFrame
+from soxs_core.echelle import background
+from soxs_core.echelle.dispersion import DispersionMap
+from soxs_core.echelle.flat import calibrate_frame_set
+from soxs_core.echelle.masterflat import BACKGROUND_MASK_EXTEND, BACKGROUND_MASK_WIDEN
+from soxs_core.echelle.ordertable import OrderTable, to_binned
+from soxs_core.errors import InputError
+from soxs_core.io.image import DetectorImage
+from soxs_core.io.products import QcMeasurements
+
+__all__ = ["StareParameters", "StareInputs", "StareResult", "verify_stare_inputs",
+           "reduce_stare", "detrend_frames", "Detrended"]
+
+log = logging.getLogger(__name__)
+
+#: QUAL bits that keep a pixel out of the sky fit and the extraction
+REJECT_BITS = int(Qual.STATIC_BAD | Qual.HOT | Qual.SATURATED | Qual.COSMIC | Qual.NO_DATA
+                  | Qual.NON_FINITE | Qual.COLD)
+
+#: L.A.Cosmic settings that are not recipe parameters (van Dokkum 2001's usual values)
+LACOSMIC_SIGFRAC = 0.3
+LACOSMIC_OBJLIM = 5.0
+LACOSMIC_NITER = 4
+
+
+@dataclass(frozen=True)
+class StareParameters:
+    """The recipe parameters the science uses (names as on the seed page)."""
+
+    use_flat: bool = True
+    subtract_background: bool = True
+    use_lacosmic: bool = True
+    lacosmic_sigma: float = 5.0
+    stacked_clipping_sigma: float = 5.0
+    stacked_clipping_iterations: int = 5
+    horne_extraction_slit_length: int = 20
+    horne_extraction_profile_poly_order: int = 7
+    horne_extraction_profile_global_clipping_sigma: float = 25.0
+    horne_extraction_profile_clipping_sigma: float = 3.0
+    horne_extraction_profile_clipping_iteration_count: int = 10
+    order_sample_count: int = 100
+    slice_length: int = 30
+    slice_width: int = 5
+    peak_sigma_limit: float = 2.0
+    order_deg: int = 6
+    disp_axis_deg: int = 4
+    poly_fitting_residual_clipping_sigma: float = 7.0
+    poly_clipping_iteration_limit: int = 7
+    subtract_sky: bool = True
+    percentile_clipping_sigma: float = 3.0
+    percentile_clipping_iterations: int = 5
+    percentile_rolling_window_size: int = 35
+    clip_slit_edge_fraction: float = 0.01
+    aggressive_object_masking: bool = False
+    bspline_order: int = 3
+    slit_illumination_order: int = 1
+    starting_points_per_knot: int = 100
+    min_points_per_knot: int = 11
+    bspline_fitting_residual_clipping_sigma: float = 20.0
+    bspline_iteration_limit: int = 7
+    residual_floor_percentile: float = 90.0
+    bspline_deg: int = 2
+    gaussian_blur_sigma: float = 65.0
+    response_max_iteration: int = 5
+    response_poly_order: int = 5
+
+    @classmethod
+    def from_mapping(cls, params: Mapping[str, Any]) -> StareParameters:
+        """From resolved recipe parameters keyed by their CLI alias (``order-deg``)."""
+        names = {f.name for f in fields(cls)}
+        values = {key.replace("-", "_"): value for key, value in params.items()}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class StareInputs:
+    """Frames and calibrations of one soxs_stare run.
+
+    Attributes
+    ----------
+    kind : str
+        Input stem of the raw frames: ``OBJECT``, ``STD_FLUX`` or ``STD_TELLURIC``.
+    response : object, optional
+        A :class:`soxs_core.spectrum.fluxcal.Response` (``RESP_TAB``) to flux-calibrate with.
+    """
+
+    arm: Arm
+    kind: str
+    frames: list[RawFrame]
+    order_table: OrderTable
+    disp_map: DispersionMap
+    master_bias: DetectorImage | None = None
+    master_dark: DetectorImage | None = None
+    master_flat: DetectorImage | None = None
+    response: Any = None
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def is_standard(self) -> bool:
+        return self.kind == "STD_FLUX"
+
+
+@dataclass
+class Detrended:
+    """A combined, detrended frame and what its noise is made of.
+
+    Attributes
+    ----------
+    image : DetectorImage
+        Electrons (flat-fielded when a flat was used), ERRS, QUAL.
+    read_var : ndarray of float32
+        Variance of each pixel that is not photon noise (read noise, calibration errors).
+    poisson_scale : ndarray of float32
+        ``k``: a pixel's photon variance is ``k`` times its (flat-fielded) signal.
+    n_frames : int
+    """
+
+    image: DetectorImage
+    read_var: np.ndarray
+    poisson_scale: np.ndarray
+    n_frames: int
+    n_cosmics: int = 0
+
+
+@dataclass
+class StareResult:
+    """What soxs_stare writes."""
+
+    skysub: DetectorImage
+    sky_model: DetectorImage
+    sky_residuals: DetectorImage
+    object_trace: Any
+    orders: Any  # astropy Table: extracted orders
+    merged: Any  # astropy Table
+    qc: QcMeasurements
+    fluxcal: Any = None
+    response: Any = None
+    efficiency: Any = None
+    plots: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _slit(frame: RawFrame) -> str:
+    return str(frame.header.get(slit_keyword(frame.arm), "")).strip()
+
+
+def _header_value(header: Mapping, key: str) -> Any:
+    value = header.get(key)
+    return value[0] if isinstance(value, tuple) else value
+
+
+def verify_stare_inputs(inputs: StareInputs) -> None:
+    """Refuse, in one line naming the file, frames and calibrations that do not belong together.
+
+    Raises
+    ------
+    InputError
+        Frames of different exposure time, slit or setup; an NIR master dark of another
+        exposure time; an order table without edges or whose orders are not on the frame; a
+        dispersion map of another arm or without the table's orders; a response of another
+        arm.
+    """
+    frames = inputs.frames
+    arm = inputs.arm
+    verify_frames(frames, frames[0].frame_type or inputs.kind, 1, same_exptime=True)
+    slits = [_slit(f) for f in frames]
+    for frame, slit in zip(frames, slits):
+        if slit != slits[0]:
+            raise InputError(f"{frame.path}: slit {slit or '(none)'} differs from "
+                             f"{slits[0] or '(none)'} of {frames[0].path.name}")
+    first = frames[0]
+    if inputs.master_dark is not None and not arm.is_ccd:
+        dark_exp = inputs.master_dark.header.get("EXPTIME")
+        if dark_exp is not None and abs(float(dark_exp) - first.exptime) > 0.01:
+            raise InputError(f"{inputs.paths.get('MASTER_DARK', 'master dark')}: master dark "
+                             f"of {float(dark_exp):g} s, the frames are {first.exptime:g} s")
+    table = inputs.order_table
+    tpath = inputs.paths.get("ORDER_TAB", "order table")
+    if not table.has_edges:
+        raise InputError(f"{tpath}: order table has no order edges (use the ORDER_TAB "
+                         "written by soxs_mflat)")
+    n_along, n_across, bb, ba = table.image_axes(first.prepared_shape, first.binx, first.biny)
+    on_frame = []
+    for n in table.orders:
+        b0, b1 = table.along_range(int(n))
+        b = np.linspace(b0, b1, 9)
+        lo = to_binned(table.edge_low(float(n), b), ba)
+        up = to_binned(table.edge_up(float(n), b), ba)
+        inside = (up > 0) & (lo < n_across - 1) & (to_binned(b, bb) >= 0) & (
+            to_binned(b, bb) <= n_along - 1)
+        if inside.any():
+            on_frame.append(int(n))
+    if not on_frame:
+        raise InputError(f"{tpath}: none of the order table's orders "
+                         f"({table.orders.min()}-{table.orders.max()}) falls on the "
+                         f"{first.prepared_shape[1]}x{first.prepared_shape[0]} px frame "
+                         f"{first.path.name} (another arm or binning?)")
+    dm = inputs.disp_map
+    dpath = inputs.paths.get("DISP_IMAGE", "dispersion map")
+    dm_arm = str(dm.header.get("ESO SEQ ARM", "")).strip().upper()
+    if dm_arm and dm_arm != arm.name:
+        raise InputError(f"{dpath}: dispersion map is for the {dm_arm} arm, the frames are "
+                         f"{arm.instrument} {arm.name}")
+    if dm.shape != first.prepared_shape:
+        raise InputError(f"{dpath}: dispersion map is {dm.shape[1]}x{dm.shape[0]} px on this "
+                         f"frame's grid, the frames are {first.prepared_shape[1]}x"
+                         f"{first.prepared_shape[0]}")
+    common = set(dm.orders.tolist()) & set(on_frame)
+    if not common:
+        raise InputError(f"{dpath}: the dispersion map has orders {dm.orders.min()}-"
+                         f"{dm.orders.max()}, none of the order table's ({tpath})")
+    if inputs.response is not None:
+        r_arm = str(getattr(inputs.response, "arm", "") or "").strip().upper()
+        rpath = inputs.paths.get("RESP_TAB", "response")
+        if r_arm and r_arm != arm.name:
+            raise InputError(f"{rpath}: response is for the {r_arm} arm, the frames are "
+                             f"{arm.instrument} {arm.name}")
+        r_inst = str(getattr(inputs.response, "instrument", "") or "").strip().upper()
+        if r_inst and r_inst != arm.instrument:
+            raise InputError(f"{rpath}: response is for {r_inst}, the frames are "
+                             f"{arm.instrument}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Detrending
+# ---------------------------------------------------------------------------------------------
+def detrend_frames(inputs: StareInputs, params: StareParameters,
+                   threads: int | None = None) -> Detrended:
+    """Combine and detrend the raw frames; flag cosmic rays; divide by the flat.
+
+    Several frames are stacked with clip_and_stack (cosmic rays clipped); a single frame has
+    its cosmic rays found by L.A.Cosmic (astroscrappy) when ``use_lacosmic`` is on.
+    """
+    frames = inputs.frames
+    first = frames[0]
+    dark = inputs.master_dark
+    if dark is not None and inputs.arm.is_ccd:
+        dark_exp = dark.header.get("EXPTIME")
+        if dark_exp is None or abs(float(dark_exp) - first.exptime) > 0.01:
+            log.info("%s: master dark of another exposure time: not subtracted",
+                     first.path.name)
+            dark = None
+    calibrated = calibrate_frame_set(frames, inputs.master_bias, dark)
+    shape = first.prepared_shape
+    n = len(frames)
+    if n == 1:
+        data = np.empty(shape, np.float32)
+        err = np.empty(shape, np.float32)
+        qual = np.empty(shape, np.uint8)
+        calibrated.reader(0)(0, shape[0], data, err, qual)
+    else:
+        clip = ClipSettings(sigma_lower=params.stacked_clipping_sigma,
+                            sigma_upper=params.stacked_clipping_sigma,
+                            max_iters=params.stacked_clipping_iterations, combine="mean")
+        res = clip_and_stack([calibrated.reader(k) for k in range(n)], shape, clip,
+                             threads=threads)
+        data, err, qual = res.value, res.error, res.qual
+    ron2 = float(np.mean([f.read_noise ** 2 for f in frames]))
+    read_var = np.full(shape, ron2 / n, np.float32)
+    cal = calibrated.calibration
+    if cal.error is not None:
+        read_var += cal.error.astype(np.float32) ** 2
+        err = np.sqrt(err.astype(np.float32) ** 2 + cal.error.astype(np.float32) ** 2)
+    if cal.qual is not None:
+        qual = qual | cal.qual
+    n_cosmics = 0
+    if n == 1 and params.use_lacosmic:
+        n_cosmics = _flag_cosmics(data, qual, float(np.sqrt(ron2)), params.lacosmic_sigma)
+    k = np.full(shape, 1.0 / n, np.float32)
+    image = DetectorImage(data=data.astype(np.float32), error=err.astype(np.float32),
+                          qual=qual.astype(np.uint8), header=first.header.copy()
+                          if hasattr(first.header, "copy") else first.header)
+    flat = inputs.master_flat if params.use_flat else None
+    if flat is not None:
+        image, read_var, k = _divide_by_flat(image, read_var, k, flat)
+    return Detrended(image=image, read_var=read_var, poisson_scale=k, n_frames=n,
+                     n_cosmics=n_cosmics)
+
+
+def _flag_cosmics(data: np.ndarray, qual: np.ndarray, read_noise: float, sigma: float) -> int:
+    """Flag L.A.Cosmic detections in ``qual`` (in place); the data are left as measured."""
+    import astroscrappy
+
+    mask, _ = astroscrappy.detect_cosmics(
+        np.asarray(data, np.float32), inmask=(qual & REJECT_BITS) != 0, sigclip=sigma,
+        sigfrac=LACOSMIC_SIGFRAC, objlim=LACOSMIC_OBJLIM, gain=1.0, readnoise=read_noise,
+        satlevel=np.inf, niter=LACOSMIC_NITER, sepmed=True, cleantype="meanmask")
+    qual[mask] |= np.uint8(Qual.COSMIC)
+    return int(mask.sum())
+
+
+def _divide_by_flat(image: DetectorImage, read_var: np.ndarray, k: np.ndarray,
+                    flat: DetectorImage) -> tuple[DetectorImage, np.ndarray, np.ndarray]:
+    f = np.asarray(flat.data, np.float32)
+    usable = np.isfinite(f) & (f > 0.05)
+    f = np.where(usable, f, np.float32(1.0))
+    data = image.data / f
+    rel = np.where(usable, flat.error / f, 0.0).astype(np.float32)
+    err = np.sqrt((image.error / f) ** 2 + (data * rel) ** 2).astype(np.float32)
+    qual = image.qual | flat.qual
+    qual[~usable] |= np.uint8(Qual.NO_DATA)
+    read_var = (read_var / (f * f) + (data * rel) ** 2).astype(np.float32)
+    k = (k / f).astype(np.float32)
+    return DetectorImage(data=data.astype(np.float32), error=err, qual=qual,
+                         header=image.header), read_var, k
+
+
+# ---------------------------------------------------------------------------------------------
+# The sequence
+# ---------------------------------------------------------------------------------------------
+def _along(a: np.ndarray, axis: str) -> np.ndarray:
+    return a if axis == "y" else a.T
+
+
+def _object_mask(shape, trace_table: OrderTable, binx: int, biny: int, half_width: float,
+                 axis: str) -> np.ndarray:
+    """Pixels within ``half_width`` binned px (across) of the object trace."""
+    from soxs_core.extraction.objecttrace import trace_centre_binned
+
+    mask = np.zeros(shape, bool)
+    view = _along(mask, axis)
+    n_along, n_across = view.shape
+    cols = np.arange(n_across)
+    bin_along = biny if axis == "y" else binx
+    for n in trace_table.orders:
+        b0, b1 = trace_table.along_range(int(n))
+        r0 = max(int(np.ceil(to_binned(b0, bin_along))), 0)
+        r1 = min(int(np.floor(to_binned(b1, bin_along))), n_along - 1)
+        if r1 < r0:
+            continue
+        rows = np.arange(r0, r1 + 1)
+        c = trace_centre_binned(trace_table, int(n), rows, binx, biny)
+        view[rows] |= np.abs(cols[None, :] - c[:, None]) <= half_width
+    return mask
+
+
+def _wavelength_at(wave_t: np.ndarray, rows: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """Wavelength at fractional across positions ``centre`` of ``rows`` (along view),
+    linearly interpolated, from the nearest finite neighbours."""
+    n_across = wave_t.shape[1]
+    c = np.clip(centre, 0, n_across - 1.000001)
+    j = np.floor(c).astype(int)
+    t = c - j
+    w0 = wave_t[rows, j].astype(float)
+    w1 = wave_t[rows, np.minimum(j + 1, n_across - 1)].astype(float)
+    out = w0 * (1 - t) + w1 * t
+    out = np.where(np.isfinite(out), out, np.where(np.isfinite(w0), w0, w1))
+    return out
+
+
+def reduce_stare(inputs: StareInputs, params: StareParameters,
+                 plots: Mapping[str, Path] | None = None) -> StareResult:
+    """Run the stare reduction (see the module docstring).
+
+    Parameters
+    ----------
+    inputs : StareInputs
+        Verified with :func:`verify_stare_inputs`.
+    params : StareParameters
+    plots : mapping, optional
+        QC plot label (as declared by the recipe) -> path to write it to.
+
+    Returns
+    -------
+    StareResult
+    """
+    from astropy.table import Table, vstack
+
+    from soxs_core.extraction import horne, objecttrace, sky
+    from soxs_core.spectrum import fluxcal, merge
+    from soxs_core.spectrum import plots as spectrum_plots
+
+    plots = dict(plots or {})
+    written: dict[str, Path] = {}
+    arm = inputs.arm
+    axis = arm.dispersion_axis
+    first = inputs.frames[0]
+    binx, biny = first.binx, first.biny
+    bin_across = binx if axis == "y" else biny
+    table = inputs.order_table
+    dm = inputs.disp_map
+    qc = QcMeasurements()
+    notes: list[str] = []
+
+    det = detrend_frames(inputs, params)
+    image = det.image
+    shape = image.shape
+    base_model = np.zeros(shape, np.float32)  # photon-producing light that is not the object
+    model_var = np.zeros(shape, np.float32)   # variance of the models subtracted
+    in_order = table.in_order_mask(shape, binx, biny)
+
+    if params.subtract_background:
+        mask = table.in_order_mask(shape, binx, biny, widen=BACKGROUND_MASK_WIDEN,
+                                   extend=BACKGROUND_MASK_EXTEND)
+        bkg = background.fit_background(image.data, image.qual, mask, axis,
+                                        params.bspline_deg, params.gaussian_blur_sigma,
+                                        errors=image.error)
+        if "BKGROUND" in plots:
+            written["BKGROUND"] = background.plot_background(
+                plots["BKGROUND"], image.data, bkg, mask,
+                f"{arm.instrument} {arm.name}: scattered light of {first.path.name}")
+        image = background.subtract_background(image, bkg)
+        base_model += np.maximum(bkg.model, 0)
+        model_var += bkg.uncertainty.astype(np.float32) ** 2
+
+    orders_on_map = [int(n) for n in table.orders if n in set(dm.orders.tolist())]
+    sky_params = sky.SkyParameters.from_mapping(params.as_dict())
+    trace_params = objecttrace.TraceParameters.from_mapping(params.as_dict())
+    half_aperture = 0.5 * params.horne_extraction_slit_length / bin_across
+
+    def fit_the_sky(object_mask):
+        return sky.fit_sky(image.data, image.error, image.qual, dm.wavelength, dm.slit,
+                           dm.order, orders_on_map, object_mask=object_mask,
+                           params=sky_params)
+
+    sky_model = None
+    if params.subtract_sky:
+        sky_model = fit_the_sky(None)
+        skysub, _ = sky.subtract_sky(image, sky_model)
+    else:
+        skysub = image
+    trace = objecttrace.detect_continuum(skysub, table, binx, biny, trace_params)
+    qc.update(trace.qc)
+    if "OBJECT TRACE RES" in plots:
+        written["OBJECT TRACE RES"] = objecttrace.plot_object_trace(
+            plots["OBJECT TRACE RES"], skysub, trace)
+    if params.subtract_sky:
+        # again, with the object (now traced) kept out of the sky
+        obj_mask = _object_mask(shape, trace.table, binx, biny, half_aperture, axis)
+        sky_model = fit_the_sky(obj_mask)
+        skysub, residuals = sky.subtract_sky(image, sky_model)
+        base_model += np.maximum(sky_model.sky, 0).astype(np.float32)
+        model_var += np.asarray(sky_model.error, np.float32) ** 2
+        for label, func in (("SKY MODEL QC PLOTS", sky.plot_sky_model),
+                            ("SKY SUBTRACTION QUICKLOOK", sky.plot_sky_quicklook)):
+            if label in plots:
+                written[label] = func(plots[label], image, sky_model, dm)
+        sky_image = DetectorImage(data=np.asarray(sky_model.sky, np.float32),
+                                  error=np.asarray(sky_model.error, np.float32),
+                                  qual=image.qual.copy())
+    else:
+        residuals = DetectorImage(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
+                                  image.qual.copy())
+        sky_image = DetectorImage(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
+                                  image.qual.copy())
+
+    # ---- extraction
+    base_var = det.read_var + det.poisson_scale * base_model + model_var
+    data_t = _along(skysub.data, axis)
+    var_t = _along(base_var, axis)
+    k_t = _along(det.poisson_scale, axis)
+    qual_t = _along((skysub.qual & REJECT_BITS).astype(np.uint8), axis)
+    sky_t = _along(sky_image.data, axis)
+    wave_t = _along(dm.wavelength, axis)
+    n_along = data_t.shape[0]
+    bin_along = biny if axis == "y" else binx
+    across_col, along_col = (("xcoord_centre", "ycoord") if axis == "y"
+                             else ("ycoord_centre", "xcoord"))
+    pieces = []
+    for n in trace.table.orders:
+        b0, b1 = trace.table.along_range(int(n))
+        r0 = max(int(np.ceil(to_binned(b0, bin_along))), 0)
+        r1 = min(int(np.floor(to_binned(b1, bin_along))), n_along - 1)
+        if r1 - r0 < 10:
+            continue
+        rows = np.arange(r0, r1 + 1)
+        centre = objecttrace.trace_centre_binned(trace.table, int(n), rows, binx, biny)
+        ext = horne.extract_order(
+            data_t, var_t, k_t, qual_t, sky_t, centre, rows,
+            params.horne_extraction_slit_length / bin_across,
+            profile_poly_order=params.horne_extraction_profile_poly_order,
+            profile_clipping_sigma=params.horne_extraction_profile_clipping_sigma,
+            profile_clipping_iteration_count=params.
+            horne_extraction_profile_clipping_iteration_count)
+        wave = _wavelength_at(wave_t, ext.rows, ext.centre)
+        scale = np.abs(np.gradient(wave)) if wave.size > 1 else np.zeros_like(wave)
+        row_qual = np.asarray(ext.qual, np.uint8).copy()
+        row_qual[~np.isfinite(wave)] |= np.uint8(Qual.NO_DATA)
+        var = np.asarray(ext.var_optimal, float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            snr = np.where(var > 0, ext.flux_optimal / np.sqrt(var), 0.0)
+        pieces.append(Table({
+            "order": np.full(ext.rows.size, int(n), np.int16),
+            across_col: np.asarray(ext.centre, float),
+            along_col: np.asarray(ext.rows, np.int32),
+            "wavelengthMean": wave,
+            "pixelScaleNm": scale,
+            "varianceSpectrum": var,
+            "snr": snr,
+            "extractedFluxOptimal": np.asarray(ext.flux_optimal, float),
+            "extractedFluxBoxcar": np.asarray(ext.flux_boxcar, float),
+            "extractedFluxBoxcarRobust": np.asarray(ext.flux_boxcar_robust, float),
+            "skyFlux": np.asarray(ext.sky, float),
+            "varianceBoxcar": np.asarray(ext.var_boxcar, float),
+            "nRejected": np.asarray(ext.n_rejected, np.int16),
+            "qual": row_qual,
+        }))
+    if not pieces:
+        raise InputError(f"{first.path}: no order could be extracted")
+    orders = vstack(pieces)
+    exptime = float(first.exptime)
+    airmass = _airmass(first.header)
+    orders.meta.update(EXPTIME=exptime, AIRMASS=airmass, ARM=arm.name,
+                       INSTRUME=arm.instrument,
+                       OBJECT=str(_header_value(first.header, "OBJECT") or ""))
+    merged = merge.merge_orders(orders, arm.name)
+
+    # ---- QC of the frame
+    good_in = in_order & ((skysub.qual & REJECT_BITS) == 0)
+    qc.add("BADPIX NUM", int(np.count_nonzero(in_order & ~good_in)))
+    qc.add("BADPIX FRAC", float(np.count_nonzero(in_order & ~good_in)) /
+           max(int(np.count_nonzero(in_order)), 1))
+    qc.add("INNER ORDER PIX MEAN", float(np.mean(skysub.data[good_in])) if good_in.any()
+           else None, "no good in-order pixel")
+    qc.add("INNER ORDER PIX SUM", float(np.sum(skysub.data[good_in], dtype=np.float64)))
+
+    response = efficiency = fluxcal_table = None
+    target = str(_header_value(first.header, "ESO OBS TARG NAME")
+                 or _header_value(first.header, "OBJECT") or "")
+    if inputs.is_standard:
+        try:
+            standard = fluxcal.find_standard(target)
+        except InputError as exc:
+            msg = f"{first.path.name}: {exc}; extracted, no response"
+            log.warning(msg)
+            notes.append(msg)
+            standard = None
+        if standard is not None:
+            response = fluxcal.fit_response(orders, standard, exptime, airmass,
+                                            params.response_poly_order,
+                                            params.response_max_iteration)
+            response.arm = arm.name
+            response.instrument = arm.instrument
+            efficiency = fluxcal.efficiency(orders, standard, exptime, airmass,
+                                            arm.telescope_area_cm2)
+            fluxcal_table = fluxcal.flux_calibrate(orders, response, exptime, airmass)
+            if "RESPONSE QC PLOT" in plots:
+                written["RESPONSE QC PLOT"] = spectrum_plots.plot_response(
+                    plots["RESPONSE QC PLOT"], orders, response, standard, exptime, airmass)
+    elif inputs.response is not None:
+        fluxcal_table = fluxcal.flux_calibrate(orders, inputs.response, exptime, airmass)
+    qc.update(fluxcal.spectrum_qc(orders, efficiency))
+    if efficiency is None:
+        for name in ("EFF MEDIAN",):
+            qc.omit(name, "not a flux standard with a catalogue spectrum")
+    for label, func, tab in (("EXTRACTED ORDERS QC PLOT", spectrum_plots.plot_extracted_orders,
+                              orders),
+                             ("EXTRACTED MERGED QC PLOT", spectrum_plots.plot_merged, merged),
+                             ("EXTRACTED MERGED FLUXCALIBRATED QC PLOT",
+                              spectrum_plots.plot_fluxcal, fluxcal_table)):
+        if label in plots and tab is not None:
+            written[label] = func(plots[label], tab)
+    return StareResult(skysub=skysub, sky_model=sky_image, sky_residuals=residuals,
+                       object_trace=trace, orders=orders, merged=merged, qc=qc,
+                       fluxcal=fluxcal_table, response=response, efficiency=efficiency,
+                       plots=written, notes=notes)
+
+
+def _airmass(header: Mapping) -> float:
+    start = _header_value(header, "ESO TEL AIRM START")
+    end = _header_value(header, "ESO TEL AIRM END")
+    values = [float(v) for v in (start, end) if v is not None]
+    return float(np.mean(values)) if values else 1.0
