@@ -31,7 +31,8 @@ def night(tmp_path_factory):
 def test_night_layout_and_sofs(night):
     out = night.outdir
     assert night.wall < 30.0
-    assert sorted(night.sofs) == ["bias", "dark", "flat", "stare", "std"]
+    assert sorted(night.sofs) == ["bias", "dark", "flat", "stare", "stare_truth", "std",
+                                  "std_truth"]
     tags = {}
     for name, sof in night.sofs.items():
         assert sof == out / f"{name}.sof"

@@ -53,7 +53,10 @@ FRAME_TYPES: tuple[tuple[str, str | None, str], ...] = (
     ("LAMP,WAVE", None, "WAVE"),
     ("STD,FLUX", None, "STD_FLUX"),
     ("STD", None, "STD_FLUX"),
-    ("STD,TELLURIC", None, "STD_TELL"),
+    # telluric standards: the stem of their SOF tag STD_TELLURIC_<ARM>; soxspipe's organiser
+    # also takes STD,SKY as one (INSTRUMENTS.md 3.2)
+    ("STD,TELLURIC", None, "STD_TELLURIC"),
+    ("STD,SKY", None, "STD_TELLURIC"),
     ("OBJECT", None, "OBJECT"),
     ("OBJECT,ASYNC", None, "OBJECT"),
 )

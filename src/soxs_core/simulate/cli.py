@@ -11,7 +11,7 @@ from soxs_core.detector.instruments import ARMS
 from soxs_core.errors import InputError
 from soxs_core.simulate import options as opt
 from soxs_core.simulate.detector import DETECTOR_DEFAULTS
-from soxs_core.simulate.instrument import FLAT_EXPTIME, SceneParameters
+from soxs_core.simulate.instrument import FLAT_EXPTIME, TELLURIC_EXPTIME, SceneParameters
 from soxs_core.simulate.night import reduction_commands, simulate_night
 from soxs_core.simulate.spectra import DEFAULT_SLIT_WIDTH, STANDARD_STARS
 
@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("flat", 5, "lamp flats (UVB: that many D2 and QTH each; NIR: "
                                             "that many lamp-on/off pairs)"),
                                 ("science", 1, "science (OBJECT) frames"),
-                                ("std", 1, "flux-standard (STD_FLUX) frames")):
+                                ("std", 1, "flux-standard (STD_FLUX) frames"),
+                                ("telluric", 0, "telluric-standard (STD_TELLURIC) frames of a "
+                                                "hot star, taken after the science")):
         p.add_argument(f"--n-{kind}", type=opt.COUNT, default=default,
                        help=f"number of {what}, >= 0")
     p.add_argument("--dark-exptime", type=opt.POSITIVE, default=None,
@@ -58,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std-exptime", type=opt.POSITIVE, default=None,
                    help="standard-star exposure time [s], > 0 (default: 120 s for X-shooter, "
                         "300 s for SOXS, the science exposure time for NIR arms)")
+    p.add_argument("--telluric-exptime", type=opt.POSITIVE, default=None,
+                   help="telluric-standard exposure time [s], > 0 (default per arm: "
+                        f"{per_arm(TELLURIC_EXPTIME, ' s')})")
+    p.add_argument("--telluric-mag", type=opt.FINITE, default=10.5,
+                   help="AB magnitude at 550 nm of the telluric standard (a 15000 K black "
+                        "body)")
     p.add_argument("--standard", type=opt.standard_name, default="GD71",
                    help="flux standard of the STD frames: " + ", ".join(STANDARD_STARS))
     p.add_argument("--object-mag", type=opt.FINITE, default=17.0,
@@ -122,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     scene = SceneParameters(seeing=args.seeing, airmass=args.airmass,
                             slit_width=args.slit_width, object_mag=args.object_mag,
                             object_position=args.object_position, sky_level=args.sky_level,
-                            standard=args.standard, flat_level=args.flat_level)
+                            standard=args.standard, flat_level=args.flat_level,
+                            telluric_mag=args.telluric_mag)
     try:
         for arm in args.arm:
             outdir = args.outdir if len(args.arm) == 1 else args.outdir / arm.code
@@ -131,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                 n_dark=args.n_dark, dark_exptime=args.dark_exptime, n_flat=args.n_flat,
                 flat_exptime=args.flat_exptime, n_science=args.n_science,
                 science_exptime=args.science_exptime, n_std=args.n_std,
-                std_exptime=args.std_exptime, orders=args.orders, scene=scene,
+                std_exptime=args.std_exptime, n_telluric=args.n_telluric,
+                telluric_exptime=args.telluric_exptime, orders=args.orders, scene=scene,
                 write_models=args.models, relative_sof=args.relative_sof,
                 cosmic_rate=args.cosmic_rate)
             if not args.quiet:

@@ -697,13 +697,7 @@ class DetectorSimulator:
         sat = full[self.rows, self.cols] >= min(self._saturation, self.arm.saturation_adu)
         if mjd is None:
             mjd = default_mjd(kind, index, exptime)
-        prescan = self.cols.start
-        overscan = self.rot_shape[1] - self.cols.stop
-        hdr = build_header(self.arm, self.mode, kind, binx=self.binx, biny=self.biny,
-                           exptime=exptime, mjd=mjd, index=index, gain=self.gain,
-                           read_noise=self.read_noise, raw_shape=self.raw_shape,
-                           prescan=prescan if self.arm.is_ccd else 0,
-                           overscan=overscan if self.arm.is_ccd else 0, extra=header)
+        hdr = self.raw_header(kind.name, exptime, index, mjd=mjd, header=header)
         hdul = fits.HDUList([fits.PrimaryHDU(data=raw, header=hdr)])
         cmask = np.zeros(self.shape, dtype=bool)
         cmask[cr_rows, cr_cols] = True
@@ -712,6 +706,25 @@ class DetectorSimulator:
                     cosmic_pixels=(cr_rows, cr_cols, cr_e), n_cosmics=n_cr,
                     saturated_mask=sat, file_name=raw_file_name(self.arm, kind, index))
         return hdul, info
+
+    def raw_header(self, frame_type: str, exptime: float = 0.0, index: int = 0, *,
+                   mjd: float | None = None, header: Mapping[str, Any] | None = None
+                   ) -> fits.Header:
+        """The primary header :meth:`make_frame` gives frame ``index`` of a type, without
+        rendering its pixels (truth calibrations inherit it as products do their first raw
+        frame's).  ``mjd`` defaults as in :meth:`make_frame`."""
+        kind = frame_kind(frame_type, self.arm)
+        if kind.name == "BIAS":
+            exptime = 0.0
+        if mjd is None:
+            mjd = default_mjd(kind, index, exptime)
+        prescan = self.cols.start
+        overscan = self.rot_shape[1] - self.cols.stop
+        return build_header(self.arm, self.mode, kind, binx=self.binx, biny=self.biny,
+                            exptime=exptime, mjd=mjd, index=index, gain=self.gain,
+                            read_noise=self.read_noise, raw_shape=self.raw_shape,
+                            prescan=prescan if self.arm.is_ccd else 0,
+                            overscan=overscan if self.arm.is_ccd else 0, extra=header)
 
     def write_frame(self, outdir: str | os.PathLike, frame_type: str, exptime: float = 0.0,
                     index: int = 0, **kwargs: Any) -> tuple[Path, dict[str, Any]]:

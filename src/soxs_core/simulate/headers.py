@@ -37,7 +37,7 @@ class FrameKind:
     ----------
     name : str
         Simulator name (``BIAS``, ``DARK``, ``FLAT``, ``DFLAT``, ``QFLAT``, ``FLAT_OFF``,
-        ``OBJECT``, ``STD_FLUX``).
+        ``OBJECT``, ``STD_FLUX``, ``STD_TELLURIC``).
     catg, dpr_type, tech : str
         ``ESO DPR CATG/TYPE/TECH`` values.
     hours : float
@@ -58,6 +58,8 @@ FRAME_KINDS: dict[str, FrameKind] = {
     "OBJECT": FrameKind("OBJECT", "SCIENCE", "OBJECT", "ECHELLE,SLIT,STARE", 2.0, "obs_Stare"),
     "STD_FLUX": FrameKind("STD_FLUX", "CALIB", "STD,FLUX", "ECHELLE,SLIT,STARE", 1.0,
                           "cal_FluxStdStare"),
+    "STD_TELLURIC": FrameKind("STD_TELLURIC", "CALIB", "STD,TELLURIC", "ECHELLE,SLIT,STARE",
+                              1.5, "cal_TelluricStdStare"),
     "BIAS": FrameKind("BIAS", "CALIB", "BIAS", "IMAGE", 10.0, "cal_Bias"),
     "DARK": FrameKind("DARK", "CALIB", "DARK", "IMAGE", 11.0, "cal_Dark"),
     "FLAT": FrameKind("FLAT", "CALIB", "LAMP,FLAT", "ECHELLE,SLIT", 13.0, "cal_FlatSlit"),
@@ -263,7 +265,7 @@ def build_header(arm: Arm, mode: ReadoutMode, kind: FrameKind, *, binx: int, bin
         ("ORIGIN", "ESO-PARANAL" if xsh else "ESO-LASILLA", "European Southern Observatory"),
         ("TELESCOP", "ESO-VLT-U3" if xsh else "ESO-NTT", "ESO Telescope Name"),
         ("INSTRUME", arm.instrument, "Instrument used"),
-        ("OBJECT", kind.dpr_type if kind.catg == "CALIB" and kind.name != "STD_FLUX"
+        ("OBJECT", kind.dpr_type if kind.catg == "CALIB" and not kind.name.startswith("STD_")
          else "TARGET", "Original target"),
         ("EXPTIME", float(exptime), "Integration time [s]"),
         ("MJD-OBS", round(mjd, 8), f"Obs start {date_obs}"),

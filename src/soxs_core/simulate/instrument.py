@@ -30,6 +30,7 @@ from soxs_core.simulate.scene import (
 from soxs_core.simulate.spectra import (
     DEFAULT_SLIT_WIDTH,
     RESOLVING_POWER,
+    black_body_star,
     d2_lamp,
     extinction_mag,
     flam_to_photons,
@@ -48,7 +49,11 @@ from soxs_core.simulate.tables import (
 )
 
 __all__ = ["InstrumentSimulator", "SceneParameters", "FLAT_EXPTIME", "STANDARD_COORDS",
-           "SCATTERED_FRACTION", "SCATTER_SCALE_PX"]
+           "SCATTERED_FRACTION", "SCATTER_SCALE_PX", "TELLURIC_TARGET", "TELLURIC_EXPTIME",
+           "STARE_KINDS"]
+
+#: Stare frame types the simulator renders (science, flux standard, telluric standard).
+STARE_KINDS = ("OBJECT", "STD_FLUX", "STD_TELLURIC")
 
 #: Default lamp-flat exposure times (s).
 FLAT_EXPTIME = {"xsh_uvb": 30.0, "xsh_vis": 15.0, "xsh_nir": 10.0, "soxs_vis": 20.0,
@@ -61,6 +66,15 @@ SCATTERED_FRACTION = {"xsh_uvb": 0.045, "xsh_vis": 0.045, "xsh_nir": 0.042,
 
 #: Gaussian scale (unbinned px) of the scattered-light halo.
 SCATTER_SCALE_PX = 60.0
+
+#: Name of the simulated telluric standard (a hot star, :attr:`SceneParameters.telluric_mag`).
+TELLURIC_TARGET = "SIM-HOTSTAR"
+
+#: Default exposure times (s) of the telluric standard at the default magnitude and seeing:
+#: its peak pixel at 10-25 % of the saturation level unbinned (X-shooter UVB/VIS 14 %/12 %,
+#: NIR 18 %, SOXS VIS 14 %, NIR 10 %) and below 85 % when binned 2x2.
+TELLURIC_EXPTIME = {"xsh_uvb": 40.0, "xsh_vis": 60.0, "xsh_nir": 100.0, "soxs_vis": 60.0,
+                    "soxs_nir": 300.0}
 
 #: RA/Dec (deg, J2000) of the standards, for the headers.
 STANDARD_COORDS = {"GD71": (88.1150, 15.8870), "LTT3218": (133.1526, -32.5684),
@@ -95,6 +109,11 @@ class SceneParameters:
         Multiplier of the dark-sky continuum and emission lines.
     standard : str
         Spectrophotometric standard observed in ``STD_FLUX`` frames.
+    telluric_mag : float
+        AB magnitude at 550 nm of the telluric standard of ``STD_TELLURIC`` frames: a hot
+        star whose spectrum is a smooth black body (no absorption lines).
+    telluric_teff : float
+        Its black-body temperature (K).
     flat_level : float or None
         Peak (99.5th percentile) lamp-flat level in e- per binned pixel; default 45 % of the
         saturation level, at most 45 000 e-.
@@ -119,10 +138,35 @@ class SceneParameters:
     moffat_beta: float = 3.0
     sky_level: float = 1.0
     standard: str = "GD71"
+    telluric_mag: float = 10.5
+    telluric_teff: float = 15000.0
     flat_level: float | None = None
     lamp_jitter: float = 0.015
     scattered_fraction: float | None = None
     resolving_power: float | None = None
+
+
+#: Meaning of each column of :meth:`InstrumentSimulator.object_truth_table` (at most 68
+#: characters: the text of its ``TCOMMn`` card).
+_TRUTH_COLUMNS = {
+    "order": "echelle order number",
+    "pixel": "binned along-order pixel index (row; SOXS NIR: column)",
+    "wavelength": "nm (air) at the object's trace centre in that pixel",
+    "counts": "object e- of the row summed over the slit, before pixel response",
+    "sky_per_pixel": "sky e- of one binned pixel at the order centre, before pixel resp.",
+    "scattered_per_pixel": "scattered e- of one binned pixel at the order centre (no pix. resp.)",
+    "flux": "F_lambda above the atmosphere, erg/s/cm2/Angstrom",
+    "extinction_mag": "La Silla extinction at the frame's airmass, mag",
+    "centre": "true trace position across the order, UNBINNED pixel coordinate",
+    "slit_position": "object position along the slit, arcsec from the slit centre",
+    "dispersion": "nm per binned along pixel (positive)",
+}
+#: The longer story of ``counts``, in the truth table's COMMENT cards.
+_COUNTS_COMMENT = ("counts: the object's expected e- over the exposure in that detector row "
+                   "(SOXS NIR: column) of the order, summed over every pixel of the slit, "
+                   "after extinction, efficiency, blaze and slit losses but before the pixel "
+                   "response: what the extraction of a frame divided by the true pixel "
+                   "response (truth master flat) should recover")
 
 
 class InstrumentSimulator:
@@ -275,6 +319,9 @@ class InstrumentSimulator:
         if kind == "STD_FLUX":
             def flam(w: np.ndarray) -> np.ndarray:
                 return standard_star(sc.standard, w)
+        elif kind == "STD_TELLURIC":
+            def flam(w: np.ndarray) -> np.ndarray:
+                return black_body_star(w, sc.telluric_mag, sc.telluric_teff)
         else:
             def flam(w: np.ndarray) -> np.ndarray:
                 return stellar_spectrum(w, sc.object_mag, sc.object_teff, seed=self.seed)
@@ -283,14 +330,16 @@ class InstrumentSimulator:
             return flam_to_photons(flam(w), w, area) * 10 ** (-0.4 * extinction_mag(w) * ext)
 
         profile = PointProfile(fwhm=sc.seeing, beta=sc.moffat_beta, slit_width=self.slit_width,
-                               centre=sc.object_position if kind != "STD_FLUX" else 0.0,
+                               centre=sc.object_position if kind == "OBJECT" else 0.0,
                                drift=sc.object_drift)
         source = Source("object", photons, profile=profile)
         source.flam = flam  # type: ignore[attr-defined]
         return source
 
     def science_model(self, kind: str = "OBJECT", exptime: float = 600.0) -> RenderResult:
-        """Expected object, sky and scattered-light electrons of a stare frame."""
+        """Expected object, sky and scattered-light electrons of a stare frame (``kind`` one
+        of :data:`STARE_KINDS`)."""
+        kind = self._stare_kind(kind)
         key = ("science", kind, float(exptime))
         if key not in self._cache:
             sc = self.scene
@@ -304,23 +353,47 @@ class InstrumentSimulator:
             self._cache[key] = res
         return self._cache[key]
 
+    def target_name(self, kind: str) -> str:
+        """The target of a stare frame type: the science star, flux or telluric standard."""
+        kind = self._stare_kind(kind)
+        if kind == "STD_FLUX":
+            return self.scene.standard
+        return TELLURIC_TARGET if kind == "STD_TELLURIC" else "SIM-STAR"
+
+    @staticmethod
+    def _stare_kind(kind: str) -> str:
+        key = kind.strip().upper()
+        if key not in STARE_KINDS:
+            raise ValueError(f"unknown stare frame type {kind!r}; choose from "
+                             f"{', '.join(STARE_KINDS)}")
+        return key
+
     # ------------------------------------------------------------------ frames
     def _scene_header(self, kind: str) -> dict[str, Any]:
         sc = self.scene
         hdr: dict[str, Any] = {slit_keyword(self.arm): (self.slit_name(), "Slit")}
-        if kind in ("OBJECT", "STD_FLUX"):
-            target = sc.standard.upper() if kind == "STD_FLUX" else "SIM-STAR"
-            ra, dec = STANDARD_COORDS.get(target, (30.0, -30.0))
+        if kind in STARE_KINDS:
+            target = self.target_name(kind)
+            ra, dec = STANDARD_COORDS.get(target.upper(), (30.0, -30.0))
             hdr.update({
-                "OBJECT": (sc.standard if kind == "STD_FLUX" else target, "Target"),
+                "OBJECT": (target, "Target"),
                 "RA": (ra, "deg"), "DEC": (dec, "deg"),
-                "ESO OBS TARG NAME": (sc.standard if kind == "STD_FLUX" else target, "Target"),
+                "ESO OBS TARG NAME": (target, "Target"),
                 "ESO TEL AIRM START": (sc.airmass, "Airmass at start"),
                 "ESO TEL AIRM END": (sc.airmass, "Airmass at end"),
                 "ESO TEL AMBI FWHM START": (sc.seeing, "Seeing at start [arcsec]"),
                 "ESO TEL AMBI FWHM END": (sc.seeing, "Seeing at end [arcsec]"),
             })
         return hdr
+
+    def raw_header(self, frame_type: str, exptime: float, index: int = 0,
+                   mjd: float | None = None) -> fits.Header:
+        """The primary header the night's frame ``index`` of ``frame_type`` gets (lamp
+        flats and stare frames with their scene keywords: slit, target), without its
+        pixels."""
+        extra = None if frame_type.upper() in ("BIAS", "DARK") else \
+            self._scene_header(frame_type.upper())
+        return self.detector.raw_header(frame_type, exptime, index, mjd=mjd, header=extra)
 
     def make_flat(self, frame_type: str, index: int, exptime: float | None = None
                   ) -> tuple[fits.HDUList, dict[str, Any]]:
@@ -346,7 +419,8 @@ class InstrumentSimulator:
 
     def make_science(self, index: int, exptime: float = 600.0, kind: str = "OBJECT"
                      ) -> tuple[fits.HDUList, dict[str, Any]]:
-        """A stare frame of the science target (``OBJECT``) or standard (``STD_FLUX``)."""
+        """A stare frame of the science target (``OBJECT``), the flux standard
+        (``STD_FLUX``) or the telluric standard (``STD_TELLURIC``)."""
         res = self.science_model(kind, exptime)
         signal = res.images["object"] + res.images["sky"] + res.images["scattered"]
         hdul, info = self.detector.make_frame(kind, exptime, index, signal=signal,
@@ -357,7 +431,16 @@ class InstrumentSimulator:
     # ------------------------------------------------------------------ truth tables
     def object_truth_table(self, kind: str = "OBJECT", exptime: float = 600.0
                            ) -> fits.BinTableHDU:
-        """Per order and along-order pixel: the object's true counts, wavelength and sky."""
+        """Per order and along-order pixel: the object's true counts, wavelength and sky.
+
+        One row per binned along-order pixel of each illuminated order; the columns are
+        described in :data:`_TRUTH_COLUMNS` (also the table's ``TCOMMn`` and COMMENT cards).
+        ``counts`` is what an extraction of a flat-fielded frame should recover: the
+        object's expected e- in that detector row (column, SOXS NIR) of the order over the
+        exposure, summed over every pixel of the slit, after atmosphere, telescope,
+        instrument efficiency, blaze and slit losses but **before the pixel response**
+        (divide a frame by the true sensitivity, the truth master flat, to compare).
+        """
         res = self.science_model(kind, exptime)
         rows = res.rows["object"]
         cols: dict[str, list[np.ndarray]] = {k: [] for k in (
@@ -392,14 +475,15 @@ class InstrumentSimulator:
             fcols.append(fits.Column(name=name, format=fmt, unit=units.get(name), array=arr))
         hdu = fits.BinTableHDU.from_columns(fcols, name="OBJECT_TRUTH")
         hdu.header["EXPTIME"] = exptime
-        hdu.header["TARGET"] = self.scene.standard if kind == "STD_FLUX" else "SIM-STAR"
+        hdu.header["TARGET"] = self.target_name(kind)
         hdu.header["AIRMASS"] = self.scene.airmass
         hdu.header["SEEING"] = self.scene.seeing
         hdu.header["SLITW"] = (self.slit_width, "slit width [arcsec]")
         hdu.header["RESPOW"] = (self.resolving_power, "resolving power")
         hdu.header["AREA"] = (telescope_area_cm2(self.arm), "telescope area [cm2]")
-        hdu.header["COMMENT"] = ("counts: true object e- per order row summed across the slit, "
-                                 "before pixel response; pixel: binned along-order index")
+        for i, name in enumerate(cols, start=1):
+            hdu.header[f"TCOMM{i}"] = _TRUTH_COLUMNS[name]
+        hdu.header["COMMENT"] = _COUNTS_COMMENT
         return hdu
 
     def table_time(self) -> tuple[float, float]:

@@ -8,8 +8,17 @@ Layout of the night directory::
                          true order table (with edges), true order edges sampled per pixel
                          (order_edges_truth_<arm>.fits), scattered light of each flat lamp
                          (scattered_light_<lamp>.fits), per-frame truth, cosmic-ray pixels,
-                         object/sky truth per stare frame, summary.json
-    bias.sof dark.sof flat.sof stare.sof std.sof
+                         object/sky truth per stare frame type (object_truth.fits,
+                         standard_truth.fits, telluric_truth.fits), summary.json
+    truth/calibs/        truth calibrations in the recipes' product layout
+                         (:mod:`~soxs_core.simulate.truthcalib`): master_bias_<arm>.fits
+                         (UVB/VIS), master_dark_<arm>.fits (science exposure time),
+                         master_flat_<arm>.fits (the true pixel response)
+    bias.sof dark.sof flat.sof stare.sof std.sof telluric.sof
+    stare_truth.sof std_truth.sof telluric_truth.sof
+                         the stare SOFs with the truth calibrations instead of the recipes'
+                         products: truth master bias (UVB/VIS) or dark (NIR), truth master
+                         flat, truth ORDER_TAB with edges, calib/ DISP_TAB and DISP_IMAGE
     reduced/             (written later by the pipeline runner)
 
 SOF lines are ``<path> <TAG>``; products of earlier steps are referenced where the runner
@@ -37,10 +46,12 @@ from soxs_core.io.safety import write_atomically
 from soxs_core.simulate.headers import sof_tag
 from soxs_core.simulate.instrument import (
     SCATTER_SCALE_PX,
+    TELLURIC_EXPTIME,
     InstrumentSimulator,
     SceneParameters,
 )
 from soxs_core.simulate.tables import write
+from soxs_core.simulate.truthcalib import write_truth_calibrations
 
 __all__ = ["simulate_night", "NightResult", "write_detector_truth", "product_path",
            "REDUCTION_STEPS", "reduction_dir", "reduction_commands", "order_edges_truth",
@@ -222,7 +233,8 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
                    dark_exptime: float | None = None, n_flat: int = 5,
                    flat_exptime: float | None = None, n_science: int = 1,
                    science_exptime: float = 600.0, n_std: int = 1,
-                   std_exptime: float | None = None, orders=None,
+                   std_exptime: float | None = None, n_telluric: int = 0,
+                   telluric_exptime: float | None = None, orders=None,
                    scene: SceneParameters | None = None, write_models: bool = False,
                    relative_sof: bool = False, **detector_kwargs: Any) -> NightResult:
     """Simulate one arm's night and write it to ``outdir``.
@@ -241,6 +253,13 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
     flat_exptime, std_exptime : float, optional
         Lamp-flat and standard-star exposure times (defaults per arm: flats 10–30 s,
         standards 120 s on the VLT, 300 s on the NTT, NIR: the science time).
+    n_telluric : int
+        Telluric-standard frames (DPR ``STD,TELLURIC``, tag ``STD_TELLURIC_<ARM>``) of a hot
+        star (:attr:`SceneParameters.telluric_mag`), taken after the science frames; default
+        none, so that the frames of a night without them do not change.
+    telluric_exptime : float, optional
+        Their exposure time (default per arm, :data:`~soxs_core.simulate.instrument.
+        TELLURIC_EXPTIME`).
     science_exptime : float
         Science exposure time (s).
     orders : sequence of int, optional
@@ -260,7 +279,8 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
     """
     t0 = time.perf_counter()
     outdir = Path(outdir)
-    counts = dict(n_bias=n_bias, n_dark=n_dark, n_flat=n_flat, n_science=n_science, n_std=n_std)
+    counts = dict(n_bias=n_bias, n_dark=n_dark, n_flat=n_flat, n_science=n_science, n_std=n_std,
+                  n_telluric=n_telluric)
     negative = [f"{name}={value}" for name, value in counts.items() if value < 0]
     if negative:
         raise InputError(f"frame counts must be >= 0, got {', '.join(negative)}")
@@ -277,6 +297,8 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
     if std_exptime is None:
         std_exptime = science_exptime if nir else (120.0 if a.instrument == "XSHOOTER"
                                                    else 300.0)
+    if telluric_exptime is None:
+        telluric_exptime = TELLURIC_EXPTIME[a.code]
     index = 0
     cosmic_hdus: list[fits.BinTableHDU] = []
     models: list[tuple[str, dict[str, np.ndarray]]] = []
@@ -313,16 +335,20 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
                 record("FLAT_OFF", *sim.make_lamp_off(index, flat_exptime))
         if write_models:
             models.append((f"lamp_{lamp.lower()}", {"LAMP": sim.lamp_model(lamp)}))
+    # telluric standards after the science: the frames before them keep their indices (and
+    # noise streams) whatever n_telluric is
+    truth_names = {"STD_FLUX": "standard_truth.fits", "OBJECT": "object_truth.fits",
+                   "STD_TELLURIC": "telluric_truth.fits"}
     for kind, count, exptime in (("STD_FLUX", n_std, std_exptime),
-                                 ("OBJECT", n_science, science_exptime)):
+                                 ("OBJECT", n_science, science_exptime),
+                                 ("STD_TELLURIC", n_telluric, telluric_exptime)):
         for _ in range(count):
             hdul, info = sim.make_science(index, exptime, kind)
             record(kind, hdul, info)
         if count:
             table = sim.object_truth_table(kind, exptime)
-            name = "standard_truth.fits" if kind == "STD_FLUX" else "object_truth.fits"
             res.truth[kind] = write(fits.HDUList([fits.PrimaryHDU(), table]),
-                                    truth_dir / name)
+                                    truth_dir / truth_names[kind])
             if write_models:
                 m = sim.science_model(kind, exptime).images
                 models.append((kind.lower(), {k.upper(): v for k, v in m.items()}))
@@ -351,6 +377,19 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
             res.truth[f"scattered_{lamp.lower()}"] = write(
                 scattered_truth(sim, lamp, when[1]),
                 truth_dir / f"scattered_light_{lamp.lower()}.fits")
+    # the calibrations a perfect chain would give; they inherit the headers of the night's
+    # first bias / dark / flat, as the recipes' products do
+    first_frames: dict[str, tuple[int, float, float]] = {}
+    for f in res.frames:
+        first_frames.setdefault(f["frame_type"], (f["index"], f["mjd"], f["exptime"]))
+    # NIR: a dark of each standard's exposure time too (raw - dark must have no offset)
+    stare_exptimes = {"OBJECT": science_exptime, "STD_FLUX": std_exptime,
+                      "STD_TELLURIC": telluric_exptime}
+    extra = () if a.is_ccd else tuple(float(stare_exptimes[k]) for k in stare_exptimes
+                                      if res.raw.get(k))
+    for catg, path in write_truth_calibrations(sim, truth_dir / "calibs", science_exptime,
+                                               first_frames, extra).items():
+        res.truth[catg.lower()] = path
     res.truth["cosmics"] = write(fits.HDUList([fits.PrimaryHDU()] + cosmic_hdus),
                                  truth_dir / "cosmics.fits")
     keys = list(res.frames[0]) if res.frames else []
@@ -396,11 +435,25 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
     stare_calibs += [(mflat, f"MASTER_FLAT_{tag}"), (otab, f"ORDER_TAB_{tag}"),
                      (res.calib["DISP_TAB"], f"DISP_TAB_{tag}"),
                      (res.calib["DISP_IMAGE"], f"DISP_IMAGE_{tag}")]
-    for kind, name, stem in (("OBJECT", "stare", "OBJECT"), ("STD_FLUX", "std", "STD_FLUX")):
+    # the same steps with the truth calibrations (the "perfect calibrations" chain)
+    truth_calibs = [(res.truth["master_flat"], f"MASTER_FLAT_{tag}"),
+                    (res.truth["order_tab"], f"ORDER_TAB_{tag}"),
+                    (res.calib["DISP_TAB"], f"DISP_TAB_{tag}"),
+                    (res.calib["DISP_IMAGE"], f"DISP_IMAGE_{tag}")]
+    for kind, name in (("OBJECT", "stare"), ("STD_FLUX", "std"), ("STD_TELLURIC", "telluric")):
         if res.raw.get(kind):
-            res.sofs[name] = _sof(outdir / f"{name}.sof",
-                                  [(p, f"{stem}_{tag}") for p in res.raw[kind]] + stare_calibs,
-                                  outdir, relative_sof)
+            entries = [(p, sof_tag(a, kind)) for p in res.raw[kind]]
+            res.sofs[name] = _sof(outdir / f"{name}.sof", entries + stare_calibs, outdir,
+                                  relative_sof)
+            if a.is_ccd:
+                first = [(res.truth["master_bias"], f"MASTER_BIAS_{tag}")]
+            else:
+                t = float(stare_exptimes[kind])
+                first = [(res.truth["master_dark" + ("" if t == science_exptime
+                                                     else f"_{t:g}s")], f"MASTER_DARK_{tag}")]
+            res.sofs[f"{name}_truth"] = _sof(outdir / f"{name}_truth.sof",
+                                             entries + first + truth_calibs, outdir,
+                                             relative_sof)
     (outdir / "reduced").mkdir(exist_ok=True)
     res.seconds = time.perf_counter() - t0
     summary = dict(parameters=sim.parameters(),

@@ -21,7 +21,7 @@ __all__ = [
     "H_PLANCK", "C_LIGHT", "TELESCOPE_AREA_M2", "RESOLVING_POWER", "DEFAULT_SLIT_WIDTH",
     "telescope_area_cm2", "efficiency", "blaze", "flam_to_photons", "ab_mag_to_flam",
     "extinction_mag", "qth_lamp", "d2_lamp", "sky_continuum", "sky_lines", "stellar_spectrum",
-    "standard_star", "STANDARD_STARS", "SKYLINE_UNIT", "ABSORPTION_LINES",
+    "black_body_star", "standard_star", "STANDARD_STARS", "SKYLINE_UNIT", "ABSORPTION_LINES",
 ]
 
 H_PLANCK = 6.62607015e-27  # erg s
@@ -203,6 +203,16 @@ def stellar_spectrum(wl: np.ndarray, mag_ab: float = 17.0, teff: float = 5800.0,
         prof = np.exp(-0.5 * ((wl[idx] - centres[owner]) / sigmas[owner]) ** 2)
         tau += np.bincount(idx, weights=prof * -np.log(1 - depths[owner]), minlength=wl.size)
     return flam * np.exp(-tau)
+
+
+def black_body_star(wl: np.ndarray, mag_ab: float = 10.5, teff: float = 15000.0
+                    ) -> np.ndarray:
+    """F_λ (erg s-1 cm-2 Å-1) of a smooth black body normalised to ``mag_ab`` at 550 nm: a
+    hot telluric standard without absorption lines."""
+    wl = np.asarray(wl, float)
+    shape = _planck_photons(wl, teff) * (wl / 550.0) ** -1  # photons -> energy
+    shape /= _planck_photons(np.array([550.0]), teff)[0]
+    return ab_mag_to_flam(mag_ab, 550.0) * shape
 
 
 @functools.cache
