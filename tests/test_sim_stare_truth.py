@@ -135,6 +135,12 @@ def test_raw_dark_minus_truth_dark_is_noise_vis(vis):
     resid = _prepared(path) - t.bias - dark.data - offset - t.pattern(index)
     sigma = np.sqrt(t.read_noise ** 2 + t.gain ** 2 / 12 + dark.data)
     _check_residual(resid, good, sigma, path.name)
+    # the CCD's dark is ~0.1 e- but for its hot pixels, where the truth must hold too (an
+    # upper bound of their read-out charge's shot noise: the whole read-out time)
+    hot = t.hot_mask & ~t.cold_mask
+    sigma_hot = np.sqrt(sigma ** 2 + t.dark_rate * sim.detector.mode.readout_time)[hot]
+    pull = resid[hot] / sigma_hot
+    assert hot.sum() > 100 and abs(pull.mean()) < 5 / np.sqrt(hot.sum()), pull.mean()
 
 
 def test_raw_dark_minus_truth_dark_is_noise_nir(nir):
