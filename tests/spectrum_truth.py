@@ -4,8 +4,8 @@ calibration tests (tests/test_merge.py, tests/test_fluxcal.py).
 The extraction is not run: each order row gets the true object counts of the simulator
 (``object_truth_table``) with Poisson noise of object + sky under a 10-pixel window and read
 noise, and the model variance an optimal extraction reports.  ``flat=True`` divides each
-order by a smooth function of its true blaze (what flat-fielding does), so that orders agree
-where they overlap.
+order by a smooth function of its true blaze (what flat-fielding does); ``flat="blaze"`` by
+the blaze itself, so that orders agree where they overlap.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _truth(arm: str, kind: str, exptime: float, orders, airmass: float, standard
 
 
 def truth_orders_table(arm: str, kind: str = "STD_FLUX", exptime: float = 300.0,
-                       seed: int | None = 1, flat: bool = False, orders=None,
+                       seed: int | None = 1, flat: bool | str = False, orders=None,
                        airmass: float = 1.2, standard: str = "GD71"
                        ) -> tuple[Table, dict[str, np.ndarray]]:
     """``(extracted-orders table, truth)``; ``seed=None``: no noise.
@@ -63,8 +63,12 @@ def truth_orders_table(arm: str, kind: str = "STD_FLUX", exptime: float = 300.0,
         s = order == n
         bl[s] = blaze(sim.format, int(n), wave[s])
     # a smooth stand-in for the master flat: the blaze (plus a floor, as a lamp flat's
-    # light never vanishes at the order ends), normalised to about 1 at the peak
-    factor = 1.05 / (bl + 0.05) if flat else np.ones_like(wave)
+    # light never vanishes at the order ends), normalised to about 1 at the peak;
+    # flat="blaze": divided by the blaze itself (orders then agree where they overlap)
+    if flat == "blaze":
+        factor = 1.0 / bl
+    else:
+        factor = 1.05 / (bl + 0.05) if flat else np.ones_like(wave)
     var = counts + sky + ron2
     if seed is None:
         measured = counts.copy()
