@@ -1,0 +1,320 @@
+"""Run soxspipe 0.17.4's soxs_stare on one simulated science frame and score it against truth.
+
+Two halves in one file:
+
+* ``run(night_dir, workdir)`` (any Python with numpy and astropy, e.g. soxs's venv): writes the
+  SOF soxspipe needs into WORKDIR, runs the other half in a child process of soxspipe's
+  interpreter (default ``/tmp/spvenv/bin/python``, ``SOXSPIPE_PYTHON`` or ``--python``),
+  measures its wall time and peak RSS (``os.wait4``: the child's own resource usage, its
+  largest resident set), reads the ``..._EXTRACTED_ORDERS.fits`` it writes and compares
+  ``extractedFluxOptimal`` with the night's ``truth/object_truth.fits`` counts, order by
+  order: median ratio extracted / truth and pull (extracted - truth) / sqrt(varianceSpectrum)
+  as its MAD-sigma;
+* ``--child SOF WORKDIR`` (soxspipe's interpreter, never imported by soxs): the recipe through
+  its Python API.
+
+Command line (prints one line of JSON)::
+
+    python benchmarks/soxspipe_stare_runner.py NIGHT WORKDIR [--sof stare_truth.sof]
+        [--python /tmp/spvenv/bin/python]
+
+NIGHT is a night written by ``soxs-simulate`` / :func:`soxs_core.simulate.simulate_night`
+(X-shooter VIS, one OBJECT frame); the default SOF is its ``stare_truth.sof``: the raw frame
+with the simulator's truth calibrations (``truth/calibs/master_bias_vis.fits``,
+``truth/calibs/master_flat_vis.fits`` = the true pixel response, the true order table with
+edges ``truth/order_tab_truth_vis.fits``) and the night's ``calib/DISP_TAB_VIS.fits`` and
+``calib/DISP_IMAGE_VIS.fits``.  The truth counts are before the pixel response, which is what
+dividing by that flat gives back.
+
+How soxspipe 0.17.4 is driven, and what it needs (found by running it):
+
+* its stock command line cannot run it: without ``-s`` and outside a workspace made by
+  ``soxspipe prep`` it looks for a ``default_settings.yaml`` that the package does not ship,
+  and ``soxspipe prep`` needs Python >= 3.12 and writes only bias SOFs for X-shooter (every
+  other step of 0.17.4's ``xsh_sof_map.yaml`` is commented out).  The recipe is therefore run
+  as ``soxs_stare(log=..., settings=..., inputFrames=sof, overwrite=True).produce_product()``;
+* settings: the package's ``advanced_settings.yaml`` merged with ``xsh_default_settings.yaml``
+  (what ``soxspipe prep`` would write), ``workspace-root-dir`` = WORKDIR, plus the keys the
+  X-shooter file lacks but the code reads unconditionally (INSTRUMENTS.md section 8, item 19),
+  taken from the SOXS defaults of the same arm kind (VIS for UVB/VIS, NIR for NIR):
+  ``soxs-stare.<arm>.sky-subtraction.noise_rolling_window_size`` / ``noise_sigma`` (used by
+  the sky-residual floor test) and per-arm ``soxs-response.<arm>`` blocks (``poly_order``,
+  ``max_iteration``, copied from the flat X-shooter block); also a ``soxs-stare-std`` block
+  (a copy of ``soxs-stare``), which the recipe reads instead when the SOF name has ``_STD_``;
+* an SOF named ``<YYYYMMDDTHHMMSS>_<ARM>_STARE.sof`` (soxspipe takes the night from the name
+  and names its products after it): the night's SOF lines are copied into one in WORKDIR;
+* CDELT1/CDELT2 on every image product (its input check reads the binning from them); ours
+  carry them, an image without them is copied into WORKDIR with the two cards added;
+* a logger with a PRINT level (``fundamentals.logs.addLoggingLevel``) and WORKDIR as the
+  current directory for its ``reduced/``, ``qc/`` and ``tmp/`` trees.
+
+soxspipe renumbers the X-shooter VIS orders (16-30 -> 6-20) before it writes the
+EXTRACTED_ORDERS table (INSTRUMENTS.md section 8, item 25): each of its orders is matched to
+the true order whose wavelengths its ``wavelengthMean`` values fall in, and each row to the
+truth row of the same along-order pixel (``ycoord``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+#: soxspipe 0.17.4's interpreter (override with ``SOXSPIPE_PYTHON`` or ``--python``)
+DEFAULT_PYTHON = os.environ.get("SOXSPIPE_PYTHON", "/tmp/spvenv/bin/python")
+
+#: MAD to Gaussian sigma
+MAD_SIGMA = 1.482602218505602
+
+
+# ----------------------------------------------------------------------------- child half
+def _settings(package: str, instrument: str) -> dict:
+    """soxspipe's own settings for the instrument, with the keys its code reads but the
+    X-shooter file lacks (module docstring)."""
+    import yaml
+
+    settings: dict = {}
+    for name in ("advanced_settings.yaml", f"{instrument}_default_settings.yaml"):
+        with open(os.path.join(package, name)) as fh:
+            settings.update(yaml.safe_load(fh))
+    with open(os.path.join(package, "soxs_default_settings.yaml")) as fh:
+        soxs = yaml.safe_load(fh)
+    stare = settings["soxs-stare"]
+    for arm in ("uvb", "vis", "nir"):
+        if arm not in stare:
+            continue
+        sky = stare[arm].setdefault("sky-subtraction", {})
+        donor = soxs["soxs-stare"]["nir" if arm == "nir" else "vis"]["sky-subtraction"]
+        for key in ("noise_rolling_window_size", "noise_sigma"):
+            sky.setdefault(key, donor[key])
+    response = settings.setdefault("soxs-response", {})
+    flat = {k: v for k, v in response.items() if not isinstance(v, dict)}
+    for arm in ("uvb", "vis", "nir"):
+        block = response.setdefault(arm, {})
+        for key, value in flat.items():
+            block.setdefault(key, value)
+    settings.setdefault("soxs-stare-std", json.loads(json.dumps(stare)))
+    return settings
+
+
+def child(sof: str, workdir: str) -> None:
+    """Inside soxspipe's interpreter: run its stare recipe on ``sof`` in ``workdir``."""
+    import logging
+
+    import soxspipe
+    from astropy.io import fits
+    from fundamentals.logs import addLoggingLevel
+
+    os.chdir(workdir)
+    addLoggingLevel("PRINT", logging.INFO + 5)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    first = next(line.split()[0] for line in open(sof) if line.strip())
+    instrument = "soxs" if "SOXS" in str(fits.getheader(first).get("INSTRUME", "")).upper() \
+        else "xsh"
+    settings = _settings(os.path.dirname(soxspipe.__file__), instrument)
+    settings["workspace-root-dir"] = workdir
+    from soxspipe.recipes import soxs_stare
+
+    recipe = soxs_stare(log=logging.getLogger("soxspipe"), settings=settings,
+                        inputFrames=sof, overwrite=True)
+    recipe.produce_product()
+    paths = sorted(glob.glob(os.path.join(workdir, "reduced", "*", "soxs-stare", "*")))
+    print(json.dumps({"products": paths}))
+
+
+# ----------------------------------------------------------------------------- parent half
+def _with_binning_cards(path: Path, workdir: Path) -> Path:
+    """A copy of an image product with CDELT1/CDELT2 from its binning keywords."""
+    from astropy.io import fits
+
+    target = workdir / ("binning_cards_" + path.name)
+    with fits.open(path) as hdul:
+        hdr = hdul[0].header
+        for axis, card in (("X", "CDELT1"), ("Y", "CDELT2")):
+            hdr[card] = float(hdr.get(f"ESO DET WIN1 BIN{axis}",
+                                      hdr.get(f"ESO DET BIN{axis}", 1)))
+        hdul.writeto(target, overwrite=True)
+    return target
+
+
+def write_sof(night_sof: Path, workdir: Path) -> Path:
+    """The night's SOF as soxspipe needs it: absolute paths, named after the science frame's
+    DATE-OBS and arm (``<YYYYMMDDTHHMMSS>_<ARM>_STARE.sof``)."""
+    from astropy.io import fits
+
+    lines, first = [], None
+    for line in night_sof.read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 2 or line.lstrip().startswith("#"):
+            continue
+        path = Path(parts[0])
+        if not path.is_absolute():
+            path = night_sof.parent / path
+        hdr = fits.getheader(path)
+        if "ESO DPR CATG" in hdr and first is None:
+            first = (str(hdr["DATE-OBS"]), str(hdr["ESO SEQ ARM"]).strip())
+        if "ESO PRO CATG" in hdr and hdr.get("NAXIS", 0) and "CDELT1" not in hdr:
+            path = _with_binning_cards(path, workdir)
+        lines.append(f"{path.resolve()} {parts[1]}\n")
+    if first is None:
+        raise RuntimeError(f"{night_sof}: no raw frame in the SOF")
+    stamp = first[0][:19].replace("-", "").replace(":", "")
+    sof = workdir / f"{stamp}_{first[1]}_STARE.sof"
+    sof.write_text("".join(lines))
+    return sof
+
+
+def run_child(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float, str]:
+    """Wall time (s), peak RSS (MiB) and stdout of a child process; raises if it fails."""
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    code = os.waitstatus_to_exitcode(status)
+    proc.returncode = code
+    if code != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+        raise RuntimeError(f"soxspipe stare failed ({code}):\n" + "\n".join(tail))
+    return wall, usage.ru_maxrss / 1024.0, out
+
+
+def compare(extracted: Path, truth: Path) -> dict:
+    """extractedFluxOptimal against the truth counts, per order and over all orders.
+
+    Returns
+    -------
+    dict
+        ``orders``: per true order ``{"n", "median_ratio", "pull_mad_sigma",
+        "pull_median"}``; ``median_ratio`` and ``pull_mad_sigma`` over every matched row;
+        ``orders_extracted``, ``orders_true``; ``order_offset`` (true - soxspipe number).
+    """
+    import numpy as np
+    from astropy.io import fits
+
+    with fits.open(extracted) as hdul:
+        ext = hdul[1].data
+        names = ext.columns.names
+        along = "ycoord" if "ycoord" in names else "xcoord"
+        e_order = np.asarray(ext["order"], int)
+        e_pix = np.rint(np.asarray(ext[along], float)).astype(int)
+        e_wl = np.asarray(ext["wavelengthMean"], float)
+        e_flux = np.asarray(ext["extractedFluxOptimal"], float)
+        e_var = np.asarray(ext["varianceSpectrum"], float)
+    with fits.open(truth) as hdul:
+        tru = hdul[1].data
+        t_order = np.asarray(tru["order"], int)
+        t_pix = np.asarray(tru["pixel"], int)
+        t_wl = np.asarray(tru["wavelength"], float)
+        t_counts = np.asarray(tru["counts"], float)
+    ranges = {n: (t_wl[t_order == n].min(), t_wl[t_order == n].max())
+              for n in np.unique(t_order)}
+    orders: dict[str, dict] = {}
+    ratios, pulls, offsets = [], [], set()
+    for n_sp in np.unique(e_order):
+        sel = (e_order == n_sp) & np.isfinite(e_wl)
+        if not sel.any():
+            continue
+        wl = float(np.median(e_wl[sel]))
+        match = [n for n, (lo, hi) in ranges.items() if lo <= wl <= hi]
+        if not match:
+            continue
+        # the order whose centre wavelength is closest when two overlap at the ends
+        n_true = min(match, key=lambda n: abs(0.5 * sum(ranges[n]) - wl))
+        offsets.add(int(n_true - n_sp))
+        truth_by_pixel = dict(zip(t_pix[t_order == n_true], t_counts[t_order == n_true]))
+        rows = np.flatnonzero(sel)
+        tc = np.array([truth_by_pixel.get(int(p), np.nan) for p in e_pix[rows]])
+        f, v = e_flux[rows], e_var[rows]
+        ok = np.isfinite(tc) & np.isfinite(f) & np.isfinite(v) & (v > 0) & (tc > 0)
+        if ok.sum() < 10:
+            continue
+        ratio = f[ok] / tc[ok]
+        pull = (f[ok] - tc[ok]) / np.sqrt(v[ok])
+        med = float(np.median(pull))
+        orders[str(int(n_true))] = {
+            "n": int(ok.sum()), "median_ratio": float(np.median(ratio)),
+            "pull_median": med,
+            "pull_mad_sigma": float(MAD_SIGMA * np.median(np.abs(pull - med)))}
+        ratios.append(ratio)
+        pulls.append(pull)
+    if not ratios:
+        raise RuntimeError(f"{extracted}: no order matched the truth in {truth}")
+    ratio = np.concatenate(ratios)
+    pull = np.concatenate(pulls)
+    med = float(np.median(pull))
+    return {"median_ratio": float(np.median(ratio)),
+            "pull_mad_sigma": float(MAD_SIGMA * np.median(np.abs(pull - med))),
+            "pull_median": med,
+            "orders_extracted": len(orders), "orders_true": len(ranges),
+            "order_offset": sorted(offsets), "orders": orders}
+
+
+def run(night_dir: str | os.PathLike, workdir: str | os.PathLike,
+        sof_name: str = "stare_truth.sof", python: str = DEFAULT_PYTHON,
+        truth_name: str = "object_truth.fits") -> dict:
+    """soxspipe 0.17.4's stare on a night's SOF: time, memory and accuracy against truth.
+
+    Parameters
+    ----------
+    night_dir : path
+        A simulated night (``stare_truth.sof``, ``truth/object_truth.fits``).
+    workdir : path
+        soxspipe's workspace (created; products under ``reduced/<night>/soxs-stare/``, its
+        log in ``soxspipe_stderr.log``).
+    sof_name : str
+        The night's SOF to reduce (``stare_truth.sof``: truth calibrations; ``stare.sof``:
+        the recipes' products, which must exist).
+    python : str
+        soxspipe's interpreter.
+    truth_name : str
+        The truth table in ``night_dir/truth`` (``standard_truth.fits`` for ``std*.sof``).
+
+    Returns
+    -------
+    dict
+        ``wall_s``, ``peak_rss_mib``, ``extracted`` (path), ``sof`` and the keys of
+        :func:`compare`.
+    """
+    night = Path(night_dir).resolve()
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    sof = write_sof(night / sof_name, work)
+    log = work / "soxspipe_stderr.log"
+    wall, rss, out = run_child([python, str(Path(__file__).resolve()), "--child", str(sof),
+                                str(work)], work, log)
+    found = sorted(work.glob("reduced/*/soxs-stare/*_EXTRACTED_ORDERS.fits"))
+    if not found:
+        raise RuntimeError(f"soxspipe wrote no EXTRACTED_ORDERS table under {work}")
+    result = {"pipeline": "soxspipe 0.17.4", "sof": str(night / sof_name),
+              "wall_s": round(wall, 2), "peak_rss_mib": round(rss, 1),
+              "extracted": str(found[-1])}
+    result.update(compare(found[-1], night / "truth" / truth_name))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        child(*argv[1:3])
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("night", help="simulated night directory")
+    p.add_argument("workdir", help="soxspipe workspace (created)")
+    p.add_argument("--sof", default="stare_truth.sof", help="SOF of the night to reduce")
+    p.add_argument("--truth", default="object_truth.fits", help="truth table in NIGHT/truth")
+    p.add_argument("--python", default=DEFAULT_PYTHON, help="soxspipe 0.17.4's interpreter")
+    args = p.parse_args(argv)
+    result = run(args.night, args.workdir, args.sof, args.python, args.truth)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
