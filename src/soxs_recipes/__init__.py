@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["soxs_mbias", "soxs_mdark"]
+__all__ = ["soxs_mbias", "soxs_mdark", "soxs_mflat", "soxs_stare"]
 
 
 def __getattr__(name: str) -> Any:

@@ -30,11 +30,11 @@ from soxs_core.errors import InputError
 from soxs_core.io.compressed import open_fits
 from soxs_core.io.image import DetectorImage, read_image_product
 
-from . import mbias, mdark, mflat
+from . import mbias, mdark, mflat, stare
 from .framework import execute, frames_from_sof
 from .settings import read_soxspipe_settings
 
-__all__ = ["soxs_mbias", "soxs_mdark", "soxs_mflat"]
+__all__ = ["soxs_mbias", "soxs_mdark", "soxs_mflat", "soxs_stare"]
 
 _FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fits.gz", ".fits.fz", ".fits.Z", ".fz")
 
@@ -124,7 +124,9 @@ class _SoxspipeStyleRecipe:
         path = next((p.path for p in products if p.path.name in {
             main.filename_for(arm) for arm in self.module.SPEC.accepted_arms()}),
             products[0].path)
-        header = read_image_product(path).header
+        from soxs_core.io.fits import read_header
+
+        header = read_header(path)
         self.qc = {k[7:]: header[k] for k in header if k.startswith("ESO QC ")}
         return str(path)
 
@@ -293,3 +295,11 @@ class soxs_mflat(_SoxspipeStyleRecipe):  # noqa: N801
         biny = int(dMaster.header.get("ESO DET WIN1 BINY", 1))
         return flat.stitch_uv_mflats(dMaster, qMaster, orderTable, order, scale, binx, biny,
                                      params.scale_d2_to_qth)
+
+
+class soxs_stare(_SoxspipeStyleRecipe):  # noqa: N801
+    """Reduce stare-mode frames; ``produce_product()`` returns the path of the extracted-orders
+    table (the merged and flux-calibrated spectra, the sky products, the object trace and,
+    for a flux standard, the response and efficiency are written beside it)."""
+
+    module = stare
