@@ -302,3 +302,26 @@ def test_bad_response_inputs(gd71):
     masked["qual"][:] = 1
     with pytest.raises(InputError, match="no order"):
         fit_response(masked, gd71, 300.0, 1.2)
+
+
+def test_qc_plots(tmp_path, gd71):
+    """The four QC figures draw what they are about: the per-order curves and efficiency of
+    the response, the catalogue over the calibrated standard, SNR panels; PDFs written."""
+    from soxs_core.spectrum.merge import merge_orders
+    from soxs_core.spectrum.plots import (
+        plot_merged,
+        render_extracted_orders,
+        render_fluxcal,
+        render_response,
+    )
+
+    std, resp = _response("soxs_vis", False, gd71)
+    eff = efficiency(std, gd71, EXPTIME_STD, 1.2, telescope_area_cm2("SOXS"))
+    fig = render_response(resp, eff, "GD71")
+    assert len(fig.axes) == 4
+    assert len(fig.axes[0].lines) == len(resp.orders)  # one fitted curve per order
+    fig = render_fluxcal(flux_calibrate(std, resp, EXPTIME_STD, 1.2), "GD71", standard=gd71)
+    assert any("GD71" in str(line.get_label()) for line in fig.axes[0].lines)
+    assert len(render_extracted_orders(std).axes) == 3
+    path = plot_merged(tmp_path / "merged.pdf", merge_orders(std, "VIS"), "GD71")
+    assert path.read_bytes()[:5] == b"%PDF-"
