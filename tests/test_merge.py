@@ -142,6 +142,9 @@ def test_overlap_combination_flat_fielded():
     # the combination beats the better order in most bins
     best_single = np.minimum(singles[0][1], singles[1][1])
     assert np.median(np.asarray(m["ERR_COUNTS"])[ovl] / best_single) < 0.95
+    # ... and is close to the optimal (inverse-variance) combination of the two
+    optimal = 1.0 / np.sqrt(1.0 / singles[0][1] ** 2 + 1.0 / singles[1][1] ** 2)
+    assert 0.98 < np.median(np.asarray(m["ERR_COUNTS"])[ovl] / optimal) < 1.03
 
 
 def test_masked_rows_left_out(vis_std):
