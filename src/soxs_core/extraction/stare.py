@@ -546,7 +546,7 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
            else None, "no good in-order pixel")
     qc.add("INNER ORDER PIX SUM", float(np.sum(skysub.data[good_in], dtype=np.float64)))
 
-    response = efficiency = fluxcal_table = None
+    response = efficiency = fluxcal_table = standard = None
     target = str(_header_value(first.header, "ESO OBS TARG NAME")
                  or _header_value(first.header, "OBJECT") or "")
     if inputs.is_standard:
@@ -564,24 +564,28 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
             response.arm = arm.name
             response.instrument = arm.instrument
             efficiency = fluxcal.efficiency(orders, standard, exptime, airmass,
-                                            arm.telescope_area_cm2)
+                                            fluxcal.telescope_area_cm2(arm.instrument))
             fluxcal_table = fluxcal.flux_calibrate(orders, response, exptime, airmass)
             if "RESPONSE QC PLOT" in plots:
                 written["RESPONSE QC PLOT"] = spectrum_plots.plot_response(
-                    plots["RESPONSE QC PLOT"], orders, response, standard, exptime, airmass)
+                    plots["RESPONSE QC PLOT"], response, efficiency)
     elif inputs.response is not None:
         fluxcal_table = fluxcal.flux_calibrate(orders, inputs.response, exptime, airmass)
-    qc.update(fluxcal.spectrum_qc(orders, efficiency))
+    qc.update(fluxcal.spectrum_qc(orders, merged, efficiency))
     if efficiency is None:
         for name in ("EFF MEDIAN",):
             qc.omit(name, "not a flux standard with a catalogue spectrum")
+    title = f"{arm.instrument} {arm.name}: {target or first.path.name}"
     for label, func, tab in (("EXTRACTED ORDERS QC PLOT", spectrum_plots.plot_extracted_orders,
                               orders),
-                             ("EXTRACTED MERGED QC PLOT", spectrum_plots.plot_merged, merged),
-                             ("EXTRACTED MERGED FLUXCALIBRATED QC PLOT",
-                              spectrum_plots.plot_fluxcal, fluxcal_table)):
-        if label in plots and tab is not None:
-            written[label] = func(plots[label], tab)
+                             ("EXTRACTED MERGED QC PLOT", spectrum_plots.plot_merged, merged)):
+        if label in plots:
+            written[label] = func(plots[label], tab, title)
+    label = "EXTRACTED MERGED FLUXCALIBRATED QC PLOT"
+    if label in plots and fluxcal_table is not None:
+        written[label] = spectrum_plots.plot_fluxcal(
+            plots[label], fluxcal_table, title,
+            standard=standard if inputs.is_standard else None)
     return StareResult(skysub=skysub, sky_model=sky_image, sky_residuals=residuals,
                        object_trace=trace, orders=orders, merged=merged, qc=qc,
                        fluxcal=fluxcal_table, response=response, efficiency=efficiency,
