@@ -46,7 +46,20 @@ How soxspipe 0.17.4 is driven, and what it needs (found by running it):
 * CDELT1/CDELT2 on every image product (its input check reads the binning from them); ours
   carry them, an image without them is copied into WORKDIR with the two cards added;
 * a logger with a PRINT level (``fundamentals.logs.addLoggingLevel``) and WORKDIR as the
-  current directory for its ``reduced/``, ``qc/`` and ``tmp/`` trees.
+  current directory for its ``reduced/``, ``qc/`` and ``tmp/`` trees;
+* one work-around: on X-shooter VIS the recipe crashes after the extraction, in the merged
+  spectrum's SNR/efficiency QCs (``toolkit.add_snr_efficiency_qcs``, called by
+  ``horne_extraction.extract`` before it writes EXTRACTED_ORDERS): the order-join keys are the
+  two order numbers written one after the other, and after the VIS renumbering (16-30 ->
+  6-20) the joins of orders 6..9 are two-character keys, which the function takes for SOXS
+  VIS's four quasi-orders (``["i", "r", "g", "u"][int(key[0])]``: ``IndexError: list index
+  out of range``).  The child wraps that function (no soxspipe code is changed or copied) so
+  that on this error it returns the QC table unchanged: only those QCs are lost, the
+  products are written as the recipe makes them;
+* and a second one, after every product is written: the merged-spectrum QC plot
+  (``toolkit.plot_merged_spectrum_qc``) marks the sky lines of the arm's static sky-line
+  table by its ``ISOLATED`` column, which the X-shooter tables of 0.17.4 lack (``KeyError:
+  'ISOLATED'``); wrapped the same way, that PDF is not made.
 
 soxspipe renumbers the X-shooter VIS orders (16-30 -> 6-20) before it writes the
 EXTRACTED_ORDERS table (INSTRUMENTS.md section 8, item 25): each of its orders is matched to
@@ -102,6 +115,39 @@ def _settings(package: str, instrument: str) -> dict:
     return settings
 
 
+def _get_past_xsh_qc_crashes() -> None:
+    """Let X-shooter get past two QC-only crashes (module docstring): wrappers of
+    ``toolkit.add_snr_efficiency_qcs`` (on IndexError: the QC table unchanged) and
+    ``toolkit.plot_merged_spectrum_qc`` (on KeyError 'ISOLATED': no plot).  Both are looked
+    up in ``toolkit`` when called (function-level imports), so replacing the module
+    attributes reaches them."""
+    import logging
+
+    from soxspipe.commonutils import toolkit
+
+    snr_qcs, merged_plot = toolkit.add_snr_efficiency_qcs, toolkit.plot_merged_spectrum_qc
+    log = logging.getLogger("soxspipe")
+
+    def snr_wrapper(*args, **kwargs):
+        try:
+            return snr_qcs(*args, **kwargs)
+        except IndexError as exc:
+            log.warning(f"soxspipe_stare_runner: SNR/efficiency QCs skipped ({exc!r})")
+            return kwargs["qcTable"] if "qcTable" in kwargs else args[2]
+
+    def plot_wrapper(*args, **kwargs):
+        try:
+            return merged_plot(*args, **kwargs)
+        except KeyError as exc:
+            if exc.args != ("ISOLATED",):
+                raise
+            log.warning(f"soxspipe_stare_runner: merged-spectrum QC plot skipped ({exc!r})")
+            return kwargs["products"], None
+
+    toolkit.add_snr_efficiency_qcs = snr_wrapper
+    toolkit.plot_merged_spectrum_qc = plot_wrapper
+
+
 def child(sof: str, workdir: str) -> None:
     """Inside soxspipe's interpreter: run its stare recipe on ``sof`` in ``workdir``."""
     import logging
@@ -120,6 +166,7 @@ def child(sof: str, workdir: str) -> None:
     settings["workspace-root-dir"] = workdir
     from soxspipe.recipes import soxs_stare
 
+    _get_past_xsh_qc_crashes()
     recipe = soxs_stare(log=logging.getLogger("soxspipe"), settings=settings,
                         inputFrames=sof, overwrite=True)
     recipe.produce_product()
