@@ -239,7 +239,9 @@ def compare(extracted: Path, truth: Path) -> dict:
     -------
     dict
         ``orders``: per true order ``{"n", "median_ratio", "pull_mad_sigma",
-        "pull_median"}``; ``median_ratio`` and ``pull_mad_sigma`` over every matched row;
+        "pull_median", "boxcar_median_ratio"}``; ``median_ratio``, ``pull_mad_sigma``,
+        ``pull_median`` and ``boxcar_median_ratio`` (extractedFluxBoxcarRobust / truth) over
+        every matched row;
         ``orders_extracted``, ``orders_true``; ``order_offset`` (true - soxspipe number).
     """
     import numpy as np
@@ -254,6 +256,8 @@ def compare(extracted: Path, truth: Path) -> dict:
         e_wl = np.asarray(ext["wavelengthMean"], float)
         e_flux = np.asarray(ext["extractedFluxOptimal"], float)
         e_var = np.asarray(ext["varianceSpectrum"], float)
+        e_box = np.asarray(ext["extractedFluxBoxcarRobust"], float) \
+            if "extractedFluxBoxcarRobust" in names else np.full(e_flux.size, np.nan)
     with fits.open(truth) as hdul:
         tru = hdul[1].data
         t_order = np.asarray(tru["order"], int)
@@ -263,7 +267,7 @@ def compare(extracted: Path, truth: Path) -> dict:
     ranges = {n: (t_wl[t_order == n].min(), t_wl[t_order == n].max())
               for n in np.unique(t_order)}
     orders: dict[str, dict] = {}
-    ratios, pulls, offsets = [], [], set()
+    ratios, pulls, boxes, offsets = [], [], [], set()
     for n_sp in np.unique(e_order):
         sel = (e_order == n_sp) & np.isfinite(e_wl)
         if not sel.any():
@@ -278,25 +282,32 @@ def compare(extracted: Path, truth: Path) -> dict:
         truth_by_pixel = dict(zip(t_pix[t_order == n_true], t_counts[t_order == n_true]))
         rows = np.flatnonzero(sel)
         tc = np.array([truth_by_pixel.get(int(p), np.nan) for p in e_pix[rows]])
-        f, v = e_flux[rows], e_var[rows]
+        f, v, box = e_flux[rows], e_var[rows], e_box[rows]
         ok = np.isfinite(tc) & np.isfinite(f) & np.isfinite(v) & (v > 0) & (tc > 0)
         if ok.sum() < 10:
             continue
         ratio = f[ok] / tc[ok]
+        box_ratio = box[ok] / tc[ok]
         pull = (f[ok] - tc[ok]) / np.sqrt(v[ok])
         med = float(np.median(pull))
         orders[str(int(n_true))] = {
             "n": int(ok.sum()), "median_ratio": float(np.median(ratio)),
             "pull_median": med,
-            "pull_mad_sigma": float(MAD_SIGMA * np.median(np.abs(pull - med)))}
+            "pull_mad_sigma": float(MAD_SIGMA * np.median(np.abs(pull - med))),
+            "boxcar_median_ratio": float(np.nanmedian(box_ratio))
+            if np.isfinite(box_ratio).any() else None}
         ratios.append(ratio)
+        boxes.append(box_ratio)
         pulls.append(pull)
     if not ratios:
         raise RuntimeError(f"{extracted}: no order matched the truth in {truth}")
     ratio = np.concatenate(ratios)
     pull = np.concatenate(pulls)
     med = float(np.median(pull))
+    box = np.concatenate(boxes)
     return {"median_ratio": float(np.median(ratio)),
+            "boxcar_median_ratio": float(np.nanmedian(box)) if np.isfinite(box).any()
+            else None,
             "pull_mad_sigma": float(MAD_SIGMA * np.median(np.abs(pull - med))),
             "pull_median": med,
             "orders_extracted": len(orders), "orders_true": len(ranges),

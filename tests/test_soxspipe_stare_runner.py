@@ -56,12 +56,15 @@ def test_compare_recovers_bias_noise_and_orders(runner, tmp_path):
         fits.Column(name="wavelengthMean", format="D", array=truth["wavelength"][keep]),
         fits.Column(name="extractedFluxOptimal", format="D", array=flux[keep]),
         fits.Column(name="varianceSpectrum", format="D", array=err[keep] ** 2),
+        fits.Column(name="extractedFluxBoxcarRobust", format="D",
+                    array=0.95 * truth["counts"][keep]),
     ]).writeto(tmp_path / "extracted.fits")
     out = runner.compare(tmp_path / "extracted.fits", tmp_path / "truth.fits")
     assert out["order_offset"] == [10]
     assert out["orders_extracted"] == out["orders_true"] == 3
     assert sorted(out["orders"]) == ["20", "21", "22"]
     assert out["median_ratio"] == pytest.approx(bias, abs=0.003)
+    assert out["boxcar_median_ratio"] == pytest.approx(0.95, abs=1e-9)
     # the bias moves the pulls' centre (-0.03 * counts / err), not their MAD-sigma much
     expected = (flux[keep] - truth["counts"][keep]) / err[keep]
     assert out["pull_median"] == pytest.approx(np.median(expected), abs=1e-9)
