@@ -216,8 +216,9 @@ def write_sof(night_sof: Path, workdir: Path) -> Path:
     return sof
 
 
-def run_child(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float, str]:
-    """Wall time (s), peak RSS (MiB) and stdout of a child process; raises if it fails."""
+def run_child(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float, float, str]:
+    """Wall time (s), CPU time (user + system, s; it and its children), peak RSS (MiB) and
+    stdout of a child process; raises if it fails."""
     start = time.perf_counter()
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=err, text=True)
@@ -229,7 +230,7 @@ def run_child(cmd: list[str], cwd: Path, log: Path) -> tuple[float, float, str]:
     if code != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-15:]
         raise RuntimeError(f"soxspipe stare failed ({code}):\n" + "\n".join(tail))
-    return wall, usage.ru_maxrss / 1024.0, out
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0, out
 
 
 def compare(extracted: Path, truth: Path) -> dict:
@@ -337,21 +338,22 @@ def run(night_dir: str | os.PathLike, workdir: str | os.PathLike,
     Returns
     -------
     dict
-        ``wall_s``, ``peak_rss_mib``, ``extracted`` (path), ``sof`` and the keys of
-        :func:`compare`.
+        ``wall_s``, ``cpu_s`` (user + system: the figure to quote on a shared machine),
+        ``peak_rss_mib``, ``extracted`` (path), ``sof`` and the keys of :func:`compare`.
     """
     night = Path(night_dir).resolve()
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     sof = write_sof(night / sof_name, work)
     log = work / "soxspipe_stderr.log"
-    wall, rss, out = run_child([python, str(Path(__file__).resolve()), "--child", str(sof),
+    wall, cpu, rss, out = run_child([python, str(Path(__file__).resolve()), "--child", str(sof),
                                 str(work)], work, log)
     found = sorted(work.glob("reduced/*/soxs-stare/*_EXTRACTED_ORDERS.fits"))
     if not found:
         raise RuntimeError(f"soxspipe wrote no EXTRACTED_ORDERS table under {work}")
     result = {"pipeline": "soxspipe 0.17.4", "sof": str(night / sof_name),
-              "wall_s": round(wall, 2), "peak_rss_mib": round(rss, 1),
+              "wall_s": round(wall, 2), "cpu_s": round(cpu, 2),
+              "peak_rss_mib": round(rss, 1),
               "extracted": str(found[-1])}
     result.update(compare(found[-1], night / "truth" / truth_name))
     return result
