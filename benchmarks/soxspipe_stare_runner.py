@@ -61,6 +61,13 @@ How soxspipe 0.17.4 is driven, and what it needs (found by running it):
   table by its ``ISOLATED`` column, which the X-shooter tables of 0.17.4 lack (``KeyError:
   'ISOLATED'``); wrapped the same way, that PDF is not made.
 
+Measured (2026-12-02, full-frame X-shooter VIS 1x1, 600 s, 17 mag target, seed 7,
+``stare_truth.sof``; the 2 cores shared with other jobs at load 5-11, so the wall time is an
+upper bound): 658 s wall, 3607 MiB peak RSS; all 15 orders extracted; extractedFluxOptimal /
+truth median 0.971 (per order 0.957-0.976), boxcar 0.974; pull MAD-sigma 0.54 (its variance
+is too large: cf. INSTRUMENTS.md section 8 item 29, the Poisson term includes the bias
+pedestal), pull median -0.31.
+
 soxspipe renumbers the X-shooter VIS orders (16-30 -> 6-20) before it writes the
 EXTRACTED_ORDERS table (INSTRUMENTS.md section 8, item 25): each of its orders is matched to
 the true order whose wavelengths its ``wavelengthMean`` values fall in, and each row to the
