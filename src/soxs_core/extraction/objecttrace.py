@@ -79,6 +79,8 @@ ANCHOR_ERROR = 1.0
 #: whole cut, far beyond their formal errors.
 RESIDUAL_FLOOR = 0.1
 COHERENCE_LIMIT = 3.0
+#: Highest along-order degree of the trace-width fit.
+STD_ALONG_DEG = 2
 
 
 @dataclass(frozen=True)
@@ -672,7 +674,9 @@ def detect_continuum(image: DetectorImage, order_table: OrderTable, binx: int, b
     residuals = np.full(order.size, np.nan)
     residuals[in_fit] = across_u[in_fit] - fit.polynomial(order[in_fit].astype(float),
                                                           along_u[in_fit])
-    std_poly = _fit_std(order[used], along_u[used], sigma_u[used], fit.degrees, params)
+    std_poly = _fit_std(order[used], along_u[used], sigma_u[used], fit.degrees, params,
+                        order[~used & np.isin(order, kept)],
+                        along_u[~used & np.isin(order, kept)])
     table = replace(order_table.subset(kept), centre=fit.polynomial, std=std_poly,
                     edge_up=None, edge_low=None, min_threshold=None, max_threshold=None,
                     header=_table_header(image), source="")
@@ -847,14 +851,32 @@ def _fit_from(order, along_u, m, kept, params, bin_across, where, centre_b, tabl
                              "detections that line up): no object trace")
 
 
-def _fit_std(order, along, sigma, degrees, params: TraceParameters) -> OrderPolynomial:
-    """Global fit of the Gaussian sigma (unbinned px) with the centre fit's degrees."""
+def _fit_std(order, along, sigma, degrees, params: TraceParameters,
+             all_order=None, all_along=None) -> OrderPolynomial:
+    """Global fit of the Gaussian sigma (unbinned px): the centre fit's order degree, at most
+    ``STD_ALONG_DEG`` along (the seeing changes slowly with wavelength; a higher degree only
+    follows the noise of the faint cuts), anchored like the centre across the stretches of
+    ``all_order``/``all_along`` (every cut) without detections."""
     if order.size == 0:
         return OrderPolynomial.constant(float("nan"))
+    order, along, sigma = (np.asarray(v) for v in (order, along, sigma))
+    weights = np.ones(order.size)
+    if all_order is not None:
+        cut_order = np.concatenate([order, all_order])
+        cut_along = np.concatenate([along, all_along])
+        values = np.concatenate([sigma, np.full(all_order.size, np.nan)])
+        sel = np.concatenate([np.ones(order.size, bool), np.zeros(all_order.size, bool)])
+        sort = np.lexsort((cut_along, cut_order))
+        an_n, an_b, an_s = _anchors(cut_order[sort], cut_along[sort], values[sort],
+                                    sel[sort], list(np.unique(order)))
+        order, along, sigma = (np.concatenate([order, an_n]), np.concatenate([along, an_b]),
+                               np.concatenate([sigma, an_s]))
+        weights = np.concatenate([weights, np.full(an_n.size, 0.5)])
     try:
-        fit = fit_order_polynomial(order, along, sigma, degrees[0], degrees[1],
+        fit = fit_order_polynomial(order, along, sigma, degrees[0],
+                                   min(degrees[1], STD_ALONG_DEG),
                                    params.poly_fitting_residual_clipping_sigma,
-                                   params.poly_clipping_iteration_limit)
+                                   params.poly_clipping_iteration_limit, weights=weights)
         return fit.polynomial
     except ValueError:
         return OrderPolynomial.constant(float(np.median(sigma)))
@@ -1002,6 +1024,15 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
         mid = 0.5 * (b0 + b1)
         ax_det.text(*xy(float(table.centre(float(n), mid)), mid), f" {int(n)}", fontsize=7,
                     color="yellow", ha="left", va="center")
+    # zoom across onto the traced orders (a subset of the orders is a thin band otherwise)
+    lo_hi = [table.centre(float(n), np.linspace(*table.along_range(int(n)), 50))
+             for n in table.orders]
+    if lo_hi:
+        a0, a1 = float(np.min(lo_hi)), float(np.max(lo_hi))
+        full = (extent[0], extent[1]) if along_y else (extent[2], extent[3])
+        pad = max(60.0, 0.08 * (full[1] - full[0]))
+        lim = (max(full[0], a0 - pad), min(full[1], a1 + pad))
+        (ax_det.set_xlim if along_y else ax_det.set_ylim)(*lim)
     ax_det.plot([], [], "-", color="tab:blue", label="fitted trace")
     if trace.dropped_orders:
         ax_det.plot([], [], " ", label="not traced: "
@@ -1030,17 +1061,22 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
         inside = (cc >= 0) & (cc < n_across)
         vals = np.where(inside & gview[ib[:, None], np.clip(cc, 0, n_across - 1)],
                         view[ib[:, None], np.clip(cc, 0, n_across - 1)], np.nan)
-        # along-order bins so that every order gets the same display width
-        edges = np.linspace(0, ib.size, nbins + 1).astype(int)
+        # along-order bins so that every order gets the same display width (a median: the
+        # cosmic rays of the frame would dominate a mean)
+        per = max(1, ib.size // nbins)
+        use_rows = min(ib.size, per * nbins)
+        blocks = vals[:use_rows].reshape(-1, per, vals.shape[1])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            binned = np.array([np.nanmedian(vals[e0:max(e1, e0 + 1)], axis=0)
-                               for e0, e1 in zip(edges[:-1], edges[1:])])
-            peak = np.nanpercentile(binned, 99) if np.isfinite(binned).any() else 1.0
+            binned = np.nanmedian(blocks, axis=1)
+            finite = binned[np.isfinite(binned)]
+            peak = float(np.percentile(finite, 99)) if finite.size else 1.0
         strips.append(binned.T / (peak if peak > 0 else 1.0))
         labels.append(int(n))
     if strips:
-        gap = np.full((2, nbins), np.nan)
+        width = min(st.shape[1] for st in strips)
+        strips = [st[:, :width] for st in strips]
+        gap = np.full((2, width), np.nan)
         stack = np.vstack([x for st in strips for x in (st, gap)][:-1])
         ax_strip.imshow(np.clip(np.nan_to_num(stack, nan=0.0), -0.2, 1.0), origin="lower",
                         aspect="auto", cmap="magma", interpolation="nearest",
@@ -1096,6 +1132,8 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
     ax_ord.set_ylim(-lim, lim)
     ax_ord.axhline(0.0, color="0.5", lw=0.6)
     ax_ord.set_xlabel("order")
+    ax_ord.set_xticks(per_n)
+    ax_ord.set_xlim(min(per_n) - 0.7, max(per_n) + 0.7)
     ax_ord.set_ylabel(f"residual [{res_axis}, frame px]")
     ax_ord.legend(loc="upper right", fontsize=7)
     ax_ord.set_title(f"residuals per order ({qc.get('N ORDERS', 0)} traced)", fontsize=10)
