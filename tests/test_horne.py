@@ -150,10 +150,15 @@ def test_flux_and_errors_against_truth(peak, sky):
     assert abs(ex.flux_optimal.sum() / truth.sum() - 1) < 4 * stat + 0.002
     if np.median(ex.snr) > 20:
         assert abs(np.median(ex.flux_optimal / truth) - 1) < 0.01
-    # the fitted profile costs no flux against the true one, on the very same pixels
+    # the fitted profile costs no flux against the true one, on the very same pixels; for
+    # a faint source the profile's own noise (its width, mostly) moves every row's flux
+    # coherently by about the order total's statistical error (measured over 12 noise
+    # realisations at peak 5 / sky 200: ours/oracle 0.991 +- 0.007, scatter 2.5 %), hence
+    # the allowance of twice that error
     ref = oracle(data, base, obj, centre, rows)
     diff = ex.flux_optimal - ref["flux_opt"]
-    assert abs(diff.mean()) < 0.003 * truth.mean() + 4 * diff.std() / np.sqrt(diff.size)
+    assert abs(diff.mean()) < ((0.003 + 2 * stat) * truth.mean()
+                               + 4 * diff.std() / np.sqrt(diff.size))
     # errors: pulls of optimal and boxcar
     for value, var in ((ex.flux_optimal, ex.var_optimal), (ex.flux_boxcar, ex.var_boxcar),
                        (ex.flux_boxcar_robust, ex.var_boxcar_robust)):

@@ -75,6 +75,9 @@ VAR_FLOOR = 1e-12
 #: profile model of a row.
 FLUX_HALF_WINDOW = 8
 
+#: Signal-to-noise ratio aimed at for that scale (the window grows for faint sources).
+FLUX_SCALE_SNR = 10.0
+
 #: Second-difference penalty of the profile's B-spline coefficients relative to the mean
 #: diagonal of the normal matrix: bridges sub-pixel phases no pixel samples, far below the
 #: data's weight where they do.
@@ -197,7 +200,12 @@ class SpatialProfile:
     coefficients : ndarray
         (2, n_intervals + 3, degree + 1) coefficients of the two halves.
     penalty : float
-        Chosen relative smoothness penalty (by cross-validation between the halves).
+        Chosen relative smoothness penalty (cross-validated between the halves).
+    template : ndarray
+        (2, n_intervals + 3) B-spline coefficients of the Moffat template fitted on each
+        half (no variation along the order).
+    weight : float
+        Weight of the free (spline) profile against the template, in [0, 1].
     clipped : ndarray of bool
         Window pixels (rows, ncol) rejected from the fit as outliers.
     n_fits : int
@@ -215,6 +223,8 @@ class SpatialProfile:
     y_range: tuple[float, float]
     coefficients: np.ndarray
     penalty: float
+    template: np.ndarray
+    weight: float
     clipped: np.ndarray
     n_fits: int
     flux_scale: np.ndarray
@@ -233,24 +243,30 @@ class SpatialProfile:
         """:func:`aperture_window` of ``centre`` (default: the fitted rows')."""
         return aperture_window(self.centre if centre is None else centre, self.slit_length)
 
-    def shape_model(self, rows: np.ndarray | None = None, centre: np.ndarray | None = None
-                    ) -> np.ndarray:
-        """``g(u, y)`` on the window (not clipped at zero, not normalised).
+    def _coefficients(self, rows: np.ndarray | None, which: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows and per-row coefficients (rows, K, M) of the spline or the template: for the
+        fitted rows (``rows`` None) each from the other half's fit, else the mean of both."""
+        coef = self.coefficients if which == "spline" else self.template[:, :, None]
+        if rows is None:
+            return self.rows, coef[1 - self.half]
+        rows = np.asarray(rows)
+        return rows, np.broadcast_to(coef.mean(axis=0), (rows.size,) + coef.shape[1:])
+
+    def shape_model(self, rows: np.ndarray | None = None, centre: np.ndarray | None = None,
+                    which: str = "spline") -> np.ndarray:
+        """``g(u, y)`` of the spline (or, ``which="template"``, of the template) on the
+        window: not clipped at zero, not normalised.
 
         For the fitted rows (the default) each row's value comes from the other half's fit;
         for other ``rows`` (with their ``centre``) from the mean of both.
         """
-        if rows is None:
-            rows, coef = self.rows, self.coefficients[1 - self.half]    # (rows, K, M)
-        else:
-            rows = np.asarray(rows)
-            coef = np.broadcast_to(self.coefficients.mean(axis=0),
-                                   (rows.size,) + self.coefficients.shape[1:])
+        rows, coef = self._coefficients(rows, which)
         _, u, _ = self.window(centre)
         t, b = _bspline_local(u, self.u0, self.spacing, self.n_intervals)
         y0, y1 = self.y_range
         yn = np.clip(2.0 * (rows - y0) / max(y1 - y0, 1.0) - 1.0, -1.0, 1.0)
-        leg = _legendre(yn.astype(np.float64), self.degree)          # (rows, M)
+        leg = _legendre(yn.astype(np.float64), coef.shape[2] - 1)    # (rows, M)
         along = np.einsum("rkm,rm->rk", coef, leg)                   # (rows, K)
         ridx = np.arange(rows.size)[:, None]
         g = np.zeros(u.shape)
@@ -258,15 +274,22 @@ class SpatialProfile:
             g += b[..., a] * along[ridx, t + a]
         return g
 
-    def evaluate(self, rows: np.ndarray | None = None, centre: np.ndarray | None = None
-                 ) -> np.ndarray:
-        """Normalised profile ``P`` (>= 0, ``sum_j a_ij P_ij = 1`` per row) on the window
-        (rows, ncol); a row without positive profile is all zero."""
-        g = np.maximum(self.shape_model(rows, centre), 0.0)
+    def _normalised(self, g: np.ndarray, centre: np.ndarray | None) -> np.ndarray:
+        g = np.maximum(g, 0.0)
         _, _, a = self.window(centre)
         norm = (a * g).sum(axis=1)
         with np.errstate(all="ignore"):
-            p = np.where(norm[:, None] > 0, g / norm[:, None], 0.0)
+            return np.where(norm[:, None] > 0, g / norm[:, None], 0.0)
+
+    def evaluate(self, rows: np.ndarray | None = None, centre: np.ndarray | None = None
+                 ) -> np.ndarray:
+        """Normalised profile ``P`` (>= 0, ``sum_j a_ij P_ij = 1`` per row) on the window
+        (rows, ncol): ``weight`` times the spline's plus ``1 - weight`` times the template's
+        (each clipped at zero and normalised); a row without positive profile is all zero."""
+        p = self._normalised(self.shape_model(rows, centre), centre)
+        if self.weight < 1.0:
+            p = self.weight * p + (1.0 - self.weight) * self._normalised(
+                self.shape_model(rows, centre, "template"), centre)
         return p
 
 
@@ -286,8 +309,63 @@ def _solve_banded_spd(mat: np.ndarray, rhs: np.ndarray, bandwidth: int) -> np.nd
         return np.linalg.lstsq(mat, rhs, rcond=None)[0]
 
 
-#: Relative smoothness penalties tried (cross-validated between the two halves).
-PENALTIES = (1e-4, 1e-2, 1.0, 1e2)
+#: Relative second-difference penalties tried (cross-validated between the two halves).
+PENALTIES = (1e-4, 1e-2, 1.0)
+
+def _moffat_pixels(x: np.ndarray, amp: float, mu: float, alpha: float, beta: float
+                   ) -> np.ndarray:
+    """``amp`` times the fraction of a 1-D Moffat ``(1 + ((x - mu) / alpha)^2)^-beta`` in
+    the pixel ``[x - 0.5, x + 0.5]`` (exact, through the incomplete beta function)."""
+    from scipy.special import betainc
+
+    def cdf(v):
+        v = v - mu
+        return 0.5 + 0.5 * np.sign(v) * betainc(0.5, beta - 0.5, v * v / (alpha ** 2 + v * v))
+    return amp * (cdf(x + 0.5) - cdf(x - 0.5))
+
+
+def _fit_template(u: np.ndarray, w2: np.ndarray, wd: np.ndarray, half: float, u0: float,
+                  spacing: float, n_int: int) -> np.ndarray:
+    """B-spline coefficients (K,) of a pixel-integrated Moffat (free beta; a Gaussian in the
+    limit) fitted to pixels at offsets ``u`` whose model is ``F g(u)``, given their
+    ``w F^2`` (``w2``) and ``w F D`` (``wd``); zeros if the fit fails.
+
+    The pixels are binned in 0.05 px of ``u``: the weighted least squares of ``F g(u)`` to
+    the data is then the weighted fit of ``sum(wd) / sum(w2)`` per bin with weights
+    ``sum(w2)`` (exact for ``g`` constant within a bin).
+    """
+    from scipy.optimize import curve_fit
+
+    kn = n_int + 3
+    edges = np.arange(u0, u0 + n_int * spacing + 0.05, 0.05)
+    idx = np.clip(np.searchsorted(edges, u) - 1, 0, edges.size - 2)
+    sw = np.bincount(idx, w2, edges.size - 1)
+    sd = np.bincount(idx, wd, edges.size - 1)
+    su = np.bincount(idx, w2 * u, edges.size - 1)
+    ok = sw > 0
+    out = np.zeros(kn)
+    if ok.sum() < 8:
+        return out
+    x, y, sig = su[ok] / sw[ok], sd[ok] / sw[ok], 1.0 / np.sqrt(sw[ok])
+    inner = np.abs(x) <= 0.5 * half
+    if not inner.any():
+        return out
+    peak = int(np.argmax(np.where(inner, y, -np.inf)))
+    try:
+        pars, _ = curve_fit(_moffat_pixels, x, y, sigma=sig,
+                            p0=(max(y[peak], 1e-3) * 3.0, x[peak], 2.0, 3.0),
+                            bounds=([0.0, -half, 0.2, 1.1], [np.inf, half, 4 * half, 50.0]),
+                            maxfev=4000)
+    except (RuntimeError, ValueError):
+        return out
+    if not np.all(np.isfinite(pars)):
+        return out
+    grid = np.linspace(u0, u0 + n_int * spacing, 8 * n_int + 1)
+    t, b = _bspline_local(grid, u0, spacing, n_int)
+    basis = np.zeros((grid.size, kn))
+    for a in range(4):
+        basis[np.arange(grid.size), t + a] = b[:, a]
+    return np.linalg.lstsq(basis, _moffat_pixels(grid, *pars), rcond=None)[0]
 
 
 def _degrees(max_degree: int) -> list[int]:
@@ -361,9 +439,22 @@ def fit_spatial_profile(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.n
     nrow = rows.size
     half_of = np.arange(nrow) % 2
     box = np.where(usable, a * d, 0.0).sum(axis=1)
+    box_err = np.sqrt(np.where(usable, a * a * (var if k is None
+                                                else var + k * np.maximum(d, 0.0)), 0.0
+                               ).sum(axis=1))
+    # the scale's own noise attenuates the fitted profile by F^2 / (F^2 + var(scale)), which
+    # changes along the order with the signal: the window is widened until the scale has
+    # a signal-to-noise ratio of about FLUX_SCALE_SNR (faint sources), so that the
+    # polynomials along the order describe the profile rather than this attenuation
+    with np.errstate(all="ignore"):
+        snr_row = float(np.median(box) / np.median(box_err[box_err > 0])) \
+            if np.any(box_err > 0) else np.inf
+    need = (1.25 * FLUX_SCALE_SNR / snr_row) ** 2 if snr_row > 0 else np.inf
+    half_window = int(np.clip(np.ceil(need / 4.0), FLUX_HALF_WINDOW // 2,
+                              max(FLUX_HALF_WINDOW // 2, nrow // 16)))
     scale = np.zeros(nrow)
     for s in (0, 1):  # each half scaled by its own rows only: the halves stay independent
-        scale[half_of == s] = _neighbour_median(box[half_of == s], FLUX_HALF_WINDOW // 2)
+        scale[half_of == s] = _neighbour_median(box[half_of == s], half_window)
     max_degree = int(max(0, min(int(poly_order), nrow // 20 - 1)))
     m = max_degree + 1
     half = 0.5 * float(slit_length)
@@ -388,12 +479,12 @@ def fit_spatial_profile(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.n
     kp = None if k is None else k[pr, pc]
     cidx = ((t[:, None] + np.arange(4)[None, :]) * m)[:, :, None] + np.arange(m)[None, None, :]
     cidx = cidx.reshape(pr.size, 4 * m)                 # coefficient index of each z column
-    zmask = np.tile(np.arange(m), 4)                    # Legendre degree of each z column
 
     d2 = np.diff(np.eye(kn), 2, axis=0)
     pen_u = d2.T @ d2
 
-    def normal(s: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def normal(s: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """Normal matrix, right-hand side and weighted data square sum of half ``s``."""
         mat = np.zeros((kn * m, kn * m))
         rhs = np.zeros(kn * m)
         bnd = bounds[s]
@@ -406,53 +497,62 @@ def fit_spatial_profile(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.n
             sl = slice(ti * m, (ti + 4) * m)
             mat[sl, sl] += g.T @ wg
             rhs[sl] += wg.T @ dp[s0:s1]
-        return mat, rhs
+        o = seg[s]
+        return mat, rhs, float((w[o] * dp[o] ** 2).sum())
 
     def solve(mat: np.ndarray, rhs: np.ndarray, degree: int, lam_rel: float) -> np.ndarray:
-        """Coefficients (K, max_degree + 1) of degree ``degree`` (higher terms zero)."""
+        """Coefficients (K * (max_degree + 1),) of degree ``degree`` (higher terms zero) with
+        the second-difference penalty ``lam_rel`` (relative to the mean diagonal)."""
         sel = (np.arange(kn * m) % m) <= degree
         sub = mat[np.ix_(sel, sel)]
         diag = np.diag(sub)
         scale_d = diag[diag > 0].mean() if np.any(diag > 0) else 1.0
-        pen = np.kron(pen_u, np.eye(degree + 1))
-        lhs = sub + lam_rel * scale_d * pen + 1e-12 * scale_d * np.eye(sub.shape[0])
-        sol = _solve_banded_spd(lhs, rhs[sel], 4 * (degree + 1) - 1)
+        lhs = sub + (lam_rel * scale_d) * np.kron(pen_u, np.eye(degree + 1))
+        lhs[np.diag_indices_from(lhs)] += 1e-12 * scale_d
         out = np.zeros(kn * m)
-        out[sel] = sol
-        return out.reshape(kn, m)
+        out[sel] = _solve_banded_spd(lhs, rhs[sel], 4 * (degree + 1) - 1)
+        return out
 
     def predict(coef: np.ndarray, where: slice) -> np.ndarray:
-        return np.einsum("pj,pj->p", z[where], coef.reshape(-1)[cidx[where]])
+        return np.einsum("pj,pj->p", z[where], coef[cidx[where]])
 
     seg = [slice(int(np.searchsorted(ps, 0)), int(np.searchsorted(ps, 1))),
            slice(int(np.searchsorted(ps, 1)), pr.size)]
     keep = np.ones(pr.size, bool)
     model = None
-    coef = np.zeros((2, kn, m))
-    choice = None
+    coef = np.zeros((2, kn * m))
+    choice = (0, PENALTIES[0])
     n_fits = 0
-    del zmask
+    w = np.zeros(pr.size)
     for n_fits in range(1, max(1, int(clip_iterations)) + 1):
         level = dp if model is None else model
         v = base if kp is None else base + kp * np.maximum(level, 0.0)
         w = np.where(keep, 1.0 / np.maximum(v, VAR_FLOOR), 0.0)
         systems = [normal(s, w) for s in (0, 1)]
-        if choice is None:
-            # cross-validation: each half's fit predicts the other half (robust score)
-            best = None
-            for degree in _degrees(max_degree):
-                for lam_rel in PENALTIES:
-                    score = 0.0
-                    for s in (0, 1):
-                        c = solve(*systems[s], degree, lam_rel)
-                        o = seg[1 - s]
-                        r2 = (dp[o] - predict(c, o)) ** 2 * w[o]
-                        score += float(np.minimum(r2, 25.0).sum())
-                    if best is None or score < best[0]:
-                        best = (score, degree, lam_rel)
-            choice = best[1:]
+        # cross-validation: each half's fit predicts the other half; its weighted squared
+        # error is a quadratic form of the other half's normal equations (no pixel loop).
+        # Candidates from the simplest (lowest degree, most smoothed) up; the simplest one
+        # whose score is within one standard error of the best is taken (the minimum of
+        # noisy scores among many candidates would follow a faint source's noise).
+        cands = []
+        for degree in _degrees(max_degree):
+            for lam_rel in PENALTIES[::-1]:
+                cs = [solve(*systems[s][:2], degree, lam_rel) for s in (0, 1)]
+                score = 0.0
+                for s in (0, 1):
+                    mat_o, rhs_o, dd_o = systems[1 - s]
+                    score += dd_o - 2.0 * cs[s] @ rhs_o + cs[s] @ (mat_o @ cs[s])
+                cands.append((score, (degree, lam_rel), cs))
+        best = min(range(len(cands)), key=lambda i: cands[i][0])
+        for score, params, cs in cands:
+            # the score difference's noise: twice the rms difference of the predictions
+            spread = sum(float(dc @ (systems[1 - s][0] @ dc)) for s, dc in
+                         enumerate((cs[0] - cands[best][2][0], cs[1] - cands[best][2][1])))
+            if score - cands[best][0] <= 2.0 * np.sqrt(max(spread, 0.0)):
+                choice = params
+                break
         for s in (0, 1):
-            coef[s] = solve(*systems[s], *choice)
+            coef[s] = solve(*systems[s][:2], *choice)
         model = np.empty(pr.size)
         for s in (0, 1):  # each pixel's model from the other half's fit
             model[seg[s]] = predict(coef[1 - s], seg[s])
@@ -471,11 +571,62 @@ def fit_spatial_profile(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.n
 
     clipped = np.zeros(u.shape, bool)
     clipped[pr[~keep], pc[~keep]] = True
-    degree, lam_rel = choice if choice is not None else (0, PENALTIES[0])
-    return SpatialProfile(rows=rows, centre=centre, slit_length=float(slit_length), u0=u0,
-                          spacing=float(knot_spacing), n_intervals=n_int, y_range=(y0, y1),
-                          coefficients=coef[:, :, :degree + 1].copy(), penalty=float(lam_rel),
-                          clipped=clipped, n_fits=n_fits, flux_scale=scale)
+    degree, lam_rel = choice
+    coef = coef.reshape(2, kn, m)
+    # the Moffat template from the same weighted pixels of the whole order: its four
+    # parameters hardly depend on any one row, and a width error shifts every row's optimal
+    # flux the same way (by about half the relative error), so it is fitted on all the data
+    up, sp = u[pr, pc], scale[pr]
+    template = np.repeat(_fit_template(up, w * sp ** 2, w * sp * dp, half, u0, knot_spacing,
+                                       n_int)[None, :], 2, axis=0)
+    profile = SpatialProfile(rows=rows, centre=centre, slit_length=float(slit_length), u0=u0,
+                             spacing=float(knot_spacing), n_intervals=n_int, y_range=(y0, y1),
+                             coefficients=coef[:, :, :degree + 1].copy(),
+                             penalty=float(lam_rel), template=template, weight=1.0,
+                             clipped=clipped, n_fits=n_fits, flux_scale=scale)
+    profile.weight = _spline_weight(profile)
+    return profile
+
+
+def _spline_weight(profile: SpatialProfile) -> float:
+    """Weight of the spline profile against the template (James-Stein shrinkage).
+
+    The noise of a profile biases the optimal flux low by about ``sum(dP^2) / sum(P^2)``.
+    The two halves' independent spline fits measure that noise (their difference has twice
+    its variance); their distance from the template is the template's misfit plus that
+    noise.  The weight ``1 - noise / distance`` (within [0, 1]) keeps a bright source's
+    profile as measured and gives a faint one the template's shape.
+    """
+    if not np.any(profile.template):
+        return 1.0
+    _, _, a = profile.window()
+    rows, coef = profile.rows, profile.coefficients
+    p = [profile._normalised(_shape_with(profile, np.broadcast_to(coef[s], (rows.size,)
+                                                                  + coef.shape[1:])), None)
+         for s in (0, 1)]
+    tpl = profile._normalised(profile.shape_model(which="template"), None)
+    own = np.where(profile.half[:, None] == 1, p[0], p[1])      # the profile each row gets
+    inside = a > 0
+    noise = 0.5 * float(np.mean(np.where(inside, (p[0] - p[1]) ** 2, 0.0).sum(axis=1)))
+    distance = float(np.mean(np.where(inside, (own - tpl) ** 2, 0.0).sum(axis=1)))
+    if not distance > 0:
+        return 1.0
+    return float(np.clip(1.0 - noise / distance, 0.0, 1.0))
+
+
+def _shape_with(profile: SpatialProfile, coef: np.ndarray) -> np.ndarray:
+    """``g`` on the fitted rows' window with per-row coefficients ``coef`` (rows, K, M)."""
+    _, u, _ = profile.window()
+    t, b = _bspline_local(u, profile.u0, profile.spacing, profile.n_intervals)
+    y0, y1 = profile.y_range
+    yn = np.clip(2.0 * (profile.rows - y0) / max(y1 - y0, 1.0) - 1.0, -1.0, 1.0)
+    leg = _legendre(yn.astype(np.float64), coef.shape[2] - 1)
+    along = np.einsum("rkm,rm->rk", coef, leg)
+    ridx = np.arange(profile.rows.size)[:, None]
+    g = np.zeros(u.shape)
+    for a in range(4):
+        g += b[..., a] * along[ridx, t + a]
+    return g
 
 
 # ----------------------------------------------------------------------------- rows
