@@ -358,3 +358,19 @@ def test_parameters():
                 {"peak_sigma_limit": "x"}, {"peak_sigma_limit": float("nan")}):
         with pytest.raises(ValueError):
             OT.TraceParameters.from_mapping(bad)
+
+
+#: Where the object cannot be detected (an order's faint ends, a whole faint order) the
+#: trace must still stay on the object within this many binned px (half the smallest
+#: extraction aperture of the seed, 15 px): it follows the order, it does not run away.
+RUNAWAY_LIMIT = 7.5
+
+
+@pytest.mark.parametrize("name", ["soxs_vis", "xsh_vis"])
+def test_faint_trace_does_not_run_away(frames, name):
+    f = frames(name, "faint")
+    for n in f.trace.table.orders:
+        ib, centre_b, _ = f.truth(int(n))
+        fit = OT.trace_centre_binned(f.trace.table, int(n), ib, f.binx, f.biny)
+        worst = float(np.max(np.abs(fit - centre_b)))
+        assert worst < RUNAWAY_LIMIT, f"{name} order {n}: trace {worst:.1f} px off the object"
