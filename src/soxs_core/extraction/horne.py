@@ -482,6 +482,7 @@ def fit_spatial_profile(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.n
 
     d2 = np.diff(np.eye(kn), 2, axis=0)
     pen_u = d2.T @ d2
+    pens: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def normal(s: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """Normal matrix, right-hand side and weighted data square sum of half ``s``."""
@@ -503,11 +504,14 @@ def fit_spatial_profile(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.n
     def solve(mat: np.ndarray, rhs: np.ndarray, degree: int, lam_rel: float) -> np.ndarray:
         """Coefficients (K * (max_degree + 1),) of degree ``degree`` (higher terms zero) with
         the second-difference penalty ``lam_rel`` (relative to the mean diagonal)."""
-        sel = (np.arange(kn * m) % m) <= degree
-        sub = mat[np.ix_(sel, sel)]
+        if degree not in pens:
+            pens[degree] = (np.flatnonzero((np.arange(kn * m) % m) <= degree),
+                            np.kron(pen_u, np.eye(degree + 1)))
+        sel, pen = pens[degree]
+        sub = mat[np.ix_(sel, sel)] if degree < max_degree else mat.copy()
         diag = np.diag(sub)
         scale_d = diag[diag > 0].mean() if np.any(diag > 0) else 1.0
-        lhs = sub + (lam_rel * scale_d) * np.kron(pen_u, np.eye(degree + 1))
+        lhs = sub + (lam_rel * scale_d) * pen
         lhs[np.diag_indices_from(lhs)] += 1e-12 * scale_d
         out = np.zeros(kn * m)
         out[sel] = _solve_banded_spd(lhs, rhs[sel], 4 * (degree + 1) - 1)
@@ -529,13 +533,14 @@ def fit_spatial_profile(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.n
         v = base if kp is None else base + kp * np.maximum(level, 0.0)
         w = np.where(keep, 1.0 / np.maximum(v, VAR_FLOOR), 0.0)
         systems = [normal(s, w) for s in (0, 1)]
-        # cross-validation: each half's fit predicts the other half; its weighted squared
-        # error is a quadratic form of the other half's normal equations (no pixel loop).
-        # Candidates from the simplest (lowest degree, most smoothed) up; the simplest one
-        # whose score is within one standard error of the best is taken (the minimum of
-        # noisy scores among many candidates would follow a faint source's noise).
+        # cross-validation (on the first fit: clipping hardly changes the choice): each
+        # half's fit predicts the other half; its weighted squared error is a quadratic form
+        # of the other half's normal equations (no pixel loop).  Candidates from the
+        # simplest (lowest degree, most smoothed) up; the simplest one whose score is within
+        # one standard error of the best is taken (the minimum of noisy scores among many
+        # candidates would follow a faint source's noise).
         cands = []
-        for degree in _degrees(max_degree):
+        for degree in (_degrees(max_degree) if n_fits == 1 else ()):
             for lam_rel in PENALTIES[::-1]:
                 cs = [solve(*systems[s][:2], degree, lam_rel) for s in (0, 1)]
                 score = 0.0
@@ -543,7 +548,7 @@ def fit_spatial_profile(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.n
                     mat_o, rhs_o, dd_o = systems[1 - s]
                     score += dd_o - 2.0 * cs[s] @ rhs_o + cs[s] @ (mat_o @ cs[s])
                 cands.append((score, (degree, lam_rel), cs))
-        best = min(range(len(cands)), key=lambda i: cands[i][0])
+        best = min(range(len(cands)), key=lambda i: cands[i][0]) if cands else 0
         for score, params, cs in cands:
             # the score difference's noise: twice the rms difference of the predictions
             spread = sum(float(dc @ (systems[1 - s][0] @ dc)) for s, dc in
