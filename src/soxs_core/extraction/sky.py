@@ -79,9 +79,9 @@ MAX_KNOT_ROWS = 2.0
 #: coefficients of data-free intervals defined, far below any data's weight)
 PENALTY = 1e-7
 
-#: prior rms curvature (per arcsec^2) of the slit illumination J(s): a slit's illumination
-#: changes by a few per cent over arcseconds (a ripple of 1.5 % and 2.7" period has 0.08)
-ILLUMINATION_CURVATURE = 0.1
+#: prior rms slope (per arcsec) of the slit illumination J(s): a slit's illumination
+#: changes by a few per cent over arcseconds (a ripple of 1.5 % and 2.7" period: 0.035)
+ILLUMINATION_SLOPE = 0.1
 
 #: the slit ends' zone (arcsec) where J gets shorter pieces and a relaxed prior
 ILLUMINATION_EDGE_ZONE = 0.5
@@ -491,21 +491,24 @@ def _illumination_knots(lo: float, hi: float, degree: int, spacing: float) -> np
 
 
 def _illumination_prior(knots: np.ndarray, degree: int, lo: float, hi: float) -> np.ndarray:
-    """Inverse covariance of the curvature prior on ``J``'s coefficients: each second
-    difference ``N(0, ILLUMINATION_CURVATURE * h^2)`` (``h`` the local piece length),
-    relaxed near the slit's ends where the soft edges bend the illumination sharply."""
+    """Inverse covariance of the prior on ``J``'s coefficients: each first difference
+    ``N(0, ILLUMINATION_SLOPE * h)`` (``h`` the distance of the coefficients' abscissae),
+    relaxed near the slit's ends where the soft edges bend the illumination sharply.  First
+    differences, not second: across a masked object the prior alone bridges, and a
+    first-difference prior bridges with a straight line where a second-difference one would
+    continue the slopes at the gap's ends into a bump."""
     nj = knots.size - degree - 1
-    if nj < 3:
+    if nj < 2:
         return np.zeros((nj, nj))
     g = np.array([np.mean(knots[j + 1:j + degree + 1]) if degree > 0
                   else 0.5 * (knots[j] + knots[j + 1]) for j in range(nj)])
-    d2 = np.diff(np.eye(nj), 2, axis=0)
-    h = 0.5 * (g[2:] - g[:-2])
-    sigma = ILLUMINATION_CURVATURE * np.maximum(h, 1e-6) ** 2
-    centre = g[1:-1]
+    d1 = np.diff(np.eye(nj), 1, axis=0)
+    h = np.maximum(np.diff(g), 1e-6)
+    sigma = ILLUMINATION_SLOPE * h
+    centre = 0.5 * (g[1:] + g[:-1])
     zone = min(ILLUMINATION_EDGE_ZONE, 0.25 * (hi - lo))
     sigma = np.where((centre < lo + zone) | (centre > hi - zone), 100 * sigma, sigma)
-    return (d2.T / sigma**2) @ d2
+    return (d1.T / sigma**2) @ d1
 
 
 def _percentile_clip(lam_sorted_vals: np.ndarray, err: np.ndarray, p: SkyParameters
@@ -694,8 +697,12 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
                     break
             if nj and alt < 2:
                 g_used = np.sum(bv * coef[bf[:, None] + np.arange(k + 1)], axis=1)
-                cj = _fit_illumination(jv_all[used], jf_all[used], g_used, d_s[used], w, nj,
-                                       prior_j)
+                # J from the brighter half of the sky: an object's wings beyond any mask
+                # add light, which is a smaller fraction of a brighter sky
+                hi_sky = g_used >= np.median(g_used)
+                uj = used[hi_sky]
+                cj = _fit_illumination(jv_all[uj], jf_all[uj], g_used[hi_sky], d_s[uj],
+                                       w[hi_sky], nj, prior_j)
                 cj, coef = _normalise_illumination(tj, ill_deg, cj, coef, s_lo, s_hi)
                 jv = np.sum(jv_all * cj[jf_all[:, None] + np.arange(ill_deg + 1)], axis=1)
         model_s = _spline_eval(knots, coef, k, lam_s) * jv
@@ -763,8 +770,9 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
     model_s = g_all * jv
     var_model = np.maximum(var_g, 0.0) * jv**2
     if nj:
-        var_j = _illumination_variance(jv_all, jf_all, g_all, used, d_s,
-                                       1.0 / variance(used, model_s), nj, prior_j)
+        uj = used[g_all[used] >= np.median(g_all[used])]
+        var_j = _illumination_variance(jv_all, jf_all, g_all, uj, d_s,
+                                       1.0 / variance(uj, model_s), nj, prior_j)
         var_model += g_all**2 * var_j
     chi2 = float(np.mean((d_s[used] - model_s[used]) ** 2 / variance(used, model_s)))
 
@@ -829,7 +837,7 @@ def _illumination_normal(jv: np.ndarray, jf: np.ndarray, g: np.ndarray, d: np.nd
                          ) -> tuple[np.ndarray, np.ndarray]:
     """Normal equations of ``d ~ g * J(s)`` (small, dense), with the curvature prior on
     ``J``'s coefficients when ``J`` has pieces: their second differences are taken as
-    ``N(0, ILLUMINATION_CURVATURE * spacing^2)``, which bridges slit ranges without data
+    a prior, which bridges slit ranges without data
     (the masked object) and bounds what ``J`` can do there."""
     k1 = jv.shape[1]
     a = jv * g[:, None]

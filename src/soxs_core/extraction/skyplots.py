@@ -1,0 +1,257 @@
+"""QC plots of the sky model: SKY MODEL QC PLOTS and SKY SUBTRACTION QUICKLOOK.
+
+* :func:`plot_sky_model` — for a few orders (the first, last and evenly spaced between): the
+  sky pixels against wavelength with the fitted sky (``G(lambda)``, at the slit's mean
+  illumination) and its breakpoints, the normalised residuals of the fit with the rejected
+  pixels marked, a zoom on the order's brightest sky line, and the slit illumination
+  ``J(s)`` with the data binned along the slit.
+* :func:`plot_sky_quicklook` — the frame, the sky model and the sky-subtracted frame side by
+  side (block means, one stretch for the first two), plus the residual in units of the
+  error.
+
+Marker clouds are thinned and rasterized so that a full frame's plot stays small and fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from soxs_core.io.image import DetectorImage
+
+__all__ = ["plot_sky_model", "plot_sky_quicklook"]
+
+#: most points drawn per panel
+MAX_POINTS = 20000
+
+
+def _pick_orders(orders: list[int], count: int) -> list[int]:
+    if len(orders) <= count:
+        return orders
+    idx = np.unique(np.round(np.linspace(0, len(orders) - 1, count)).astype(int))
+    return [orders[i] for i in idx]
+
+
+def _thin(n: int, rng: np.random.Generator, limit: int = MAX_POINTS) -> np.ndarray:
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(rng.choice(n, limit, replace=False))
+
+
+def plot_sky_model(path: str | Path, image: DetectorImage, model: Any, disp_map: Any,
+                   orders: list[int] | None = None, max_orders: int = 4,
+                   title: str | None = None) -> Path:
+    """Write the SKY MODEL QC PLOTS PDF.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output PDF.
+    image : DetectorImage
+        The frame the sky was fitted to.
+    model : SkyModel
+        The fit (:func:`soxs_core.extraction.sky.fit_sky`).
+    disp_map : DispersionMap
+        Per-pixel ``wavelength``, ``slit`` and ``order`` of the frame.
+    orders : list of int, optional
+        Orders to show; default up to ``max_orders`` spread over the fitted ones.
+    title : str, optional
+        Figure title.
+
+    Returns
+    -------
+    Path
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    chosen = _pick_orders(orders or model.orders, max_orders)
+    rng = np.random.default_rng(0)
+    fig, axes = plt.subplots(len(chosen) * 2, 3, figsize=(14, 3.3 * len(chosen) + 0.8),
+                             gridspec_kw=dict(width_ratios=[3.2, 1.2, 1.2],
+                                              height_ratios=[2, 1] * len(chosen)),
+                             squeeze=False)
+    wave, slit = disp_map.wavelength, disp_map.slit
+    order_img = np.asarray(disp_map.order)
+    for row, n in enumerate(chosen):
+        fit = model.fits[n]
+        ax_d, ax_r = axes[2 * row, 0], axes[2 * row + 1, 0]
+        ax_z, ax_zr = axes[2 * row, 1], axes[2 * row + 1, 1]
+        ax_j, ax_x = axes[2 * row, 2], axes[2 * row + 1, 2]
+        member = order_img == n
+        used = model.used & member
+        rej = model.rejected & member
+        lam_u, s_u = wave[used].astype(float), slit[used].astype(float)
+        d_u = image.data[used].astype(float)
+        e_u = np.sqrt(image.error[used].astype(float) ** 2 + model.error[used] ** 2)
+        m_u = model.sky[used].astype(float)
+        illum = fit.illumination(s_u)
+        flat_u = d_u / np.where(illum > 0, illum, 1.0)     # data at unit illumination
+        res_u = (d_u - m_u) / e_u
+        pick = _thin(lam_u.size, rng)
+        grid = np.linspace(fit.knots[0], fit.knots[-1], 20000)
+        g = fit.spectrum(grid)
+        ax_d.plot(lam_u[pick], flat_u[pick], ",", color="0.45", rasterized=True,
+                  label="sky pixels / J(s)")
+        ax_d.plot(grid, g, "-", color="C0", lw=0.7, label="sky model G(λ)")
+        if rej.any():
+            lam_r = wave[rej].astype(float)
+            pr = _thin(lam_r.size, rng, 4000)
+            ax_d.plot(lam_r[pr], image.data[rej][pr], ",", color="C3", alpha=0.5,
+                      rasterized=True, label="rejected / object")
+        lo, hi = np.percentile(flat_u, [0.5, 99.9]) if flat_u.size else (0, 1)
+        ax_d.set_ylim(min(lo, 0) - 0.05 * (hi - lo), hi + 0.15 * (hi - lo))
+        ax_d.set_ylabel("e- / pixel")
+        ax_d.set_title(f"order {n}: {fit.n_knots} breakpoints, {fit.n_used} pixels used, "
+                       f"{fit.n_rejected} rejected, χ²/pixel {fit.chi2:.2f}", fontsize=9)
+        ax_d.legend(fontsize=7, loc="upper left", markerscale=20)
+        ax_r.plot(lam_u[pick], res_u[pick], ",", color="0.3", rasterized=True)
+        for v in (-3, 3):
+            ax_r.axhline(v, color="C3", lw=0.6, ls="--")
+        ax_r.axhline(0, color="C0", lw=0.6)
+        ax_r.set_ylim(-6, 6)
+        rms = float(np.sqrt(np.mean(res_u**2))) if res_u.size else np.nan
+        ax_r.set_ylabel("(data - model) / σ")
+        ax_r.set_xlabel("wavelength (nm)")
+        ax_r.text(0.01, 0.92, f"rms {rms:.3f}", transform=ax_r.transAxes, fontsize=8,
+                  va="top")
+        # zoom on the brightest line: the fit's sub-pixel sampling
+        if lam_u.size:
+            peak = grid[np.argmax(g)]
+            width = 12 * max(np.median(np.diff(np.unique(fit.knots))), 1e-4)
+            zsel = np.abs(lam_u - peak) < width
+            zg = np.abs(grid - peak) < width
+            ax_z.plot(lam_u[zsel], flat_u[zsel], ".", ms=1.5, color="0.45", rasterized=True)
+            ax_z.plot(grid[zg], g[zg], "-", color="C0", lw=1)
+            br = np.unique(fit.knots)
+            br = br[np.abs(br - peak) < width]
+            ax_z.plot(br, fit.spectrum(br), "|", color="C1", ms=8, label="breakpoints")
+            ax_z.set_title(f"brightest line, {peak:.3f} nm", fontsize=9)
+            ax_z.legend(fontsize=7)
+            ax_zr.plot(lam_u[zsel], res_u[zsel], ".", ms=1.5, color="0.3", rasterized=True)
+            ax_zr.axhline(0, color="C0", lw=0.6)
+            ax_zr.set_ylim(-6, 6)
+            ax_zr.set_xlabel("wavelength (nm)")
+        # slit illumination: data / G binned along the slit, and J(s)
+        s_grid = np.linspace(*fit.slit_range, 400)
+        gm = fit.spectrum(lam_u)
+        bright = gm > np.percentile(gm, 50) if gm.size else np.zeros(0, bool)
+        if bright.sum() > 100:
+            edges = np.linspace(*fit.slit_range, 61)
+            idx = np.clip(np.searchsorted(edges, s_u[bright]) - 1, 0, 59)
+            w = gm[bright] ** 2 / e_u[bright] ** 2
+            num = np.bincount(idx, w * d_u[bright] / gm[bright], minlength=60)
+            den = np.bincount(idx, w, minlength=60)
+            ratio = np.divide(num, den, out=np.full(60, np.nan), where=den > 0)
+            ax_j.plot(0.5 * (edges[1:] + edges[:-1]), ratio, ".", color="0.3",
+                      label="data / G (binned)")
+        ax_j.plot(s_grid, fit.illumination(s_grid), "-", color="C0", label="J(s)")
+        ax_j.set_title("slit illumination", fontsize=9)
+        ax_j.set_xlabel("slit position (arcsec)")
+        ax_j.legend(fontsize=7)
+        # residual against slit position: what the illumination leaves
+        ax_x.plot(s_u[pick], res_u[pick], ",", color="0.3", rasterized=True)
+        ax_x.axhline(0, color="C0", lw=0.6)
+        ax_x.set_ylim(-6, 6)
+        ax_x.set_xlabel("slit position (arcsec)")
+    fig.suptitle(title or "Sky model (B-spline in wavelength x slit illumination)",
+                 fontsize=11)
+    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.5 / fig.get_figheight(),
+                        bottom=0.5 / fig.get_figheight(), hspace=0.45, wspace=0.22)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _blocks(img: np.ndarray, factor: int) -> np.ndarray:
+    """Block means (NaN-aware) of ``factor`` x ``factor`` blocks."""
+    if factor <= 1:
+        return img.astype(np.float32)
+    r, c = (img.shape[0] // factor) * factor, (img.shape[1] // factor) * factor
+    b = img[:r, :c].astype(np.float32).reshape(r // factor, factor, c // factor, factor)
+    with np.errstate(invalid="ignore"):
+        return np.nanmean(b, axis=(1, 3))
+
+
+def plot_sky_quicklook(path: str | Path, image: DetectorImage, model: Any, disp_map: Any,
+                       title: str | None = None, max_pixels: int = 700) -> Path:
+    """Write the SKY SUBTRACTION QUICKLOOK PDF: frame, sky model, sky-subtracted frame and
+    the normalised residual of the sky pixels, side by side.
+
+    Parameters
+    ----------
+    path : str or Path
+        Output PDF.
+    image : DetectorImage
+        The frame before sky subtraction.
+    model : SkyModel
+        The sky fit.
+    disp_map : DispersionMap
+        Per-pixel map of the frame (its ``order`` image outlines the orders).
+    title : str, optional
+    max_pixels : int
+        Longest side of the displayed (block-averaged) images.
+
+    Returns
+    -------
+    Path
+    """
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    order_img = np.asarray(disp_map.order)
+    in_order = np.isin(order_img, model.orders)
+    data = np.where(in_order, image.data, np.nan)
+    sky = np.where(in_order, model.sky, np.nan)
+    sub = data - sky
+    err = np.sqrt(image.error.astype(np.float32) ** 2 + model.error.astype(np.float32) ** 2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.where(model.used, sub / err, np.nan)
+    factor = max(1, int(np.ceil(max(data.shape) / max_pixels)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        panels = [_blocks(a, factor) for a in (data, sky, sub, norm)]
+    finite = panels[0][np.isfinite(panels[0])]
+    lo, hi = (np.percentile(finite, [1, 99.5]) if finite.size else (0.0, 1.0))
+    fsub = panels[2][np.isfinite(panels[2])]
+    span = float(np.percentile(np.abs(fsub), 99)) if fsub.size else 1.0
+    # the residual of block means shrinks as sqrt(pixels per block): show it in those units
+    scale = 3.0 / factor
+    specs = [("frame (e-)", panels[0], "viridis", lo, hi),
+             ("sky model (e-)", panels[1], "viridis", lo, hi),
+             ("frame - sky (e-)", panels[2], "coolwarm", -span, span),
+             (f"sky pixels: (frame - sky) / σ\nmean of {factor}x{factor} blocks",
+              panels[3], "coolwarm", -scale, scale)]
+    ratio = panels[0].shape[1] / panels[0].shape[0]
+    fig, axes = plt.subplots(1, 4, figsize=(4 * 2.9 * max(ratio, 0.35) + 2, 7.5),
+                             squeeze=False)
+    for ax, (label, arr, cmap, vmin, vmax) in zip(axes[0], specs):
+        im = ax.imshow(arr, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax,
+                       interpolation="nearest", aspect="auto", rasterized=True,
+                       extent=(0, data.shape[1], 0, data.shape[0]))
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("x (px)")
+        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+    axes[0, 0].set_ylabel("y (px)")
+    used = model.used
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (image.data[used] - model.sky[used]) / err[used]
+    rms = float(np.sqrt(np.mean(r**2))) if r.size else float("nan")
+    fig.suptitle((title or "Sky subtraction quicklook")
+                 + f" — sky pixels' residual rms {rms:.3f} σ", fontsize=11)
+    fig.subplots_adjust(left=0.06, right=0.97, top=0.9, bottom=0.08, wspace=0.35)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
