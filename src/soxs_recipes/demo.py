@@ -19,7 +19,7 @@ from soxs_core.errors import InputError
 from soxs_core.io.fits import read_header
 from soxs_core.simulate import options as opt
 from soxs_core.simulate import simulate_night
-from soxs_core.simulate.night import REDUCTION_STEPS, reduction_dir
+from soxs_core.simulate.night import REDUCTION_STEPS, step_dir
 
 from .cli import run as esorex
 from .framework import InputSpec
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         if recipe not in RECIPES:
             print(f"{recipe}: not available yet, {sof} left for it")
             continue
-        outdir = reduction_dir(night, recipe)
+        outdir = step_dir(night, sof_name, recipe)
         print(f"{recipe} {sof}")
         code = esorex(["--output-dir", str(outdir), "--msg-level", "warning",
                        "--log-file", str(outdir / "esorex.log"), "--overwrite", recipe,

@@ -54,13 +54,17 @@ from soxs_core.simulate.tables import write
 from soxs_core.simulate.truthcalib import write_truth_calibrations
 
 __all__ = ["simulate_night", "NightResult", "write_detector_truth", "product_path",
-           "REDUCTION_STEPS", "reduction_dir", "reduction_commands", "order_edges_truth",
+           "REDUCTION_STEPS", "STEP_DIRS", "reduction_dir", "step_dir", "reduction_commands", "order_edges_truth",
            "scattered_truth"]
 
 #: SOF of the night -> recipe that reduces it, in reduction order
 REDUCTION_STEPS: tuple[tuple[str, str], ...] = (
     ("bias", "soxs_mbias"), ("dark", "soxs_mdark"), ("flat", "soxs_mflat"),
-    ("stare", "soxs_stare"))
+    ("std", "soxs_stare"), ("stare", "soxs_stare"))
+
+#: steps whose products go elsewhere than ``reduced/<recipe>`` (the flux standard and the
+#: science target are both soxs_stare runs, with products of the same names)
+STEP_DIRS = {"std": "soxs_stare_std"}
 
 
 @dataclass
@@ -79,6 +83,11 @@ class NightResult:
 def reduction_dir(outdir: Path, recipe: str) -> Path:
     """The ``--output-dir`` of a recipe's step, where the later SOFs expect its products."""
     return outdir / "reduced" / recipe
+
+
+def step_dir(outdir: Path, sof: str, recipe: str) -> Path:
+    """The ``--output-dir`` of the step that reduces SOF ``sof`` with ``recipe``."""
+    return reduction_dir(outdir, STEP_DIRS.get(sof, recipe))
 
 
 def product_path(outdir: Path, recipe: str, catg: str, arm_name: str) -> Path:
@@ -104,7 +113,7 @@ def reduction_commands(outdir: Path, sofs: Mapping[str, Path],
     list of str
         One shell command line per step.
     """
-    return [shlex.join(["soxs-esorex", "--output-dir", str(reduction_dir(outdir, recipe)),
+    return [shlex.join(["soxs-esorex", "--output-dir", str(step_dir(outdir, sof, recipe)),
                         recipe, str(outdir / sofs[sof].name)])
             for sof, recipe in REDUCTION_STEPS if sof in sofs and recipe in recipes]
 
@@ -443,8 +452,13 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
     for kind, name in (("OBJECT", "stare"), ("STD_FLUX", "std"), ("STD_TELLURIC", "telluric")):
         if res.raw.get(kind):
             entries = [(p, sof_tag(a, kind)) for p in res.raw[kind]]
-            res.sofs[name] = _sof(outdir / f"{name}.sof", entries + stare_calibs, outdir,
-                                  relative_sof)
+            extra = []
+            if kind == "OBJECT" and res.raw.get("STD_FLUX"):
+                # the science target is flux-calibrated with the standard's response
+                extra = [(step_dir(outdir, "std", "soxs_stare") / f"resp_tab_{tag.lower()}.fits",
+                          f"RESP_TAB_{tag}")]
+            res.sofs[name] = _sof(outdir / f"{name}.sof", entries + stare_calibs + extra,
+                                  outdir, relative_sof)
             if a.is_ccd:
                 first = [(res.truth["master_bias"], f"MASTER_BIAS_{tag}")]
             else:
