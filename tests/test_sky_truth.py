@@ -1,0 +1,231 @@
+"""The sky model (soxs_core.extraction.sky) against the simulator's truth.
+
+Each case is a realistic stare frame: ``make_science`` (object + sky + scattered light,
+pixel response, bias, dark, Poisson and read noise, cosmic rays, hot/cold/bad pixels) read
+back as a raw frame and detrended with the truth (bias + dark subtracted, divided by the
+true pixel response, the true scattered light removed), the hot/cold/static-bad pixels
+flagged in QUAL.  Cosmic rays are *not* flagged: the sky fit must reject them itself.  The
+dispersion map is the truth's (block-averaged for binned frames); the parameters are the
+arm's defaults.  No object mask is given except where a test says so: the fit must keep the
+object out by itself.
+
+The truth per pixel is ``science_model(...).images["sky"]``; the expected noise of a pixel
+is the photon noise of the true sky and object plus the read noise, divided by the pixel
+response.  The simulator renders a spectrum by linear interpolation of its cumulative on a
+grid of a quarter of the line width, which makes the brightest lines' pixels depart from any
+smooth function of wavelength by ~0.1 % (X-shooter NIR: lines of 1e5 e-, where that is ~0.5
+sigma); that departure, measured on the noise-free truth by a dense least-squares spline
+(:func:`_roughness`), is added to the expected noise of the line pixels, so that the test
+measures the sky model and not the renderer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.ndimage import binary_dilation
+
+from soxs_core.calib import arm_defaults
+from soxs_core.detector.quality import Qual
+from soxs_core.detector.rawframe import RawFrame
+from soxs_core.echelle.dispersion import DispersionMap, bin_dispersion_image
+from soxs_core.extraction import sky as S
+from soxs_core.io.image import DetectorImage
+from soxs_core.simulate.instrument import InstrumentSimulator, SceneParameters
+from soxs_core.simulate.tables import disp_image_arrays
+
+CASES = {
+    # name: (arm, binning, orders, scene overrides)
+    "xsh_vis": ("xsh_vis", "1x1", [20], {}),
+    "xsh_vis_2x2": ("xsh_vis", "2x2", [20, 21], {}),
+    "xsh_nir": ("xsh_nir", "1x1", [15], {}),
+    "soxs_vis": ("soxs_vis", "1x1", [4], {}),
+    "soxs_nir": ("soxs_nir", "1x1", [15], {}),
+    # a target 2 mag brighter than the default, far off the slit centre
+    "bright_offset": ("xsh_vis", "2x2", [21], dict(object_mag=15.0, object_position=-2.5)),
+}
+
+
+class Case:
+    """One detrended frame, its truth and the sky fitted to it."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        arm, binning, orders, scene = CASES[name]
+        self.orders = orders
+        self.sim = sim = InstrumentSimulator(arm, binning, seed=7, orders=orders,
+                                             scene=SceneParameters(**scene))
+        hdul, info = sim.make_science(0, 600.0, "OBJECT")
+        res = info["model"]
+        path = root / f"{name}.fits"
+        hdul.writeto(path, overwrite=True)
+        electrons, qual = RawFrame.open(path).read_band()
+        truth = sim.truth
+        signal = electrons - truth.expected_electrons(600.0, 0)
+        sens = truth.sensitivity
+        self.ron = truth.read_noise
+        self.data = (signal / sens - res.images["scattered"]).astype(np.float32)
+        self.error = (np.sqrt(self.ron**2 + np.maximum(signal, 0)) / sens).astype(np.float32)
+        qual = qual.copy()
+        for mask, bit in ((truth.hot_mask, Qual.HOT), (truth.cold_mask, Qual.COLD),
+                          (truth.static_bad_mask, Qual.STATIC_BAD)):
+            qual[mask] |= np.uint8(bit)
+        self.qual = qual
+        wave, slit, order = disp_image_arrays(sim.format, orders)
+        self.wave, self.slit, self.order = bin_dispersion_image(
+            wave, slit, order, sim.detector.binx, sim.detector.biny)
+        self.true_sky = res.images["sky"].astype(float)
+        self.obj = res.images["object"].astype(float)
+        self.noise = np.sqrt(self.true_sky + self.obj + self.ron**2) / sens
+        self.cosmic_hit = info["cosmic_mask"]
+        self.cosmic = binary_dilation(self.cosmic_hit, iterations=2)
+        self._rough: dict[int, np.ndarray] = {}
+        self.params = S.SkyParameters.from_mapping(arm_defaults("soxs_stare", sim.arm))
+        self.model = self.fit()
+
+    def fit(self, object_mask: np.ndarray | None = None) -> S.SkyModel:
+        return S.fit_sky(self.data, self.error, self.qual, self.wave, self.slit, self.order,
+                         self.orders, object_mask=object_mask, params=self.params)
+
+    def inner(self, n: int) -> np.ndarray:
+        """Pixels of order ``n`` inside the fitted slit range (not the clipped slit ends)."""
+        lo, hi = self.model.fits[n].slit_range
+        return (self.order == n) & (self.slit >= lo) & (self.slit <= hi)
+
+    def sky_only(self, n: int) -> np.ndarray:
+        """Pixels free of the object (< 1 % of the noise), cosmic rays and flagged pixels."""
+        return (self.inner(n) & (self.obj < 0.01 * self.noise) & ~self.cosmic
+                & (self.qual == 0))
+
+    def lines(self, n: int) -> np.ndarray:
+        """Sky-only pixels on bright sky lines: true sky above 5x the order's continuum
+        (its 20th percentile) and above 5x the read noise."""
+        cont = np.percentile(self.true_sky[self.order == n], 20)
+        return self.sky_only(n) & (self.true_sky > 5 * cont) & (self.true_sky > 5 * self.ron)
+
+    def roughness(self, n: int, sel: np.ndarray) -> np.ndarray:
+        if n not in self._rough:
+            self._rough[n] = _roughness(self.true_sky, self.wave, self.slit,
+                                        self.order == n, self.sim.illumination.profile)
+        return self._rough[n][sel]
+
+
+def _roughness(sky: np.ndarray, wave: np.ndarray, slit: np.ndarray, member: np.ndarray,
+               profile) -> np.ndarray:
+    """|truth - dense smooth fit| over an order: the renderer's departure from a smooth
+    ``G(lambda) I(s)`` (noise-free, knots every ~third of a pixel row, the true
+    illumination; 0 within 0.5" of the slit ends).  The least-squares spline is the sky
+    module's banded one, which test_sky.py holds equal to scipy's and to a dense solve."""
+    inner = member & (np.abs(slit) < np.nanmax(np.abs(slit[member])) - 0.5)
+    lam = wave[inner].astype(float)
+    illum = profile(slit[inner].astype(float))
+    val = sky[inner] / illum
+    rows = int(member.any(axis=1).sum() + member.any(axis=0).sum())
+    srt = np.sort(lam)
+    brk = np.unique(np.r_[srt[0], srt[:: max(1, srt.size // (3 * rows))], srt[-1]])
+    knots = np.r_[[brk[0]] * 3, brk, [brk[-1]] * 3]
+    values, first = S._design(knots, 3, lam)
+    ab, rhs = S._banded_normal(values, first, np.ones(lam.size), val, knots.size - 4)
+    coef, _ = S._solve(ab, rhs)
+    out = np.zeros(sky.shape)
+    out[inner] = np.abs(sky[inner] - S._spline_eval(knots, coef, 3, lam) * illum)
+    return out
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sky_truth")
+    cache: dict[str, Case] = {}
+
+    def get(name: str) -> Case:
+        if name not in cache:
+            cache[name] = Case(name, root)
+        return cache[name]
+    return get
+
+
+ARMS = ["xsh_vis", "xsh_vis_2x2", "xsh_nir", "soxs_vis", "soxs_nir"]
+
+
+@pytest.mark.parametrize("name", ARMS)
+def test_residuals_at_the_photon_noise(case, name):
+    """Sky-only pixels the model fitted: RMS of (data - model) / expected noise within 1.1,
+    on the bright sky lines too; no cosmic-ray pixel is used."""
+    c = case(name)
+    m = c.model
+    for n in c.orders:
+        sel = c.sky_only(n) & m.used
+        assert sel.sum() > 0.5 * c.sky_only(n).sum(), "most sky pixels must fit the sky"
+        r = (c.data[sel] - m.sky[sel]) / c.noise[sel]
+        assert np.sqrt(np.mean(r**2)) < 1.1, (n, np.sqrt(np.mean(r**2)))
+        lines = c.lines(n) & m.used
+        assert lines.sum() > 500, lines.sum()
+        expected = np.sqrt(c.noise[lines] ** 2 + c.roughness(n, lines) ** 2)
+        rl = (c.data[lines] - m.sky[lines]) / expected
+        assert np.sqrt(np.mean(rl**2)) < 1.1, (n, np.sqrt(np.mean(rl**2)))
+        cr = ((c.order == n) & c.cosmic_hit & c.inner(n)
+              & (c.data - c.true_sky - c.obj > 5 * c.noise))
+        assert np.count_nonzero(cr & m.used) <= 0.01 * max(np.count_nonzero(cr), 1)
+
+
+@pytest.mark.parametrize("name", ARMS)
+def test_model_matches_true_sky_within_its_errors(case, name):
+    """Model vs true sky inside the fitted slit range, away from the object: mean bias
+    below 0.1 sigma per pixel, pull (model - true) / model error with std 0.8-1.25 (and on
+    the bright lines below 1.8)."""
+    c = case(name)
+    m = c.model
+    for n in c.orders:
+        sel = c.inner(n) & (c.obj < 0.01 * c.noise)
+        bias = np.mean((m.sky[sel] - c.true_sky[sel]) / c.noise[sel])
+        assert abs(bias) < 0.1, (n, bias)
+        rough = c.roughness(n, sel)
+        pull = (m.sky[sel] - c.true_sky[sel]) / np.sqrt(m.error[sel] ** 2 + rough**2)
+        assert 0.8 < np.std(pull) < 1.25, (n, np.std(pull))
+        assert abs(np.mean(pull)) < 0.35, (n, np.mean(pull))
+        lines = c.lines(n)
+        rough = c.roughness(n, lines)
+        pl = (m.sky[lines] - c.true_sky[lines]) / np.sqrt(m.error[lines] ** 2 + rough**2)
+        assert np.std(pl) < 1.8, (n, np.std(pl))
+
+
+@pytest.mark.parametrize("name", ["xsh_vis", "soxs_nir", "bright_offset"])
+def test_object_does_not_leak_into_the_sky(case, name):
+    """Where the object is (its brightest 30 %), the sky model is the true sky within its
+    errors: no object mask given (the fit finds the object itself), and with the mask of
+    the true trace (what the recipe gives on its second pass)."""
+    c = case(name)
+    for model in (c.model, c.fit(_true_trace_mask(c, half_width=10.0))):
+        for n in c.orders:
+            at = (c.order == n) & (c.obj > 0.3 * c.obj[c.order == n].max())
+            assert at.sum() > 100
+            pull = (model.sky[at] - c.true_sky[at]) / model.error[at]
+            assert abs(np.mean(pull)) < 2.0, (n, np.mean(pull))
+            # and in e-: less than a tenth of the pixel noise there
+            assert abs(np.mean(model.sky[at] - c.true_sky[at])) < 0.1 * np.mean(c.noise[at])
+
+
+def _true_trace_mask(c: Case, half_width: float) -> np.ndarray:
+    """Pixels within ``half_width`` unbinned px of the true object trace."""
+    res = c.sim.science_model("OBJECT", 600.0)
+    arm = c.sim.arm
+    bin_across = c.sim.detector.binx if arm.dispersion_axis == "y" else c.sim.detector.biny
+    traces = {}
+    for n, row in res.rows["object"].items():
+        centre = (row["centre"] - 0.5 * (bin_across - 1)) / bin_across
+        traces[n] = (row["pixel"], centre)
+    return S.object_band_mask(c.data.shape, arm.dispersion_axis, traces,
+                              half_width / bin_across)
+
+
+def test_plots_written(case, tmp_path):
+    """Both QC plots are written (and looked at by eye during development)."""
+    c = case("xsh_vis_2x2")
+    image = DetectorImage(c.data, c.error, c.qual)
+    dm = DispersionMap(c.wave, c.slit, c.order)
+    for func, name in ((S.plot_sky_model, "sky_model.pdf"),
+                       (S.plot_sky_quicklook, "sky_quicklook.pdf")):
+        path = func(tmp_path / name, image, c.model, dm, title="test")
+        assert path.read_bytes()[:5] == b"%PDF-"
+        assert path.stat().st_size > 20_000
