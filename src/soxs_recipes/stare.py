@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from soxs_core.echelle.dispersion import read_dispersion_map
+from soxs_core.io.products import astropy_primary_hdu
 from soxs_core.extraction.stare import (
     StareInputs,
     StareParameters,
@@ -323,7 +324,7 @@ def reduce(context: RecipeContext) -> None:
     context.save_image(_output("SKY SUB RESIDUALS"), result.sky_residuals, qc)
     context.save_table(_output("OBJECT TRACE"), result.object_trace.table.to_hdus, qc)
     if result.response is not None:
-        context.save_table(_output("RESPONSE_FUNC"), result.response.to_hdus, qc)
+        context.save_table(_output("RESPONSE_FUNC"), _response_hdus(result.response), qc)
     if result.efficiency is not None:
         context.save_table(_output("EFFICIENCY"), _table_hdus(result.efficiency), qc)
     context.save_text(_output("EXTRACTED MERGED ASCII"),
@@ -337,8 +338,15 @@ def _table_hdus(table):
     def build(header):
         from astropy.io import fits
 
-        hdu = fits.table_to_hdu(table)
-        return fits.HDUList([fits.PrimaryHDU(header=header), hdu])
+        return fits.HDUList([astropy_primary_hdu(header), fits.table_to_hdu(table)])
+    return build
+
+
+def _response_hdus(response):
+    def build(header):
+        from astropy.io import fits
+
+        return fits.HDUList([astropy_primary_hdu(header), *response.to_hdus()])
     return build
 
 

@@ -49,7 +49,7 @@ REJECT_BITS = int(Qual.STATIC_BAD | Qual.HOT | Qual.SATURATED | Qual.COSMIC | Qu
 #: L.A.Cosmic settings that are not recipe parameters (van Dokkum 2001's usual values)
 LACOSMIC_SIGFRAC = 0.3
 LACOSMIC_OBJLIM = 5.0
-LACOSMIC_NITER = 4
+LACOSMIC_NITER = 2
 
 
 @dataclass(frozen=True)
@@ -453,6 +453,10 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
         skysub = image
     trace = objecttrace.detect_continuum(skysub, table, binx, biny, trace_params)
     qc.update(trace.qc)
+    other = "Y" if axis == "y" else "X"
+    for stat in ("MAX", "MIN", "SD"):
+        qc.omit(f"{other} RES {stat}", f"the orders of {arm.instrument} {arm.name} run along "
+                f"{axis}: the trace residuals are {'X' if other == 'Y' else 'Y'} RES")
     if "OBJECT TRACE RES" in plots:
         written["OBJECT TRACE RES"] = objecttrace.plot_object_trace(
             plots["OBJECT TRACE RES"], skysub, trace)

@@ -560,3 +560,21 @@ def write_table_product_atomic(hdul: Any, path: str | os.PathLike, overwrite: bo
                     digest.update(raw[info["datLoc"]:info["datLoc"] + info["datSpan"]])
             hdul[0].header["DATAMD5"] = digest.hexdigest()
         return _write_via_temporary(path, lambda fh: hdul.writeto(fh, checksum=True))
+
+
+def astropy_primary_hdu(header: Any):
+    """An ``astropy.io.fits.PrimaryHDU`` carrying the cards of a product header (ours or
+    astropy's), for table products built with astropy."""
+    from astropy.io import fits
+
+    hdu = fits.PrimaryHDU()
+    for card in (header.cards if hasattr(header, "cards") else header):
+        key, value, comment = card[0], card[1], card[2]
+        if key in ("SIMPLE", "BITPIX", "EXTEND", "END") or key.startswith("NAXIS"):
+            continue
+        if key in ("COMMENT", "HISTORY", ""):
+            hdu.header.append(fits.Card(key, value))
+            continue
+        hdu.header.append(fits.Card(key if len(key) <= 8 and " " not in key
+                                    else f"HIERARCH {key}", value, comment))
+    return hdu
