@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 
 from soxs_core.echelle.dispersion import read_dispersion_map
-from soxs_core.io.products import astropy_primary_hdu
 from soxs_core.extraction.stare import (
     StareInputs,
     StareParameters,
     reduce_stare,
     verify_stare_inputs,
 )
+from soxs_core.io.products import astropy_primary_hdu
 
 from .compat import ui
 from .framework import InputSpec, OutputSpec, Param, QcSpec, RecipeContext, RecipeSpec
