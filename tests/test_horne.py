@@ -273,3 +273,22 @@ def test_flat_fielded_photon_variance():
         p = pulls(value, var, truth)
         assert 0.9 < p.std() < 1.1, p.std()
     assert abs(np.median(ex.flux_optimal / truth) - 1) < 0.01
+
+
+def test_rows_without_trace_are_unusable():
+    data, base, obj, centre = noisy(300.0, 50.0, seed=15)
+    rows = np.arange(N_ALONG)
+    cen = centre.copy()
+    cen[100:120] = np.nan
+    ex = horne.extract_order(data, base, 1.0, None, None, cen, rows, SLIT)
+    full = extract(data, base, centre)
+    assert (ex.qual[100:120] == horne.ROW_UNUSABLE).all()
+    assert np.isnan(ex.flux_optimal[100:120]).all()
+    ok = np.ones(N_ALONG, bool)
+    ok[100:120] = False
+    assert (ex.qual[ok] == 0).all()
+    truth = aperture_truth(obj, centre, rows)
+    # the other rows as good as with the whole trace
+    np.testing.assert_allclose(ex.flux_optimal[ok], full.flux_optimal[ok],
+                               atol=0.2 * np.sqrt(full.var_optimal[ok]).max())
+    assert abs(np.median(ex.flux_optimal[ok] / truth[ok]) - 1) < 0.01

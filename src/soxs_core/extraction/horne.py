@@ -262,17 +262,7 @@ class SpatialProfile:
         for other ``rows`` (with their ``centre``) from the mean of both.
         """
         rows, coef = self._coefficients(rows, which)
-        _, u, _ = self.window(centre)
-        t, b = _bspline_local(u, self.u0, self.spacing, self.n_intervals)
-        y0, y1 = self.y_range
-        yn = np.clip(2.0 * (rows - y0) / max(y1 - y0, 1.0) - 1.0, -1.0, 1.0)
-        leg = _legendre(yn.astype(np.float64), coef.shape[2] - 1)    # (rows, M)
-        along = np.einsum("rkm,rm->rk", coef, leg)                   # (rows, K)
-        ridx = np.arange(rows.size)[:, None]
-        g = np.zeros(u.shape)
-        for a in range(4):
-            g += b[..., a] * along[ridx, t + a]
-        return g
+        return _shape_with(self, coef, rows, centre)
 
     def _normalised(self, g: np.ndarray, centre: np.ndarray | None) -> np.ndarray:
         g = np.maximum(g, 0.0)
@@ -619,15 +609,18 @@ def _spline_weight(profile: SpatialProfile) -> float:
     return float(np.clip(1.0 - noise / distance, 0.0, 1.0))
 
 
-def _shape_with(profile: SpatialProfile, coef: np.ndarray) -> np.ndarray:
-    """``g`` on the fitted rows' window with per-row coefficients ``coef`` (rows, K, M)."""
-    _, u, _ = profile.window()
+def _shape_with(profile: SpatialProfile, coef: np.ndarray, rows: np.ndarray | None = None,
+                centre: np.ndarray | None = None) -> np.ndarray:
+    """``g`` on the window of ``rows`` / ``centre`` (default: the fitted rows') with per-row
+    coefficients ``coef`` (rows, K, M)."""
+    rows = profile.rows if rows is None else rows
+    _, u, _ = profile.window(centre)
     t, b = _bspline_local(u, profile.u0, profile.spacing, profile.n_intervals)
     y0, y1 = profile.y_range
-    yn = np.clip(2.0 * (profile.rows - y0) / max(y1 - y0, 1.0) - 1.0, -1.0, 1.0)
-    leg = _legendre(yn.astype(np.float64), coef.shape[2] - 1)
-    along = np.einsum("rkm,rm->rk", coef, leg)
-    ridx = np.arange(profile.rows.size)[:, None]
+    yn = np.clip(2.0 * (rows - y0) / max(y1 - y0, 1.0) - 1.0, -1.0, 1.0)
+    leg = _legendre(yn.astype(np.float64), coef.shape[2] - 1)    # (rows, M)
+    along = np.einsum("rkm,rm->rk", coef, leg)                   # (rows, K)
+    ridx = np.arange(rows.size)[:, None]
     g = np.zeros(u.shape)
     for a in range(4):
         g += b[..., a] * along[ridx, t + a]
@@ -794,7 +787,8 @@ class OrderExtraction:
         Window pixels (rows, ncol) rejected by the optimal extraction (cosmic rays, bad
         pixels the QUAL plane missed).
     profile : SpatialProfile
-        The fitted profile.
+        The fitted profile (on the rows with a finite trace centre: its ``rows`` may be a
+        subset of these).
     """
 
     rows: np.ndarray
@@ -885,8 +879,19 @@ def extract_order(data_t: np.ndarray, base_variance_t: np.ndarray,
     centre = np.asarray(centre, np.float64)
     if rows.ndim != 1 or rows.shape != centre.shape:
         raise ValueError("rows and centre must be 1-D arrays of the same length")
-    if not np.all(np.isfinite(centre)):
-        raise ValueError("the trace centre must be finite at every extracted row")
+    finite = np.isfinite(centre)
+    if not finite.all():
+        # rows without a trace position are returned unusable (NaN fluxes); the others are
+        # extracted as usual (the profile is fitted on them alone)
+        if finite.sum() < 4:
+            raise ValueError("the trace centre is finite at fewer than 4 extracted rows")
+        sub = extract_order(data_t, base_variance_t, poisson_scale_t, qual_t, sky_t,
+                            centre[finite], rows[finite], slit_length, profile_poly_order,
+                            profile_clipping_sigma, profile_clipping_iteration_count,
+                            reject_sigma, use_kernel, profile_error=profile_error,
+                            min_profile_fraction=min_profile_fraction,
+                            knot_spacing=knot_spacing, threads=threads)
+        return _expanded(sub, rows, centre, finite)
     if rows.size and (rows.min() < 0 or rows.max() >= data_t.shape[0]):
         raise ValueError("rows outside the frame")
     if not slit_length > 0:
@@ -926,3 +931,25 @@ def extract_order(data_t: np.ndarray, base_variance_t: np.ndarray,
         flux_boxcar_robust=res["flux_rob"], var_boxcar_robust=res["var_rob"], sky=sky,
         n_rejected=res["n_rej"], qual=qual, profile_fraction=res["fraction"], first=first,
         rejected=res["rejected"].astype(bool), profile=profile)
+
+
+def _expanded(sub: OrderExtraction, rows: np.ndarray, centre: np.ndarray,
+              where: np.ndarray) -> OrderExtraction:
+    """``sub`` (extracted at ``rows[where]``) spread onto all ``rows``: NaN fluxes and
+    :data:`ROW_UNUSABLE` elsewhere."""
+    def spread(values, fill, dtype=None):
+        out = np.full(rows.size, fill, dtype or np.asarray(values).dtype)
+        out[where] = values
+        return out
+
+    rejected = np.zeros((rows.size,) + sub.rejected.shape[1:], bool)
+    rejected[where] = sub.rejected
+    return OrderExtraction(
+        rows=rows, centre=centre, flux_optimal=spread(sub.flux_optimal, np.nan),
+        var_optimal=spread(sub.var_optimal, np.nan),
+        flux_boxcar=spread(sub.flux_boxcar, np.nan), var_boxcar=spread(sub.var_boxcar, np.nan),
+        flux_boxcar_robust=spread(sub.flux_boxcar_robust, np.nan),
+        var_boxcar_robust=spread(sub.var_boxcar_robust, np.nan),
+        sky=spread(sub.sky, np.nan), n_rejected=spread(sub.n_rejected, 0),
+        qual=spread(sub.qual, ROW_UNUSABLE), profile_fraction=spread(sub.profile_fraction, 0.0),
+        first=spread(sub.first, 0), rejected=rejected, profile=sub.profile)
