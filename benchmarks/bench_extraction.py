@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ratios.append(np.median(e.flux_optimal[g] / truth[g]))
         pulls.append(np.std(((e.flux_optimal - truth) / np.sqrt(e.var_optimal))[g]))
-        print(f"  order {o:3d}: median optimal/true {ratios[-1]:.4f}, pull sd "
+        total = e.flux_optimal[g].sum() / truth[g].sum()
+        stat = np.sqrt(e.var_optimal[g].sum()) / truth[g].sum()
+        print(f"  order {o:3d}: median optimal/true {ratios[-1]:.4f}, total "
+              f"{total:.4f} +- {stat:.4f}, pull sd "
               f"{pulls[-1]:.3f}, median S/N {np.median(e.snr[g]):6.1f}, "
               f"profile weight {e.profile.weight:.2f}, degree {e.profile.degree}")
     print(f"accuracy: median optimal/true {np.min(ratios):.4f}-{np.max(ratios):.4f} "

@@ -42,7 +42,15 @@ Boxcar
     cover.  Their variances use the same model ``V`` (with the final optimal ``f``).
 Row quality
     A row whose usable pixels cover less than ``min_profile_fraction`` of its profile, or
-    where nothing can be measured, gets ``qual = Qual.NO_DATA``.
+    where nothing can be measured (no finite trace centre), gets ``qual = Qual.NO_DATA``.
+
+Measured (tests/test_horne*.py, benchmarks/bench_extraction.py, simulator truth)
+    Median optimal / true aperture flux within 0.3 % per order at per-row S/N >~ 5 on every
+    arm, pulls 0.96-1.05 (optimal and boxcar).  Two things to know: the aperture misses the
+    seeing wings (20 px on X-shooter UVB, 0.8" seeing: 0.5-1.1 %; VIS 0.3-0.8 %; NIR and SOXS
+    < 0.2 %), which a response measured with the same aperture cancels; and for a very faint
+    source (per-row S/N ~0.5-2) the profile's own noise (its width) moves the whole order's
+    optimal flux coherently by about the order total's statistical error.
 """
 
 from __future__ import annotations
