@@ -344,16 +344,22 @@ def _along(a: np.ndarray, axis: str) -> np.ndarray:
     return a if axis == "y" else a.T
 
 
+#: the object mask of the sky fit leaves at least this fraction of the slit to the sky
+SKY_SLIT_FRACTION = 0.4
+
+
 def _object_mask(shape, trace_table: OrderTable, binx: int, biny: int, half_width: float,
-                 axis: str) -> np.ndarray:
-    """Pixels within ``half_width`` binned px (across) of the object trace."""
+                 axis: str, order_table: OrderTable) -> np.ndarray:
+    """Pixels within ``half_width`` binned px (across) of the object trace, at most
+    (1 - :data:`SKY_SLIT_FRACTION`) / 2 of the order's width on each side (a wide aperture
+    must not take the whole slit from the sky)."""
     from soxs_core.extraction.objecttrace import trace_centre_binned
 
     mask = np.zeros(shape, bool)
     view = _along(mask, axis)
     n_along, n_across = view.shape
     cols = np.arange(n_across)
-    bin_along = biny if axis == "y" else binx
+    bin_along, bin_across = (biny, binx) if axis == "y" else (binx, biny)
     for n in trace_table.orders:
         b0, b1 = trace_table.along_range(int(n))
         r0 = max(int(np.ceil(to_binned(b0, bin_along))), 0)
@@ -362,7 +368,13 @@ def _object_mask(shape, trace_table: OrderTable, binx: int, biny: int, half_widt
             continue
         rows = np.arange(r0, r1 + 1)
         c = trace_centre_binned(trace_table, int(n), rows, binx, biny)
-        view[rows] |= np.abs(cols[None, :] - c[:, None]) <= half_width
+        hw = half_width
+        if int(n) in order_table.orders:
+            b = rows * bin_along + 0.5 * (bin_along - 1)
+            width = np.median(order_table.edge_up(float(n), b)
+                              - order_table.edge_low(float(n), b)) / bin_across
+            hw = min(half_width, 0.5 * (1 - SKY_SLIT_FRACTION) * width)
+        view[rows] |= np.abs(cols[None, :] - c[:, None]) <= hw
     return mask
 
 
@@ -441,9 +453,16 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
     half_aperture = 0.5 * params.horne_extraction_slit_length / bin_across
 
     def fit_the_sky(object_mask):
-        return sky.fit_sky(image.data, image.error, image.qual, dm.wavelength, dm.slit,
-                           dm.order, orders_on_map, object_mask=object_mask,
-                           params=sky_params)
+        model = sky.fit_sky(image.data, image.error, image.qual, dm.wavelength, dm.slit,
+                            dm.order, orders_on_map, object_mask=object_mask,
+                            params=sky_params, dispersion_axis=axis)
+        missing = sorted(set(orders_on_map) - set(model.fits))
+        if missing:
+            msg = (f"{first.path.name}: no sky model in order(s) "
+                   f"{', '.join(map(str, missing))} (too few sky pixels): not sky-subtracted")
+            log.warning(msg)
+            notes.append(msg)
+        return model
 
     sky_model = None
     if params.subtract_sky:
@@ -462,14 +481,14 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
             plots["OBJECT TRACE RES"], skysub, trace)
     if params.subtract_sky:
         # again, with the object (now traced) kept out of the sky
-        obj_mask = _object_mask(shape, trace.table, binx, biny, half_aperture, axis)
+        obj_mask = _object_mask(shape, trace.table, binx, biny, half_aperture, axis, table)
         sky_model = fit_the_sky(obj_mask)
         skysub, residuals = sky.subtract_sky(image, sky_model)
         base_model += np.maximum(sky_model.sky, 0).astype(np.float32)
         model_var += np.asarray(sky_model.error, np.float32) ** 2
         for label, func in (("SKY MODEL QC PLOTS", sky.plot_sky_model),
                             ("SKY SUBTRACTION QUICKLOOK", sky.plot_sky_quicklook)):
-            if label in plots:
+            if label in plots and sky_model.fits:
                 written[label] = func(plots[label], image, sky_model, dm)
         sky_image = DetectorImage(data=np.asarray(sky_model.sky, np.float32),
                                   error=np.asarray(sky_model.error, np.float32),
