@@ -121,7 +121,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"       {name:<16} {shown}")
         for plot in sorted(outdir.glob("*.pdf")):
             print(f"  -> {plot}  (QC plot)")
+    if status == 0:
+        _print_science_spectrum(night, args.arm)
     return status
+
+
+def _print_science_spectrum(night: Path, arm) -> None:
+    """The last word of the demo: where the science target's calibrated spectrum is."""
+    outdir = step_dir(night, "stare", "soxs_stare")
+    name = arm.name.lower()
+    spectrum = outdir / f"sci_slit_flux_{name}_fluxcal.fits"
+    plot = outdir / f"extracted_fluxcal_{name}.pdf"
+    if spectrum.is_file():
+        print(f"flux-calibrated spectrum of the science target: {spectrum}")
+        if plot.is_file():
+            print(f"  its plot: {plot}")
 
 
 def entry() -> None:
