@@ -324,7 +324,8 @@ def _flag_cosmics(data: np.ndarray, qual: np.ndarray, read_noise: float, sigma: 
 def _divide_by_flat(image: DetectorImage, read_var: np.ndarray, k: np.ndarray,
                     flat: DetectorImage) -> tuple[DetectorImage, np.ndarray, np.ndarray]:
     f = np.asarray(flat.data, np.float32)
-    usable = np.isfinite(f) & (f > 0.05)
+    # a faint flat (the blue end of a lamp) is still a measurement: its error propagates
+    usable = np.isfinite(f) & (f > 0)
     f = np.where(usable, f, np.float32(1.0))
     data = image.data / f
     rel = np.where(usable, flat.error / f, 0.0).astype(np.float32)
