@@ -94,8 +94,8 @@ OBJECT_PROFILE_WING = 0.03
 #: limit of the quarter-means statistic (chi-squared, 4 degrees of freedom: p = 0.2 %)
 QUARTER_CHI2_LIMIT = 17.0
 
-#: median of the chi-squared distribution with one degree of freedom
-CHI2_1_MEDIAN = 0.45493642311957283
+#: mean of min(z^2, 9) for a standard normal z
+CHI2_1_WINSORISED_MEAN = 0.99501
 
 #: significance (in standard errors of a mean of chi-squared values) an interval's misfit
 #: must reach before its interval is split
@@ -308,7 +308,8 @@ def _design(knots: np.ndarray, degree: int, x: np.ndarray) -> tuple[np.ndarray, 
         saved = np.zeros(x.size)
         for r in range(j):
             den = right[r + 1] + left[j - r]
-            temp = np.divide(out[:, r], den, out=np.zeros(x.size), where=den != 0)
+            den[den == 0] = np.inf          # repeated knots: that term is 0
+            temp = out[:, r] / den
             out[:, r] = saved + right[r + 1] * temp
             saved = left[j - r] * temp
         out[:, j] = saved
@@ -679,7 +680,7 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
         bv, bf = _design(knots, k, lam_s[used])
         w = 1.0 / variance(used, model_s)
         found_object = False
-        for alt in range(3 if nj else 1):
+        for alt in range(2 if nj else 1):
             ab, rhs = _banded_normal(bv * jv[used][:, None], bf, w, d_s[used],
                                      knots.size - k - 1)
             coef, _ = _solve(ab, rhs)
@@ -695,7 +696,7 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
                     blocked |= hit
                     found_object = True
                     break
-            if nj and alt < 2:
+            if nj and alt < 1:
                 g_used = np.sum(bv * coef[bf[:, None] + np.arange(k + 1)], axis=1)
                 # J from the brighter half of the sky: an object's wings beyond any mask
                 # add light, which is a smaller fraction of a brighter sky
@@ -705,17 +706,21 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
                                        w[hi_sky], nj, prior_j)
                 cj, coef = _normalise_illumination(tj, ill_deg, cj, coef, s_lo, s_hi)
                 jv = np.sum(jv_all * cj[jf_all[:, None] + np.arange(ill_deg + 1)], axis=1)
-        model_s = _spline_eval(knots, coef, k, lam_s) * jv
+        # during the iterations the model is needed at the sky points only
+        model_s[sky_i] = _spline_eval(knots, coef, k, lam_s[sky_i]) * jv[sky_i]
         r = (d_s[sky_i] - model_s[sky_i]) / np.sqrt(variance(sky_i, model_s))
         q = float(np.percentile(np.abs(r[use]), p.residual_floor_percentile))
         floor = max(q / _half_normal_quantile(p.residual_floor_percentile), 0.5)
-        # rejection against the local misfit (robust: the median of r^2 in the point's knot
-        # interval), so that the points of a line the knots do not follow yet are not
+        # rejection against the local misfit (robust: the mean of r^2 capped at 9 in the
+        # point's knot interval), so that the points of a line the knots do not follow yet are not
         # thrown away before the knots are refined, while a cosmic ray still is
         ib_all = np.clip(np.searchsorted(breaks, lam_s[sky_i], side="right") - 1, 0,
                          breaks.size - 2)
-        local = np.maximum(_segment_median(ib_all[use], r[use] ** 2, breaks.size - 1)
-                           / CHI2_1_MEDIAN, floor**2)
+        nseg = breaks.size - 1
+        cnt_all = np.bincount(ib_all[use], minlength=nseg)
+        wins = np.bincount(ib_all[use], np.minimum(r[use] ** 2, 9.0), minlength=nseg)
+        local = np.maximum(np.divide(wins, cnt_all, out=np.zeros(nseg), where=cnt_all > 0)
+                           / CHI2_1_WINSORISED_MEAN, floor**2)
         limit = p.bspline_fitting_residual_clipping_sigma * np.sqrt(local[ib_all])
         new_use = (np.abs(r) <= limit) & ~blocked
         # ---- refine: split the intervals whose misfit is significant
@@ -889,8 +894,8 @@ def _normalise_illumination(tj: np.ndarray, deg: int, cj: np.ndarray, coef: np.n
 def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: np.ndarray,
             slit: np.ndarray, order_image: np.ndarray, orders: Sequence[int],
             object_mask: np.ndarray | None = None, params: SkyParameters | None = None, *,
-            reject_bits: int = DEFAULT_REJECT_BITS, dispersion_axis: str | None = None
-            ) -> SkyModel:
+            reject_bits: int = DEFAULT_REJECT_BITS, dispersion_axis: str | None = None,
+            threads: int | None = None) -> SkyModel:
     """Model the sky of a frame, order by order.
 
     Parameters
@@ -913,6 +918,9 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
         QUAL bits that exclude a pixel.
     dispersion_axis : str, optional
         ``"y"`` or ``"x"``; inferred from the wavelength map when not given.
+    threads : int, optional
+        Orders fitted at once (default: ``default_threads()``, SOXS_NUM_THREADS or the
+        cores this process may use).
 
     Returns
     -------
@@ -942,19 +950,20 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
     obj_out = np.zeros(shape, bool) if object_mask is None else object_mask.astype(bool).copy()
     fits_out: dict[int, OrderSkyFit] = {}
     finite = np.isfinite(wavelength) & np.isfinite(slit)
-    for n in orders:
+    obj_in = obj_out.copy()
+
+    def one(n: int) -> None:
         member = (oimg == int(n)) & finite
         idx = np.flatnonzero(member)
         if idx.size == 0:
-            continue
+            return
         lam = wavelength.ravel()[idx].astype(float)
         s = slit.ravel()[idx].astype(float)
         d = data.ravel()[idx].astype(float)
         e = error.ravel()[idx].astype(float)
         good = (((qual.ravel()[idx] & reject_bits) == 0) & np.isfinite(d) & np.isfinite(e)
                 & (e > 0))
-        obj = obj_out.ravel()[idx]
-        cand = good & ~obj
+        cand = good & ~obj_in.ravel()[idx]
         d = np.where(np.isfinite(d), d, 0.0)
         e = np.where(np.isfinite(e) & (e > 0), e, 1.0)
         rows_, cols_ = np.nonzero(member)
@@ -964,14 +973,29 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
         step, span = _sampling(wview, mview)
         try:
             fit, out = _fit_order(int(n), lam, s, d, e, cand, step, span, p)
-        except ValueError:
-            continue
+        except ValueError as exc:
+            log.warning("sky not modelled: %s", exc)
+            return
+        # the orders' pixels are disjoint: the threads write to different elements
         sky.ravel()[idx] = out["model"]
         err_out.ravel()[idx] = out["error"]
         used.ravel()[idx] = out["used"]
         rejected.ravel()[idx] = out["rejected"]
         obj_out.ravel()[idx] |= out["object"]
         fits_out[int(n)] = fit
+
+    from soxs_core.combine.stacking import default_threads
+
+    workers = min(default_threads(threads), max(1, len(orders)))
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one, [int(n) for n in orders]))
+    else:
+        for n in orders:
+            one(int(n))
+    fits_out = dict(sorted(fits_out.items()))
     return SkyModel(sky=sky, error=err_out, used=used, rejected=rejected,
                     object_mask=obj_out, fits=fits_out)
 
