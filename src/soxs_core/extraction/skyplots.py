@@ -162,7 +162,7 @@ def plot_sky_model(path: str | Path, image: DetectorImage, model: Any, disp_map:
     fig.suptitle(title or "Sky model (B-spline in wavelength x slit illumination)",
                  fontsize=11)
     fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.5 / fig.get_figheight(),
-                        bottom=0.5 / fig.get_figheight(), hspace=0.45, wspace=0.22)
+                        bottom=0.5 / fig.get_figheight(), hspace=0.62, wspace=0.22)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
