@@ -677,7 +677,10 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
         iterations = it + 1
         used = sky_i[use]
         knots = _full_knots(breaks, k)
-        bv, bf = _design(knots, k, lam_s[used])
+        # one basis evaluation at every sky point serves the fit (its used subset) and the
+        # model at the sky points
+        bv_s, bf_s = _design(knots, k, lam_s[sky_i])
+        bv, bf = bv_s[use], bf_s[use]
         w = 1.0 / variance(used, model_s)
         found_object = False
         for alt in range(2 if nj else 1):
@@ -687,7 +690,7 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
             if it == 0 and alt == 0:
                 # an untraced object, looked for before J can take it in: whole slit
                 # ranges whose residual stands out over the order
-                model0 = _spline_eval(knots, coef, k, lam_s[sky_i])
+                model0 = np.sum(bv_s * coef[bf_s[:, None] + np.arange(k + 1)], axis=1)
                 r0 = (d_s[sky_i] - model0) / np.sqrt(var_data[sky_i])
                 hit = _object_profile(s_s[sky_i], r0, use, s_lo, s_hi)
                 if hit.any():
@@ -707,7 +710,8 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
                 cj, coef = _normalise_illumination(tj, ill_deg, cj, coef, s_lo, s_hi)
                 jv = np.sum(jv_all * cj[jf_all[:, None] + np.arange(ill_deg + 1)], axis=1)
         # during the iterations the model is needed at the sky points only
-        model_s[sky_i] = _spline_eval(knots, coef, k, lam_s[sky_i]) * jv[sky_i]
+        model_s[sky_i] = (np.sum(bv_s * coef[bf_s[:, None] + np.arange(k + 1)], axis=1)
+                          * jv[sky_i])
         r = (d_s[sky_i] - model_s[sky_i]) / np.sqrt(variance(sky_i, model_s))
         q = float(np.percentile(np.abs(r[use]), p.residual_floor_percentile))
         floor = max(q / _half_normal_quantile(p.residual_floor_percentile), 0.5)
