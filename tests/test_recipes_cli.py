@@ -166,7 +166,10 @@ def test_plugin_module_exposes_only_the_recipes():
     namespace: dict = {}
     exec(compile(module.read_text(), str(module), "exec"), namespace)
     classes = [v for v in namespace.values() if isinstance(v, type)]
-    assert {c.__name__ for c in classes} == {"SoxsMbias", "SoxsMdark", "SoxsMflat"}
+    from soxs_recipes.registry import RECIPES
+
+    # every registered recipe and nothing else
+    assert {c.__name__ for c in classes} == {m.RECIPE_CLASS.__name__ for m in RECIPES.values()}
 
 
 def test_soxspipe_style_api(night, tmp_path):
