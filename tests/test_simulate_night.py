@@ -49,8 +49,9 @@ def test_night_layout_and_sofs(night):
     assert tags["bias"] == ["BIAS_VIS"] * 3
     assert tags["dark"] == ["DARK_VIS"] * 2 + ["MASTER_BIAS_VIS"]
     assert tags["flat"] == ["LAMP_FLAT_VIS"] * 3 + ["MASTER_BIAS_VIS", "ORDER_TAB_VIS"]
+    # the science target is flux-calibrated with the standard's response (std.sof's step)
     assert tags["stare"] == ["OBJECT_VIS", "MASTER_BIAS_VIS", "MASTER_FLAT_VIS",
-                             "ORDER_TAB_VIS", "DISP_TAB_VIS", "DISP_IMAGE_VIS"]
+                             "ORDER_TAB_VIS", "DISP_TAB_VIS", "DISP_IMAGE_VIS", "RESP_TAB_VIS"]
     assert tags["std"][0] == "STD_FLUX_VIS"
     stare = dict((t, p) for p, t in _sof(night.sofs["stare"]))
     assert stare["MASTER_BIAS_VIS"] == str(

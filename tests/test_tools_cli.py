@@ -276,7 +276,7 @@ def test_readme_manual_flow_works_as_written(tmp_path, capsys, monkeypatch):
     (arm,) = args.arm
     # a small night of the README's arm: few frames, one order, the most-binned set-up
     small = ["--binning", arm.binnings[-1], "--n-bias", "3", "--n-dark", "3", "--n-flat", "5",
-             "--n-science", "1", "--n-std", "0", "--dark-exptime", "600",
+             "--n-science", "1", "--n-std", "1", "--dark-exptime", "600",
              "--orders", str(int(load_format(arm.code).orders[0]))]
     monkeypatch.chdir(tmp_path)
     code, out, err = run_tool(simulate_cli.main, simulate[1:] + small, capsys)

@@ -336,9 +336,15 @@ def reduce(context: RecipeContext) -> None:
 def _table_hdus(table):
     """``hdul_for(primary_header)`` writing one astropy table as HDU1."""
     def build(header):
-        from astropy.io import fits
+        import warnings
 
-        return fits.HDUList([astropy_primary_hdu(header), fits.table_to_hdu(table)])
+        from astropy.io import fits
+        from astropy.utils.exceptions import AstropyUserWarning
+
+        with warnings.catch_warnings():
+            # e-^2 and e-/nm are not FITS-standard units: the TUNIT cards keep them as text
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            return fits.HDUList([astropy_primary_hdu(header), fits.table_to_hdu(table)])
     return build
 
 
