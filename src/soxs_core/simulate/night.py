@@ -54,8 +54,8 @@ from soxs_core.simulate.tables import write
 from soxs_core.simulate.truthcalib import write_truth_calibrations
 
 __all__ = ["simulate_night", "NightResult", "write_detector_truth", "product_path",
-           "REDUCTION_STEPS", "STEP_DIRS", "reduction_dir", "step_dir", "reduction_commands", "order_edges_truth",
-           "scattered_truth"]
+           "REDUCTION_STEPS", "STEP_DIRS", "reduction_dir", "step_dir", "reduction_commands",
+           "order_edges_truth", "scattered_truth"]
 
 #: SOF of the night -> recipe that reduces it, in reduction order
 REDUCTION_STEPS: tuple[tuple[str, str], ...] = (
