@@ -137,3 +137,16 @@ def test_standard_not_in_the_catalogue_is_extracted(night, tmp_path) -> None:
     assert any("HD 999999" in m and "catalogue" in m for m in said), said
     assert (out / "sci_slit_flux_vis_extracted_orders.fits").is_file()
     assert not (out / "resp_tab_vis.fits").exists()
+
+
+def test_truncated_dispersion_map(night, tmp_path, capsys) -> None:
+    _, vis, _ = night
+    lines = _sof_lines(vis.sofs["stare_truth"])
+    disp = [p for p, t in lines if t.startswith("DISP_IMAGE")][0]
+    cut = tmp_path / "disp_image_truncated.fits"
+    cut.write_bytes(Path(disp).read_bytes()[:30000])
+    before = cut.read_bytes()
+    lines = [(cut if t.startswith("DISP_IMAGE") else p, t) for p, t in lines]
+    _refused(capsys, _write(tmp_path / "g.sof", lines), tmp_path / "out", str(cut),
+             "truncated")
+    assert cut.read_bytes() == before

@@ -15,13 +15,16 @@ sky model and the extraction use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from astropy.utils.exceptions import AstropyUserWarning
 
 from soxs_core.errors import InputError
 
@@ -29,6 +32,22 @@ __all__ = ["DispersionMap", "DispersionSolution", "read_dispersion_map",
            "read_dispersion_table", "bin_dispersion_image"]
 
 _COEFF = re.compile(r"^c(\d)(\d)(\d)$")
+
+
+@contextlib.contextmanager
+def _quiet_astropy():
+    """astropy's own warnings (a truncated file) off the terminal: the one-line error that
+    follows says it."""
+    from astropy import log
+
+    level = log.level
+    log.setLevel("ERROR")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            yield
+    finally:
+        log.setLevel(level)
 
 
 @dataclass
@@ -112,7 +131,7 @@ def read_dispersion_map(path: str | os.PathLike, binx: int = 1, biny: int = 1,
 
     path = Path(path)
     try:
-        with fits.open(path, memmap=False) as hdul:
+        with _quiet_astropy(), fits.open(path, memmap=False) as hdul:
             images = {}
             for k, hdu in enumerate(hdul):
                 name = str(hdu.header.get("EXTNAME", "")).strip().upper()
@@ -122,8 +141,9 @@ def read_dispersion_map(path: str | os.PathLike, binx: int = 1, biny: int = 1,
                     images[name] = np.asarray(hdu.data, dtype=np.float32)
             header = {k: v for k, v in hdul[0].header.items() if k not in ("COMMENT",
                                                                            "HISTORY", "")}
-    except OSError as exc:
-        raise InputError(f"{path}: not a readable FITS dispersion map ({exc})") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"{path}: not a readable FITS dispersion map (truncated or "
+                         f"corrupt: {str(exc).splitlines()[0][:80]})") from None
     missing = [n for n in ("WAVELENGTH", "SLIT", "ORDER") if n not in images]
     if missing:
         raise InputError(f"{path}: not a dispersion map (no {', '.join(missing)} image; a "
@@ -193,7 +213,7 @@ def read_dispersion_table(path: str | os.PathLike) -> DispersionSolution:
 
     path = Path(path)
     try:
-        with fits.open(path, memmap=False) as hdul:
+        with _quiet_astropy(), fits.open(path, memmap=False) as hdul:
             header = {k: v for k, v in hdul[0].header.items() if k not in ("COMMENT",
                                                                            "HISTORY", "")}
             table = hdul[1].data if len(hdul) > 1 else None
@@ -209,8 +229,9 @@ def read_dispersion_table(path: str | os.PathLike) -> DispersionSolution:
                     if m and np.isfinite(row[name]):
                         terms[tuple(int(g) for g in m.groups())] = float(row[name])
                 coeffs[axis] = terms
-    except OSError as exc:
-        raise InputError(f"{path}: not a readable FITS dispersion table ({exc})") from None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"{path}: not a readable FITS dispersion table (truncated or "
+                         f"corrupt: {str(exc).splitlines()[0][:80]})") from None
     if set(coeffs) != {"x", "y"} or not all(coeffs.values()):
         raise InputError(f"{path}: a dispersion table needs x and y rows with coefficients")
     binx = int(header.get("ESO DET WIN1 BINX", header.get("ESO DET BINX", 1)) or 1)
