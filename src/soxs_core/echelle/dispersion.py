@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from astropy.utils.exceptions import AstropyUserWarning
 
 from soxs_core.errors import InputError
 
@@ -39,6 +38,7 @@ def _quiet_astropy():
     """astropy's own warnings (a truncated file) off the terminal: the one-line error that
     follows says it."""
     from astropy import log
+    from astropy.utils.exceptions import AstropyUserWarning
 
     level = log.level
     log.setLevel("ERROR")
