@@ -154,6 +154,14 @@ class InputSpec:
         FRAME_TYPES` stems) a frame must have to be taken as this input.  Two inputs may
         share a tag (NIR lamp-on and lamp-off flats are both ``LAMP_FLAT_NIR``): the header
         decides.  Empty means ``(stem,)``.
+    match : tuple of str
+        CALIB inputs: the :class:`soxs_archive.model.FrameRecord` setup keys (``binning``,
+        ``readout``, ``exptime``, ``slit``...) a calibration must share with the step's raw
+        frames to be associated with them; instrument and arm always match.
+    associate : bool
+        CALIB inputs: whether an organiser looks for this calibration.  False for an optional
+        one that is used only when listed by hand (UVB/VIS master darks in stare: the CCDs'
+        dark current is negligible, ESO's association leaves them out).
     """
 
     stem: str
@@ -165,6 +173,8 @@ class InputSpec:
     arms: tuple[str, ...] = ("UVB", "VIS", "NIR")
     tag_stems: tuple[str, ...] = ()
     frame_types: tuple[str, ...] = ()
+    match: tuple[str, ...] = ()
+    associate: bool = True
 
     def tags(self) -> list[str]:
         """Every tag accepted, the preferred one of each arm first."""
@@ -267,7 +277,18 @@ class QcSpec:
 
 @dataclass(frozen=True)
 class RecipeSpec:
-    """Everything a recipe declares."""
+    """Everything a recipe declares.
+
+    Attributes
+    ----------
+    group_by : tuple of str
+        :class:`soxs_archive.model.FrameRecord` keys the raw frames of one run share beyond
+        instrument, arm and night (an archive is organised into runs by them).
+    raw_inputs_separately : bool
+        Frames of different RAW inputs make separate runs (stare: a science target and a
+        standard are reduced on their own); otherwise every RAW input of a group goes into
+        one run (UVB D2 and QTH flats, NIR lamp-on and lamp-off flats).
+    """
 
     name: str
     synopsis: str
@@ -276,6 +297,8 @@ class RecipeSpec:
     params: tuple[Param, ...]
     outputs: tuple[OutputSpec, ...]
     qc: tuple[QcSpec, ...] = ()
+    group_by: tuple[str, ...] = ()
+    raw_inputs_separately: bool = False
 
     def param(self, name: str) -> Param:
         for p in self.params:

@@ -30,6 +30,7 @@ SPEC = RecipeSpec(
     outputs=(
         OutputSpec("MBIAS", "MASTER_BIAS", "Master bias frame (FLUX/QUAL/ERRS, electrons)."),
     ),
+    group_by=("binning", "readout"),
     qc=(
         QcSpec("RAW RON", "raw bias read noise", unit="e-",
                description="read noise of a single raw bias, from frame-pair differences"),

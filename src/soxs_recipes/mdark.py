@@ -27,7 +27,8 @@ SPEC = RecipeSpec(
         InputSpec("DARK", "RAW", "Raw dark frames of one arm, binning, readout mode and "
                   "exposure time.", min_count=3),
         InputSpec("MASTER_BIAS", "CALIB", "Master bias from soxs_mbias (UVB/VIS only).",
-                  min_count=0, max_count=1, required=False, arms=("UVB", "VIS")),
+                  min_count=0, max_count=1, required=False, arms=("UVB", "VIS"),
+                  match=("binning", "readout")),
     ),
     params=MASTER_PARAMS,
     outputs=(
@@ -35,6 +36,7 @@ SPEC = RecipeSpec(
                    "accumulated over the dark exposure time; bias-subtracted when a master "
                    "bias was given)."),
     ),
+    group_by=("binning", "readout", "exptime"),
     qc=(
         QcSpec("HOTPIX NUM", "number of hot pixels", description="number of pixels flagged HOT"),
         QcSpec("HOTPIX FRAC", "fraction of hot pixels",

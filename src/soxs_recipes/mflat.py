@@ -111,15 +111,17 @@ SPEC = RecipeSpec(
                   arms=("NIR",), tag_stems=("LAMP_FLAT", "FLAT_LAMP", "FLAT_OFF"),
                   frame_types=("FLAT_OFF",)),
         InputSpec("MASTER_BIAS", "CALIB", "Master bias from soxs_mbias (UVB/VIS).",
-                  min_count=1, max_count=1, required=True, arms=("UVB", "VIS")),
+                  min_count=1, max_count=1, required=True, arms=("UVB", "VIS"),
+                  match=("binning", "readout")),
         InputSpec("MASTER_DARK", "CALIB", "Master dark of the flats' exposure time from "
                   "soxs_mdark (NIR, when no lamp-off frames are given).", min_count=0,
-                  max_count=1, required=False, arms=("NIR",)),
+                  max_count=1, required=False, arms=("NIR",), match=("exptime",)),
         InputSpec("ORDER_TAB", "CALIB", "Order-centre table (soxspipe's order_centres or "
                   "ours); without it the orders are traced on the flat itself.", min_count=0,
                   max_count=1, required=False),
     ),
     params=PARAMS,
+    group_by=("binning", "readout", "slit"),
     outputs=(
         OutputSpec("MFLAT", "MASTER_FLAT", "Normalised master flat (FLUX/QUAL/ERRS; mean 1 "
                    "inside the orders, 1 between them, blaze and slit illumination kept)."),

@@ -142,17 +142,20 @@ SPEC = RecipeSpec(
                                                          "STD,TELLURIC"),
                   min_count=0, required=False),
         InputSpec("MASTER_BIAS", "CALIB", "Master bias from soxs_mbias (UVB/VIS).",
-                  min_count=1, max_count=1, required=True, arms=("UVB", "VIS")),
+                  min_count=1, max_count=1, required=True, arms=("UVB", "VIS"),
+                  match=("binning", "readout")),
         InputSpec("MASTER_DARK", "CALIB", "Master dark of the frames' exposure time from "
                   "soxs_mdark (NIR; UVB/VIS optional).", min_count=1, max_count=1,
-                  required=True, arms=("NIR",)),
+                  required=True, arms=("NIR",), match=("exptime",)),
         InputSpec("MASTER_DARK", "CALIB", "Master dark of the frames' exposure time "
                   "(optional for UVB/VIS).", min_count=0, max_count=1, required=False,
-                  arms=("UVB", "VIS")),
+                  arms=("UVB", "VIS"), match=("binning", "readout", "exptime"),
+                  associate=False),
         InputSpec("MASTER_FLAT", "CALIB", "Master flat from soxs_mflat (or soxspipe's).",
-                  min_count=0, max_count=1, required=False),
+                  min_count=0, max_count=1, required=False, match=("binning", "readout")),
         InputSpec("ORDER_TAB", "CALIB", "Order table with edges from soxs_mflat (or "
-                  "soxspipe's).", min_count=1, max_count=1, required=True),
+                  "soxspipe's).", min_count=1, max_count=1, required=True,
+                  match=("binning", "readout")),
         InputSpec("DISP_TAB", "CALIB", "Dispersion solution table (soxspipe's "
                   "spat_solution layout).", min_count=0, max_count=1, required=False),
         InputSpec("DISP_IMAGE", "CALIB", "Dispersion map image: WAVELENGTH, SLIT and ORDER "
@@ -162,6 +165,9 @@ SPEC = RecipeSpec(
                   max_count=1, required=False),
     ),
     params=PARAMS,
+    # verify_stare_inputs: the frames of one run share exposure time, slit and setup
+    group_by=("binning", "readout", "slit", "exptime", "template"),
+    raw_inputs_separately=True,
     outputs=(
         OutputSpec("EXTRACTED ORDERS TABLE", "SCI_SLIT_FLUX", "Per order and along-order "
                    "pixel: optimal and boxcar counts with variances, wavelength, sky.",
