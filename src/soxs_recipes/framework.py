@@ -8,9 +8,12 @@ per-arm default resolution, DFS product headers, atomic writing — lives here, 
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
 import os
+import re
 import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +28,7 @@ from soxs_core.detector.rawframe import RawFrame
 from soxs_core.echelle.ordertable import OrderTable, read_order_table
 from soxs_core.errors import InputError
 from soxs_core.io.compressed import ScratchDir
+from soxs_core.io.fits import Card
 from soxs_core.io.image import DetectorImage, image_hdus, read_image_product
 from soxs_core.io.products import (
     QC_SUMMARY,
@@ -199,6 +203,9 @@ class OutputSpec:
         Added to the file name when several products share a PRO CATG (UVB per-lamp ones).
     arms : tuple of str
         The arms that write it.
+    raw_inputs : tuple of str
+        The RAW inputs (stems) whose runs write it (a response only from a flux standard);
+        empty: runs of any of them.
     """
 
     label: str
@@ -209,6 +216,7 @@ class OutputSpec:
     kind: str = "image"
     suffix: str = ""
     arms: tuple[str, ...] = ("UVB", "VIS", "NIR")
+    raw_inputs: tuple[str, ...] = ()
 
     def catg_for(self, arm: Arm) -> str:
         return f"{self.catg}_{arm.name}"
@@ -647,6 +655,7 @@ class RecipeContext:
             # pixels); ours are prepared frames too
             header["CDELT1"] = (float(first_frame.binx), "binning along x")
             header["CDELT2"] = (float(first_frame.biny), "binning along y")
+        header = with_input_checksums(header, raw_refs, self._calib_refs)
         return dicb_sorted(header), filename, header_qc
 
     def _protected(self) -> list[Path]:
@@ -708,6 +717,44 @@ class RecipeContext:
     def record_plot(self, output: OutputSpec, path: Path) -> None:
         self.plots.append(path)
         log.info("%s: wrote %s (%s)", self.spec.name, path, output.label)
+
+
+def file_md5(path: str | os.PathLike) -> str:
+    """Hex MD5 of a file's bytes (as stored: a compressed file's compressed bytes)."""
+    stat = os.stat(path)
+    return _file_md5(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_md5(path: str, size: int, mtime_ns: int) -> str:
+    # size and mtime are part of the key so that a file rewritten in place is read again
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def with_input_checksums(header: Any, raw_refs: Sequence[FrameRef],
+                         calib_refs: Sequence[FrameRef]) -> Any:
+    """``header`` with ``ESO PRO RECi RAWj MD5`` / ``CALj MD5`` after each input's CATG card.
+
+    The MD5 of each input file's bytes, in the product's own (last) processing record: what a
+    rerun compares with its inputs to know whether the product is still up to date (CPL's
+    ``CALj DATAMD5`` covers a calibration's data only, and raw frames not at all).
+    """
+    level = max(int(m[1]) for key in header.keys()
+                if (m := re.fullmatch(r"ESO PRO REC(\d+) ID", key)))
+    catg = re.compile(rf"ESO PRO REC{level} (RAW|CAL)(\d+) CATG")
+    refs = {"RAW": raw_refs, "CAL": calib_refs}
+    cards = []
+    for card in header.cards:
+        cards.append(card)
+        if m := catg.fullmatch(card.keyword):
+            ref = refs[m[1]][int(m[2]) - 1]
+            cards.append(Card(f"ESO PRO REC{level} {m[1]}{m[2]} MD5", file_md5(ref.path),
+                              "file MD5"))
+    return type(header)(cards)
 
 
 def _fmt(value: Any) -> str:
