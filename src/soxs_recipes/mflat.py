@@ -99,11 +99,13 @@ SPEC = RecipeSpec(
         InputSpec("LAMP_FLAT", "RAW", _FLAT_DOC.format("LAMP,FLAT or FLAT,LAMP"),
                   min_count=5, required=True, arms=("VIS", "NIR"),
                   tag_stems=("FLAT_LAMP", "FLAT"), frame_types=("FLAT",)),
-        InputSpec("LAMP_DFLAT", "RAW", _FLAT_DOC.format("LAMP,DFLAT: deuterium lamp"),
-                  min_count=5, required=False, arms=("UVB",), tag_stems=("DFLAT",),
+        InputSpec("LAMP_DFLAT", "RAW",
+                  _FLAT_DOC.format("LAMP,DFLAT: deuterium (D2) lamp"),
+                  min_count=5, required=True, arms=("UVB",), tag_stems=("DFLAT",),
                   frame_types=("DFLAT",)),
-        InputSpec("LAMP_QFLAT", "RAW", _FLAT_DOC.format("LAMP,QFLAT: quartz-halogen lamp"),
-                  min_count=5, required=False, arms=("UVB",), tag_stems=("QFLAT",),
+        InputSpec("LAMP_QFLAT", "RAW",
+                  _FLAT_DOC.format("LAMP,QFLAT: quartz-halogen (QTH) lamp"),
+                  min_count=5, required=True, arms=("UVB",), tag_stems=("QFLAT",),
                   frame_types=("QFLAT",)),
         InputSpec("LAMP_OFF", "RAW", "NIR lamp-off flats (DPR TECH IMAGE), as many as the "
                   "lamp-on flats and of the same exposure time; tagged like the lamp-on ones "

@@ -188,9 +188,9 @@ SPEC = RecipeSpec(
                    "polynomials), in the ORDER_TAB layout.", tech="ECHELLE,SLIT",
                    kind="table"),
         OutputSpec("RESPONSE_FUNC", "RESP_TAB", "Response function (flux standards).",
-                   tech="ECHELLE,SLIT", kind="table"),
+                   tech="ECHELLE,SLIT", kind="table", raw_inputs=("STD_FLUX",)),
         OutputSpec("EFFICIENCY", "EFFICIENCY_TAB", "Efficiency (flux standards).",
-                   tech="ECHELLE,SLIT", kind="table"),
+                   tech="ECHELLE,SLIT", kind="table", raw_inputs=("STD_FLUX",)),
         OutputSpec("EXTRACTED MERGED ASCII", "SCI_SLIT_FLUX", "Text version of the merged "
                    "spectrum.", kind="text", suffix="extracted_merged"),
         OutputSpec("BKGROUND", "BKGROUND", "The fitted scattered light.", kind="plot"),
@@ -207,7 +207,7 @@ SPEC = RecipeSpec(
         OutputSpec("EXTRACTED MERGED FLUXCALIBRATED QC PLOT", "EXTRACTED_FLUXCAL",
                    "The flux-calibrated spectrum.", kind="plot"),
         OutputSpec("RESPONSE QC PLOT", "RESPONSE", "The response curve (flux standards).",
-                   kind="plot"),
+                   kind="plot", raw_inputs=("STD_FLUX",)),
     ),
     qc=(
         QcSpec("BADPIX FRAC", "bad-pixel fraction", description="fraction of the pixels "
