@@ -135,6 +135,10 @@ class Step:
     products : list of (path, tag)
         The products the step writes that later steps may read (from the recipe's
         OutputSpecs).
+    params : dict
+        Recipe parameters set for this step (command-line alias -> value), given to the
+        recipe as ``--name=value``; the others take the arm's defaults.  Products record the
+        values used, so a change reruns the step.
     """
 
     step_id: str
@@ -148,6 +152,7 @@ class Step:
     sof: str = ""
     output_dir: str = ""
     products: list[tuple[str, str]] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,6 +202,8 @@ class StepResult:
         Peak resident memory of the worker process after the step.
     products : list of str
         Product files of the step.
+    plots : list of str
+        QC plots (PDF) in the step's directory.
     qc : dict
         ``ESO QC`` values of its products, by keyword.
     qc_out_of_range : list of str
@@ -211,6 +218,7 @@ class StepResult:
     seconds: float = 0.0
     peak_rss_mib: float = 0.0
     products: list[str] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
     qc: dict[str, Any] = field(default_factory=dict)
     qc_out_of_range: list[str] = field(default_factory=list)
     worker: str = ""
