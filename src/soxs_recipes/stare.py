@@ -40,6 +40,11 @@ PARAMS = (
     Param("horne-extraction-slit-length", int, "Full width (unbinned pixels across the "
           "order) of the aperture centred on the object trace: the optimal extraction's "
           "window and the boxcar's aperture.", minimum=3),
+    Param("horne-extraction-aperture-correction", bool, "Scale each order's extracted "
+          "fluxes and errors by the ratio of the object's light on the whole slit to the "
+          "light in the aperture, measured on the sky-subtracted frame (the aperture misses "
+          "the seeing wings: about 1 % with the default aperture and 0.8\" seeing); "
+          "smoothed across the orders.  QC APCOR MEDIAN and APCOR O<N>."),
     Param("horne-extraction-profile-poly-order", int, "Degree along the dispersion of the "
           "smooth fit of the object's spatial profile.", minimum=0, maximum=15),
     Param("horne-extraction-profile-global-clipping-sigma", float, "Pixels further than this "
@@ -245,6 +250,11 @@ SPEC = RecipeSpec(
                "arm (flux standards)"),
         QcSpec("SNR MEDIAN", "median S/N", description="median signal-to-noise ratio of the "
                "optimally extracted rows of all orders"),
+        QcSpec("APCOR MEDIAN", "aperture correction", description="median over the orders "
+               "of the aperture correction applied (whole-slit / aperture light; 1 when "
+               "horne-extraction-aperture-correction is off)"),
+        QcSpec("APCOR O<N>", "aperture correction", description="aperture correction "
+               "applied to order <N>"),
         QcSpec("EFF MEDIAN O<N>", "median efficiency", description="median efficiency of "
                "order N (flux standards)"),
         QcSpec("SNR MEDIAN O<N>", "median S/N", description="median signal-to-noise ratio "

@@ -961,3 +961,69 @@ def _expanded(sub: OrderExtraction, rows: np.ndarray, centre: np.ndarray,
         sky=spread(sub.sky, np.nan), n_rejected=spread(sub.n_rejected, 0),
         qual=spread(sub.qual, ROW_UNUSABLE), profile_fraction=spread(sub.profile_fraction, 0.0),
         first=spread(sub.first, 0), rejected=rejected, profile=sub.profile)
+
+
+def aperture_correction(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.ndarray | None,
+                        centre: np.ndarray, rows: np.ndarray, slit_length: float,
+                        lower: np.ndarray, upper: np.ndarray, margin: float = 1.0
+                        ) -> tuple[float, float]:
+    """Ratio of the object's light on the whole slit to the light in the aperture.
+
+    The aperture (full width ``slit_length`` binned px, fractional pixel weights as in
+    :func:`extract_order`) misses the seeing wings; the sky-subtracted frame still holds
+    them.  Over the rows whose slit pixels are all usable, ``A = sum a D`` and
+    ``W = sum (1 - a) D`` over the pixels between ``lower + margin`` and ``upper - margin``
+    (the order's edges, binned across px, per row): the correction is ``(A + W) / A``, with
+    the error of ``W`` (the wings' own noise) propagated.
+
+    Parameters
+    ----------
+    data_t, variance_t : ndarray
+        Along views of the sky-subtracted frame and of its variance.
+    qual_t : ndarray or None
+        Along view of QUAL; rows with a flagged slit pixel are left out.
+    centre, rows : ndarray
+        Trace centre (binned across px) of each along row in ``rows``.
+    slit_length : float
+        Aperture full width (binned px).
+    lower, upper : ndarray
+        Order edges (binned across px) at ``rows``.
+    margin : float
+        Pixels left out inside each edge (the slit's soft ends).
+
+    Returns
+    -------
+    correction, error : float
+        1 and 0 when no row can be measured or the light in the aperture is not positive.
+    """
+    rows = np.asarray(rows, np.int64)
+    centre = np.asarray(centre, float)
+    lo = np.ceil(np.asarray(lower, float) + margin).astype(np.int64)
+    hi = np.floor(np.asarray(upper, float) - margin).astype(np.int64)
+    n_across = data_t.shape[1]
+    ok = np.isfinite(centre) & (lo >= 0) & (hi < n_across) & (hi > lo)
+    if not ok.any():
+        return 1.0, 0.0
+    rows, centre, lo, hi = rows[ok], centre[ok], lo[ok], hi[ok]
+    width = int(np.max(hi - lo)) + 1
+    cols = lo[:, None] + np.arange(width)[None, :]
+    inside = cols <= hi[:, None]
+    cols = np.minimum(cols, n_across - 1)
+    d = data_t[rows[:, None], cols].astype(float)
+    v = variance_t[rows[:, None], cols].astype(float)
+    good = inside & np.isfinite(d) & np.isfinite(v)
+    if qual_t is not None:
+        good &= qual_t[rows[:, None], cols] == 0
+    complete = np.all(good | ~inside, axis=1)
+    if not complete.any():
+        return 1.0, 0.0
+    half = 0.5 * float(slit_length)
+    a = np.clip(np.minimum(cols + 0.5, centre[:, None] + half)
+                - np.maximum(cols - 0.5, centre[:, None] - half), 0.0, 1.0)
+    use = inside & complete[:, None]
+    in_ap = float(np.sum(np.where(use, a * d, 0.0)))
+    wings = float(np.sum(np.where(use, (1 - a) * d, 0.0)))
+    wings_var = float(np.sum(np.where(use, (1 - a) ** 2 * v, 0.0)))
+    if not in_ap > 0:
+        return 1.0, 0.0
+    return (in_ap + wings) / in_ap, float(np.sqrt(wings_var)) / in_ap

@@ -590,8 +590,32 @@ def _object_profile(s: np.ndarray, r: np.ndarray, use: np.ndarray, lo: float, hi
     return hot[b]
 
 
+def _photon_scale(d: np.ndarray, var: np.ndarray) -> float:
+    """Slope of the variance against the (positive) signal, robustly: a line through the
+    medians of the variance in 20 signal quantiles.  A least-squares line through the
+    pixels themselves is led by a few outliers (an inflated error, a missed cosmic ray)
+    and can come out tens of times too steep."""
+    x = np.maximum(d, 0.0)
+    edges = np.unique(np.percentile(x, np.linspace(2, 98, 21)))
+    if edges.size < 3:
+        return 1.0
+    b = np.searchsorted(edges, x, side="right") - 1
+    ok = (b >= 0) & (b < edges.size - 1)
+    xs, vs = [], []
+    for j in range(edges.size - 1):
+        sel = ok & (b == j)
+        if np.count_nonzero(sel) >= 20:
+            xs.append(np.median(x[sel]))
+            vs.append(np.median(var[sel]))
+    if len(xs) < 3 or np.ptp(xs) <= 0:
+        return 1.0
+    slope = float(np.polyfit(np.asarray(xs), np.asarray(vs), 1)[0])
+    return min(max(slope, 0.0), 10.0)
+
+
 def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.ndarray,
-               cand: np.ndarray, step: float, span: float, p: SkyParameters
+               cand: np.ndarray, step: float, span: float, p: SkyParameters,
+               poisson_scale: np.ndarray | None = None
                ) -> tuple[OrderSkyFit, dict[str, np.ndarray]]:
     """Fit one order.  The arrays hold the order's pixels; returns the fit and, per pixel,
     ``model``, ``error``, ``used``, ``rejected`` and ``object`` (aggressive masking)."""
@@ -624,14 +648,21 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
         raise ValueError(f"order {n}: only {sky_i.size} sky pixels after clipping")
 
     # photon part of the variance re-estimated from the model: var = err^2 + beta (m - d),
-    # beta the slope of err^2 against the data (1 for a frame in electrons, 1 / flat after
+    # beta the electrons' variance per unit of signal (1 for a frame in electrons, 1 / flat after
     # flat-fielding, 0 when the errors have no photon part)
-    sub = ci[:: max(1, ci.size // 50000)]
-    beta = float(np.polyfit(np.maximum(d_s[sub], 0.0), var_data[sub], 1)[0])
-    beta = min(max(beta, 0.0), 10.0)
+    # flat-fielding, 0 when the errors have no photon part): given per pixel by the caller,
+    # else measured.  A beta too large would weight the pixels above the model more than
+    # those below and pull the model up, which raises it further: a runaway to a sky
+    # several electrons too high.
+    if poisson_scale is not None:
+        beta = np.clip(np.asarray(poisson_scale, float)[order], 0.0, 10.0)
+    else:
+        sub = ci[:: max(1, ci.size // 50000)]
+        beta = _photon_scale(d_s[sub], var_data[sub])
 
     def variance(sel: np.ndarray, model: np.ndarray) -> np.ndarray:
-        v = var_data[sel] + beta * (np.maximum(model[sel], 0) - np.maximum(d_s[sel], 0))
+        b = beta[sel] if np.ndim(beta) else beta
+        v = var_data[sel] + b * (np.maximum(model[sel], 0) - np.maximum(d_s[sel], 0))
         return np.maximum(v, 0.25 * var_data[sel])
 
     # ---- breakpoints: every starting_points_per_knot-th sky point, thinned to the sampling
@@ -899,7 +930,8 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
             slit: np.ndarray, order_image: np.ndarray, orders: Sequence[int],
             object_mask: np.ndarray | None = None, params: SkyParameters | None = None, *,
             reject_bits: int = DEFAULT_REJECT_BITS, dispersion_axis: str | None = None,
-            threads: int | None = None) -> SkyModel:
+            threads: int | None = None, poisson_scale: np.ndarray | float | None = None
+            ) -> SkyModel:
     """Model the sky of a frame, order by order.
 
     Parameters
@@ -925,6 +957,10 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
     threads : int, optional
         Orders fitted at once (default: ``default_threads()``, SOXS_NUM_THREADS or the
         cores this process may use).
+    poisson_scale : ndarray or float, optional
+        Variance of the data per electron of signal, per pixel (1 for a frame in
+        electrons, 1 / flat after flat-fielding): the fit's weights come from the model
+        through it.  Measured from ``error`` against ``data`` when not given.
 
     Returns
     -------
@@ -970,13 +1006,15 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
         cand = good & ~obj_in.ravel()[idx]
         d = np.where(np.isfinite(d), d, 0.0)
         e = np.where(np.isfinite(e) & (e > 0), e, 1.0)
+        scale = (None if poisson_scale is None
+                 else np.broadcast_to(np.asarray(poisson_scale, float), shape).ravel()[idx])
         rows_, cols_ = np.nonzero(member)
         box = (slice(rows_.min(), rows_.max() + 1), slice(cols_.min(), cols_.max() + 1))
         mview = member[box] if axis == "y" else member[box].T
         wview = wavelength[box] if axis == "y" else wavelength[box].T
         step, span = _sampling(wview, mview)
         try:
-            fit, out = _fit_order(int(n), lam, s, d, e, cand, step, span, p)
+            fit, out = _fit_order(int(n), lam, s, d, e, cand, step, span, p, scale)
         except ValueError as exc:
             log.warning("sky not modelled: %s", exc)
             return

@@ -16,7 +16,7 @@ background and object) instead of the noisy data, as Horne (1986) prescribes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from soxs_core.echelle import background
 from soxs_core.echelle.dispersion import DispersionMap
 from soxs_core.echelle.flat import calibrate_frame_set
 from soxs_core.echelle.masterflat import BACKGROUND_MASK_EXTEND, BACKGROUND_MASK_WIDEN
-from soxs_core.echelle.ordertable import OrderTable, to_binned
+from soxs_core.echelle.ordertable import OrderTable, to_binned, to_unbinned
 from soxs_core.errors import InputError
 from soxs_core.io.image import DetectorImage
 from soxs_core.io.products import QcMeasurements
@@ -63,6 +63,7 @@ class StareParameters:
     stacked_clipping_sigma: float = 5.0
     stacked_clipping_iterations: int = 5
     horne_extraction_slit_length: int = 20
+    horne_extraction_aperture_correction: bool = True
     horne_extraction_profile_poly_order: int = 7
     horne_extraction_profile_global_clipping_sigma: float = 25.0
     horne_extraction_profile_clipping_sigma: float = 3.0
@@ -348,6 +349,11 @@ def _along(a: np.ndarray, axis: str) -> np.ndarray:
 #: the object mask of the sky fit leaves at least this fraction of the slit to the sky
 SKY_SLIT_FRACTION = 0.4
 
+#: the object mask of the sky fit is this much wider than the aperture: the seeing wings
+#: beyond the aperture would otherwise be fitted as sky (the slit illumination follows
+#: them) and the sky under the object over-subtracted
+SKY_MASK_WIDEN = 1.5
+
 
 def _object_mask(shape, trace_table: OrderTable, binx: int, biny: int, half_width: float,
                  axis: str, order_table: OrderTable) -> np.ndarray:
@@ -456,7 +462,8 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
     def fit_the_sky(object_mask):
         model = sky.fit_sky(image.data, image.error, image.qual, dm.wavelength, dm.slit,
                             dm.order, orders_on_map, object_mask=object_mask,
-                            params=sky_params, dispersion_axis=axis)
+                            params=sky_params, dispersion_axis=axis,
+                            poisson_scale=det.poisson_scale)
         missing = sorted(set(orders_on_map) - set(model.fits))
         if missing:
             msg = (f"{first.path.name}: no sky model in order(s) "
@@ -482,7 +489,8 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
             plots["OBJECT TRACE RES"], skysub, trace)
     if params.subtract_sky:
         # again, with the object (now traced) kept out of the sky
-        obj_mask = _object_mask(shape, trace.table, binx, biny, half_aperture, axis, table)
+        obj_mask = _object_mask(shape, trace.table, binx, biny, SKY_MASK_WIDEN * half_aperture,
+                                axis, table)
         sky_model = fit_the_sky(obj_mask)
         skysub, residuals = sky.subtract_sky(image, sky_model)
         base_model += np.maximum(sky_model.sky, 0).astype(np.float32)
@@ -513,6 +521,8 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
     across_col, along_col = (("xcoord_centre", "ycoord") if axis == "y"
                              else ("ycoord_centre", "xcoord"))
     pieces = []
+    apcor: dict[int, tuple[float, float]] = {}
+    extractions = []
     for n in trace.table.orders:
         b0, b1 = trace.table.along_range(int(n))
         r0 = max(int(np.ceil(to_binned(b0, bin_along))), 0)
@@ -528,13 +538,27 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
             profile_clipping_sigma=params.horne_extraction_profile_clipping_sigma,
             profile_clipping_iteration_count=params.
             horne_extraction_profile_clipping_iteration_count)
+        extractions.append((int(n), ext))
+        if params.horne_extraction_aperture_correction and table.has_edges \
+                and int(n) in table.orders:
+            b = to_unbinned(ext.rows, bin_along)
+            apcor[int(n)] = horne.aperture_correction(
+                data_t, var_t + k_t * np.maximum(data_t, 0), qual_t, ext.centre, ext.rows,
+                params.horne_extraction_slit_length / bin_across,
+                to_binned(table.edge_low(float(n), b), bin_across),
+                to_binned(table.edge_up(float(n), b), bin_across))
+    corrections = _smooth_corrections(apcor, [n for n, _ in extractions])
+    for n, ext in extractions:
+        c = corrections.get(n, 1.0)
+        qc.add(f"APCOR O{n}", c)
         wave = _wavelength_at(wave_t, ext.rows, ext.centre)
         scale = np.abs(np.gradient(wave)) if wave.size > 1 else np.zeros_like(wave)
         row_qual = np.asarray(ext.qual, np.uint8).copy()
         row_qual[~np.isfinite(wave)] |= np.uint8(Qual.NO_DATA)
-        var = np.asarray(ext.var_optimal, float)
+        var = np.asarray(ext.var_optimal, float) * c**2
+        flux = np.asarray(ext.flux_optimal, float) * c
         with np.errstate(invalid="ignore", divide="ignore"):
-            snr = np.where(var > 0, ext.flux_optimal / np.sqrt(var), 0.0)
+            snr = np.where(var > 0, flux / np.sqrt(var), 0.0)
         pieces.append(Table({
             "order": np.full(ext.rows.size, int(n), np.int16),
             across_col: np.asarray(ext.centre, float),
@@ -543,14 +567,16 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
             "pixelScaleNm": scale,
             "varianceSpectrum": var,
             "snr": snr,
-            "extractedFluxOptimal": np.asarray(ext.flux_optimal, float),
-            "extractedFluxBoxcar": np.asarray(ext.flux_boxcar, float),
-            "extractedFluxBoxcarRobust": np.asarray(ext.flux_boxcar_robust, float),
+            "extractedFluxOptimal": flux,
+            "extractedFluxBoxcar": np.asarray(ext.flux_boxcar, float) * c,
+            "extractedFluxBoxcarRobust": np.asarray(ext.flux_boxcar_robust, float) * c,
             "skyFlux": np.asarray(ext.sky, float),
-            "varianceBoxcar": np.asarray(ext.var_boxcar, float),
+            "varianceBoxcar": np.asarray(ext.var_boxcar, float) * c**2,
             "nRejected": np.asarray(ext.n_rejected, np.int16),
             "qual": row_qual,
         }))
+    qc.add("APCOR MEDIAN", float(np.median([corrections.get(n, 1.0) for n, _ in extractions]))
+           if extractions else None, "no order extracted")
     if not pieces:
         raise InputError(f"{first.path}: no order could be extracted")
     orders = vstack(pieces)
@@ -614,6 +640,37 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
                        object_trace=trace, orders=orders, merged=merged, qc=qc,
                        fluxcal=fluxcal_table, response=response, efficiency=efficiency,
                        plots=written, notes=notes)
+
+
+#: bounds of an aperture correction (whole-slit / aperture light): below 1 is noise, above
+#: the upper bound the aperture misses the object rather than its wings
+APCOR_RANGE = (1.0, 1.3)
+
+#: floor of a correction's error in the smoothing across orders (the wings' light beyond
+#: the slit-edge margin and the sky model's share of them are not in the statistical error)
+APCOR_ERROR_FLOOR = 0.002
+
+
+def _smooth_corrections(measured: Mapping[int, tuple[float, float]], orders: Sequence[int]
+                        ) -> dict[int, float]:
+    """Aperture corrections of ``orders`` from the per-order measurements (value, error):
+    a weighted polynomial in order number (degree up to 2; seeing changes slowly with
+    wavelength), which carries a faint target's noisy orders on its brighter ones."""
+    ns = np.array([n for n in measured], float)
+    if ns.size == 0:
+        return {int(n): 1.0 for n in orders}
+    c = np.array([measured[int(n)][0] for n in ns])
+    e = np.maximum(np.array([measured[int(n)][1] for n in ns]), APCOR_ERROR_FLOOR)
+    deg = min(2, ns.size - 1)
+    if deg > 0:
+        x = (ns - ns.mean()) / max(float(np.ptp(ns)), 1.0)
+        coef = np.polyfit(x, c, deg, w=1.0 / e)
+        fitted = {int(n): float(np.polyval(coef, (n - ns.mean()) / max(float(np.ptp(ns)),
+                                                                         1.0)))
+                  for n in orders}
+    else:
+        fitted = {int(n): float(c[0]) for n in orders}
+    return {n: float(np.clip(v, *APCOR_RANGE)) for n, v in fitted.items()}
 
 
 def _airmass(header: Mapping) -> float:
