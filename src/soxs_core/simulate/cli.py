@@ -1,4 +1,9 @@
-"""``soxs-simulate``: write a simulated night of SOXS or X-shooter raw frames with truth."""
+"""``soxs-simulate``: write a simulated night of SOXS or X-shooter raw frames with truth.
+
+``soxs-simulate [options] NIGHTDIR`` writes one night; ``soxs-simulate archive [options]
+OUTDIR`` (``archive`` as the first argument) a raw-data archive of several nights and arms
+with its truth manifest (:mod:`soxs_core.simulate.archive`).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from soxs_core.simulate.instrument import FLAT_EXPTIME, TELLURIC_EXPTIME, SceneP
 from soxs_core.simulate.night import reduction_commands, simulate_night
 from soxs_core.simulate.spectra import DEFAULT_SLIT_WIDTH, STANDARD_STARS
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "build_archive_parser", "archive_main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="soxs-simulate",
         description="Simulate a night of raw SOXS / X-shooter frames with known truth, the "
                     "upstream calibration tables and one SOF per reduction step, and print "
-                    "the soxs-esorex commands that reduce it.")
+                    "the soxs-esorex commands that reduce it. 'soxs-simulate archive --help' "
+                    "describes the archive mode (several nights and arms).")
     def per_arm(values: dict[str, float], unit: str = "") -> str:
         return ", ".join(f"{code} {value:g}{unit}" for code, value in values.items())
 
@@ -100,6 +106,105 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _nights(text: str) -> int | list[int]:
+    """``argparse`` type of ``--nights``: a count, or comma-separated day offsets."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 1 and values[0] >= 1:
+        return values[0]
+    if len(values) > 1 and min(values) >= 0 and len(set(values)) == len(values):
+        return values
+    raise argparse.ArgumentTypeError(
+        f"invalid value {text!r}: must be a number of nights >= 1 or distinct day offsets "
+        ">= 0 separated by commas, e.g. 0,1,3")
+
+
+def _order_count(text: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    return opt.number(int, minimum=1)(text)
+
+
+def build_archive_parser() -> argparse.ArgumentParser:
+    """The ``soxs-simulate archive`` parser."""
+    from soxs_core.simulate.archive import FULL_COUNTS, SMALL_COUNTS
+
+    def counts(c: dict[str, int]) -> str:
+        return ", ".join(f"{v} {k[2:]}" for k, v in c.items())
+
+    p = opt.OneLineParser(
+        prog="soxs-simulate archive",
+        description="Simulate a raw-data archive: several nights and arms in OUTDIR/raw/"
+                    "<night>/ under archive names, the arms' upstream calibration tables in "
+                    "OUTDIR/calib/, the mess of real archives (a night without flats, a frame "
+                    "of another instrument, a truncated file, an uncalibrated setup, a "
+                    "duplicate, gzipped frames) and the truth manifest "
+                    "OUTDIR/archive_truth.json (format: pydoc soxs_core.simulate.archive).")
+    p.add_argument("outdir", type=Path, help="archive directory to write (created; must not "
+                                            "hold an archive)")
+    p.add_argument("--nights", type=_nights, default=2,
+                   help="number of consecutive nights from 2026-11-21, or day offsets from it "
+                        "(0,1,3)")
+    p.add_argument("--arms", type=opt.arm_list, default="xsh_vis,soxs_nir",
+                   help="arm codes, comma separated: " + ", ".join(ARMS))
+    p.add_argument("--seed", type=opt.SEED, default=1,
+                   help="master seed: the same seed gives the same archive")
+    p.add_argument("--orders", type=_order_count, default=None,
+                   help="number of central orders illuminated per arm, or 'all' (default: 1, "
+                        "with --full all)")
+    p.add_argument("--full", action="store_true",
+                   help=f"realistic frame counts per night and arm ({counts(FULL_COUNTS)}) "
+                        f"instead of the small test archive's ({counts(SMALL_COUNTS)})")
+    for kind in SMALL_COUNTS:
+        p.add_argument(f"--{kind.replace('_', '-')}", type=opt.COUNT, default=None,
+                       help=f"number of {kind[2:]} frames per night and arm (default: as "
+                            "above)")
+    p.add_argument("--science-exptime", type=opt.POSITIVE, default=600.0,
+                   help="science exposure time [s] (NIR darks and standards: the same)")
+    p.add_argument("--no-mess", action="store_true", help="a clean archive")
+    p.add_argument("--keep-truth", action="store_true",
+                   help="keep the night simulator's truth in OUTDIR/truth/")
+    p.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    return p
+
+
+def archive_main(argv: list[str]) -> int:
+    """``soxs-simulate archive``; returns the process exit code."""
+    from soxs_core.simulate.archive import SMALL_COUNTS, TRUTH_FILE, simulate_archive
+
+    try:
+        args = build_archive_parser().parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.WARNING)
+    counts = {k: getattr(args, k) for k in SMALL_COUNTS if getattr(args, k) is not None}
+    orders = args.orders if args.orders is not None or args.full else 1
+    try:
+        truth = simulate_archive(args.outdir, nights=args.nights, arms=args.arms,
+                                 seed=args.seed, orders=orders, small=not args.full,
+                                 counts=counts, mess=not args.no_mess,
+                                 science_exptime=args.science_exptime,
+                                 keep_truth=args.keep_truth)
+    except InputError as exc:
+        print(opt.refusal("soxs-simulate archive", str(exc)), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else args.outdir
+        print(opt.refusal("soxs-simulate archive", f"{where}: {exc.strerror or exc}"),
+              file=sys.stderr)
+        return 3
+    if not args.quiet:
+        n_raw = sum(f["path"].startswith("raw/") for f in truth.files)
+        print(f"{n_raw} raw frames of {len(truth.nights)} nights ({', '.join(truth.nights)}), "
+              f"{len(truth.files) - n_raw} calibration tables, {len(truth.problems())} "
+              f"problem files, {len(truth.steps)} steps ({len(truth.impossible_steps)} "
+              f"impossible) -> {args.outdir} ({truth.seconds:.1f} s); truth: "
+              f"{args.outdir / TRUTH_FILE}")
+    return 0
+
+
 def _available_recipes() -> set[str]:
     # the recipes build on this package, so they are asked only here, to list the next steps
     from soxs_recipes.registry import RECIPES
@@ -113,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         from soxs_core.io.safety import install_signal_handlers
 
         install_signal_handlers("soxs-simulate")
+        argv = sys.argv[1:]
+    if argv and argv[0] == "archive":
+        return archive_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a refusal the parser printed in one line

@@ -319,6 +319,10 @@ class DetectorSimulator:
         Numbers of single low-sensitivity pixels and of dust-like clumps (discs of radius
         1.5-3.5 binned px) placed where :attr:`low_sensitivity_region` allows (default 300 and
         6; none without a region).
+    night_offset : float
+        Days by which the night is moved (:func:`~soxs_core.simulate.headers.default_mjd`):
+        the frames' times and template starts follow, and a non-zero offset draws another
+        night's noise from the same detector truth.
 
     Attributes
     ----------
@@ -339,7 +343,7 @@ class DetectorSimulator:
                  hot_rates: tuple[float, float] | None = None, bad_columns: int | None = None,
                  cosmic_rate: float | None = None, bias_drift: float | None = None,
                  prnu: float | None = None, low_sensitivity_pixels: int | None = None,
-                 dust_clumps: int | None = None) -> None:
+                 dust_clumps: int | None = None, night_offset: float = 0.0) -> None:
         self.arm = resolve_arm(arm)
         self.binx, self.biny = parse_binning(binning)
         self.binning = f"{self.binx}x{self.biny}"
@@ -349,6 +353,7 @@ class DetectorSimulator:
         self.mode: ReadoutMode = readout_mode(self.arm, readout)
         self.readout = self.mode.name
         self.seed = int(seed)
+        self.night_offset = float(night_offset)
         d = dict(DETECTOR_DEFAULTS[self.arm.code])
         self.gain = float(gain if gain is not None else self.mode.gain)
         self.read_noise = float(read_noise if read_noise is not None else self.mode.read_noise)
@@ -626,8 +631,11 @@ class DetectorSimulator:
 
     def frame_rng(self, frame_type: str, index: int) -> np.random.Generator:
         """The noise stream of frame ``index`` of a type (exposed for scene simulators)."""
+        # another night of the same detector draws other noise (the default night's streams
+        # stay as they were)
+        night = ("night", self.night_offset) if self.night_offset else ()
         return rng_for(self.seed, self.arm.code, self.binning, self.readout, "frame",
-                       frame_type.upper(), int(index))
+                       frame_type.upper(), int(index), *night)
 
     def make_frame(self, frame_type: str, exptime: float = 0.0, index: int = 0, *,
                    signal: np.ndarray | None = None, mjd: float | None = None,
@@ -696,7 +704,7 @@ class DetectorSimulator:
         raw = np.rot90(full, -self.arm.rotation).astype(np.uint16)
         sat = full[self.rows, self.cols] >= min(self._saturation, self.arm.saturation_adu)
         if mjd is None:
-            mjd = default_mjd(kind, index, exptime)
+            mjd = default_mjd(kind, index, exptime, night_offset=self.night_offset)
         hdr = self.raw_header(kind.name, exptime, index, mjd=mjd, header=header)
         hdul = fits.HDUList([fits.PrimaryHDU(data=raw, header=hdr)])
         cmask = np.zeros(self.shape, dtype=bool)
@@ -717,14 +725,15 @@ class DetectorSimulator:
         if kind.name == "BIAS":
             exptime = 0.0
         if mjd is None:
-            mjd = default_mjd(kind, index, exptime)
+            mjd = default_mjd(kind, index, exptime, night_offset=self.night_offset)
         prescan = self.cols.start
         overscan = self.rot_shape[1] - self.cols.stop
         return build_header(self.arm, self.mode, kind, binx=self.binx, biny=self.biny,
                             exptime=exptime, mjd=mjd, index=index, gain=self.gain,
                             read_noise=self.read_noise, raw_shape=self.raw_shape,
                             prescan=prescan if self.arm.is_ccd else 0,
-                            overscan=overscan if self.arm.is_ccd else 0, extra=header)
+                            overscan=overscan if self.arm.is_ccd else 0, extra=header,
+                            night_offset=self.night_offset)
 
     def write_frame(self, outdir: str | os.PathLike, frame_type: str, exptime: float = 0.0,
                     index: int = 0, **kwargs: Any) -> tuple[Path, dict[str, Any]]:

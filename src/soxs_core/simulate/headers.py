@@ -20,7 +20,8 @@ from soxs_core.detector.instruments import Arm
 from soxs_core.simulate._common import PIXEL_SIZE_UM, ReadoutMode
 
 __all__ = ["FrameKind", "FRAME_KINDS", "frame_kind", "build_header", "default_mjd",
-           "NIGHT_ORIGIN", "raw_file_name", "slit_keyword", "sof_tag", "SOXS_LAMP_NAMES"]
+           "NIGHT_ORIGIN", "night_of", "template_start", "raw_file_name", "slit_keyword",
+           "sof_tag", "SOXS_LAMP_NAMES"]
 
 #: UTC origin of the default simulated night (2026-11-21 at La Silla / Paranal): science is
 #: taken a few hours after this instant, day-time calibrations the following morning, so that
@@ -101,9 +102,28 @@ def sof_tag(arm: Arm, name: str) -> str:
     return f"{frame_kind(name, arm).dpr_type.replace(',', '_')}_{arm.name}"
 
 
-def default_mjd(kind: FrameKind, index: int, exptime: float, overhead: float = 60.0) -> float:
-    """MJD-OBS of frame ``index`` of a type: its block start plus ``index`` exposure cycles."""
-    return _NIGHT_ORIGIN_MJD + kind.hours / 24.0 + index * (exptime + overhead) / 86400.0
+def default_mjd(kind: FrameKind, index: int, exptime: float, overhead: float = 60.0,
+                night_offset: float = 0.0) -> float:
+    """MJD-OBS of frame ``index`` of a type: its block start plus ``index`` exposure cycles.
+
+    ``night_offset`` (days) moves the whole night: whole days to another night, a fraction
+    of a day within it.
+    """
+    return (_NIGHT_ORIGIN_MJD + night_offset + kind.hours / 24.0
+            + index * (exptime + overhead) / 86400.0)
+
+
+def template_start(kind: FrameKind, night_offset: float = 0.0) -> str:
+    """``ESO TPL START`` of a frame type's template: the start of its block of the night
+    (every frame of the block shares it)."""
+    mjd = _NIGHT_ORIGIN_MJD + night_offset + kind.hours / 24.0
+    return Time(mjd, format="mjd", scale="utc").isot[:19]
+
+
+def night_of(mjd: float) -> str:
+    """Observing night ``YYYY-MM-DD`` of an ``MJD-OBS``: the UTC date 12 h earlier (the
+    convention of :class:`soxs_archive.model.FrameRecord`)."""
+    return Time(float(mjd) - 0.5, format="mjd", scale="utc").isot[:10]
 
 
 def slit_keyword(arm: Arm) -> str:
@@ -227,7 +247,8 @@ def _detector_cards(arm: Arm, mode: ReadoutMode, binx: int, biny: int, exptime: 
 def build_header(arm: Arm, mode: ReadoutMode, kind: FrameKind, *, binx: int, biny: int,
                  exptime: float, mjd: float, index: int, gain: float, read_noise: float,
                  raw_shape: tuple[int, int], prescan: int, overscan: int,
-                 extra: Mapping[str, Any] | None = None) -> fits.Header:
+                 extra: Mapping[str, Any] | None = None,
+                 night_offset: float = 0.0) -> fits.Header:
     """Primary header of a simulated raw frame.
 
     Parameters
@@ -250,6 +271,8 @@ def build_header(arm: Arm, mode: ReadoutMode, kind: FrameKind, *, binx: int, bin
         Widths (raw columns) of the prescan/overscan strips.
     extra : mapping, optional
         Extra or overriding keywords (``key -> value`` or ``key -> (value, comment)``).
+    night_offset : float
+        Days by which the night is moved (:func:`default_mjd`); sets ``ESO TPL START``.
 
     Returns
     -------
@@ -284,6 +307,7 @@ def build_header(arm: Arm, mode: ReadoutMode, kind: FrameKind, *, binx: int, bin
         ("ESO TPL ID", tpl_prefix + arm_tpl, "Template signature ID"),
         ("ESO TPL NAME", arm_tpl, "Template name"),
         ("ESO TPL EXPNO", index + 1, "Exposure number within template"),
+        ("ESO TPL START", template_start(kind, night_offset), "TPL start time"),
         (slit_keyword(arm), "Blind" if kind.name in ("BIAS", "DARK") and xsh else
          ("BLANK" if kind.name in ("BIAS", "DARK") else ("1.0x11" if xsh else "SLIT1.0")),
          "Slit / mask"),

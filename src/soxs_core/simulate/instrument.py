@@ -491,7 +491,7 @@ class InstrumentSimulator:
         of the night (frame index 0 of the flat block, default exposure time)."""
         kind = frame_kind(self.flat_kinds()[0][0], self.arm)
         exptime = FLAT_EXPTIME[self.arm.code]
-        return default_mjd(kind, 0, exptime), exptime
+        return default_mjd(kind, 0, exptime, night_offset=self.detector.night_offset), exptime
 
     def order_table(self, edges: bool = False, mjd: float | None = None,
                     exptime: float | None = None) -> fits.HDUList:

@@ -125,7 +125,7 @@ def truth_calibration_header(sim, catg: str, frame_type: str, exptime: float,
     kind = frame_kind(frame_type, arm)
     exptime = 0.0 if kind.name == "BIAS" else float(exptime)
     if mjd is None:
-        mjd = default_mjd(kind, index, exptime)
+        mjd = default_mjd(kind, index, exptime, night_offset=det.night_offset)
     # the flats' slit keyword is the scene's, which the stare input checks compare
     raw = sim.raw_header(kind.name, exptime, index, mjd=mjd)
     date = Time(mjd, format="mjd", scale="utc").isot[:19]
