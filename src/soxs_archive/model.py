@@ -19,7 +19,8 @@ class FrameRecord:
     path : str
         Absolute path of the file.
     checksum : str
-        Hex digest of the file's bytes (duplicates share it).
+        Hex digest of the file's FITS bytes, of the expanded stream for ``.gz``/``.Z`` files
+        (duplicates, compressed copies included, share it).
     size, mtime : int, float
         As ``os.stat`` gave them when the file was read (a rescan rereads a file only when
         they change).
@@ -50,8 +51,9 @@ class FrameRecord:
     mjd : float
         ``MJD-OBS``.
     night : str
-        Observing night ``YYYY-MM-DD``: the date of ``MJD-OBS`` minus 12 h (ESO's night
-        convention: a night's calibrations of the next morning belong to it).
+        Observing night ``YYYY-MM-DD``: the date of ``MJD-OBS`` minus 15 h (noon to noon
+        in Chile, so that a night's calibrations of the next morning, which the simulator
+        takes up to 13:30 UT, belong to it; :func:`soxs_archive.catalogue.night_of`).
     template : str
         ``ESO TPL START`` (frames of one template share it); empty when absent.
     problem : str
