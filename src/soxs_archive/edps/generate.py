@@ -430,7 +430,8 @@ def _wrapped(items: Sequence[str], indent: int, width: int = 99) -> str:
     lines, line = [], "["
     for index, item in enumerate(items):
         text = item + (", " if index < len(items) - 1 else "]")
-        if len(line) + len(text.rstrip()) + indent > width and line.strip("["):
+        used = len(line) + (0 if lines else indent)
+        if used + len(text.rstrip()) > width and line.strip("["):
             lines.append(line.rstrip())
             line = " " * (indent + 1)
         line += text

@@ -46,33 +46,27 @@ raw_stare_object_vis = (data_source("RAW_STARE_OBJECT_VIS")
     .with_classification_rule(cls.object_vis_class)
     .with_classification_rule(cls.object_async_vis_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_binx, kwd.det_biny,
-                             kwd.det_read_curname, kwd.ins_vise_name,
-                             kwd.exptime, kwd.tpl_start])
+                             kwd.det_read_curname, kwd.ins_vise_name, kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_binx, kwd.det_biny,
-                          kwd.det_read_curname, kwd.ins_vise_name,
-                          kwd.exptime])
+                          kwd.det_read_curname, kwd.ins_vise_name, kwd.exptime])
     .build())
 
 raw_stare_std_flux_vis = (data_source("RAW_STARE_STD_FLUX_VIS")
     .with_classification_rule(cls.std_flux_vis_class)
     .with_classification_rule(cls.std_vis_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_binx, kwd.det_biny,
-                             kwd.det_read_curname, kwd.ins_vise_name,
-                             kwd.exptime, kwd.tpl_start])
+                             kwd.det_read_curname, kwd.ins_vise_name, kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_binx, kwd.det_biny,
-                          kwd.det_read_curname, kwd.ins_vise_name,
-                          kwd.exptime])
+                          kwd.det_read_curname, kwd.ins_vise_name, kwd.exptime])
     .build())
 
 raw_stare_std_telluric_vis = (data_source("RAW_STARE_STD_TELLURIC_VIS")
     .with_classification_rule(cls.std_telluric_vis_class)
     .with_classification_rule(cls.std_sky_vis_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_binx, kwd.det_biny,
-                             kwd.det_read_curname, kwd.ins_vise_name,
-                             kwd.exptime, kwd.tpl_start])
+                             kwd.det_read_curname, kwd.ins_vise_name, kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_binx, kwd.det_biny,
-                          kwd.det_read_curname, kwd.ins_vise_name,
-                          kwd.exptime])
+                          kwd.det_read_curname, kwd.ins_vise_name, kwd.exptime])
     .build())
 
 order_tab_vis_files = (data_source("ORDER_TAB_VIS_FILES")
@@ -126,8 +120,7 @@ raw_stare_object_nir = (data_source("RAW_STARE_OBJECT_NIR")
     .with_classification_rule(cls.object_nir_class)
     .with_classification_rule(cls.object_async_nir_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_read_curname,
-                             kwd.ins_nise_name, kwd.exptime,
-                             kwd.tpl_start])
+                             kwd.ins_nise_name, kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_read_curname, kwd.ins_nise_name,
                           kwd.exptime])
     .build())
@@ -136,8 +129,7 @@ raw_stare_std_flux_nir = (data_source("RAW_STARE_STD_FLUX_NIR")
     .with_classification_rule(cls.std_flux_nir_class)
     .with_classification_rule(cls.std_nir_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_read_curname,
-                             kwd.ins_nise_name, kwd.exptime,
-                             kwd.tpl_start])
+                             kwd.ins_nise_name, kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_read_curname, kwd.ins_nise_name,
                           kwd.exptime])
     .build())
@@ -146,8 +138,7 @@ raw_stare_std_telluric_nir = (data_source("RAW_STARE_STD_TELLURIC_NIR")
     .with_classification_rule(cls.std_telluric_nir_class)
     .with_classification_rule(cls.std_sky_nir_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_read_curname,
-                             kwd.ins_nise_name, kwd.exptime,
-                             kwd.tpl_start])
+                             kwd.ins_nise_name, kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_read_curname, kwd.ins_nise_name,
                           kwd.exptime])
     .build())

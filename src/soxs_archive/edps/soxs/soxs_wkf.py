@@ -103,9 +103,8 @@ soxs_stare_std_flux_vis_task = (task("soxs_stare_std_flux_vis")
                            max_ret=1,
                            match_rules=rules.match_vis_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_vis_class, cls.skysub_vis_class, cls.skymodel_vis_class,
-                        cls.skysub_residuals_vis_class,
-                        cls.object_tab_vis_class, cls.resp_tab_vis_class,
-                        cls.efficiency_tab_vis_class)
+                        cls.skysub_residuals_vis_class, cls.object_tab_vis_class,
+                        cls.resp_tab_vis_class, cls.efficiency_tab_vis_class)
     .with_meta_targets([QC1_CALIB])
     .build())
 
@@ -140,9 +139,8 @@ soxs_stare_std_flux_nir_task = (task("soxs_stare_std_flux_nir")
                            max_ret=1,
                            match_rules=rules.match_nir_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_nir_class, cls.skysub_nir_class, cls.skymodel_nir_class,
-                        cls.skysub_residuals_nir_class,
-                        cls.object_tab_nir_class, cls.resp_tab_nir_class,
-                        cls.efficiency_tab_nir_class)
+                        cls.skysub_residuals_nir_class, cls.object_tab_nir_class,
+                        cls.resp_tab_nir_class, cls.efficiency_tab_nir_class)
     .with_meta_targets([QC1_CALIB])
     .build())
 
@@ -178,8 +176,7 @@ soxs_stare_object_vis_task = (task("soxs_stare_object_vis")
                            max_ret=1,
                            match_rules=rules.match_vis_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_vis_class, cls.skysub_vis_class, cls.skymodel_vis_class,
-                        cls.skysub_residuals_vis_class,
-                        cls.object_tab_vis_class)
+                        cls.skysub_residuals_vis_class, cls.object_tab_vis_class)
     .with_meta_targets([SCIENCE])
     .build())
 
@@ -215,8 +212,7 @@ soxs_stare_std_telluric_vis_task = (task("soxs_stare_std_telluric_vis")
                            max_ret=1,
                            match_rules=rules.match_vis_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_vis_class, cls.skysub_vis_class, cls.skymodel_vis_class,
-                        cls.skysub_residuals_vis_class,
-                        cls.object_tab_vis_class)
+                        cls.skysub_residuals_vis_class, cls.object_tab_vis_class)
     .with_meta_targets([SCIENCE])
     .build())
 
@@ -252,8 +248,7 @@ soxs_stare_object_nir_task = (task("soxs_stare_object_nir")
                            max_ret=1,
                            match_rules=rules.match_nir_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_nir_class, cls.skysub_nir_class, cls.skymodel_nir_class,
-                        cls.skysub_residuals_nir_class,
-                        cls.object_tab_nir_class)
+                        cls.skysub_residuals_nir_class, cls.object_tab_nir_class)
     .with_meta_targets([SCIENCE])
     .build())
 
@@ -289,7 +284,6 @@ soxs_stare_std_telluric_nir_task = (task("soxs_stare_std_telluric_nir")
                            max_ret=1,
                            match_rules=rules.match_nir_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_nir_class, cls.skysub_nir_class, cls.skymodel_nir_class,
-                        cls.skysub_residuals_nir_class,
-                        cls.object_tab_nir_class)
+                        cls.skysub_residuals_nir_class, cls.object_tab_nir_class)
     .with_meta_targets([SCIENCE])
     .build())

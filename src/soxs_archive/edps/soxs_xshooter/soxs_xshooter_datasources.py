@@ -28,8 +28,7 @@ raw_mdark_uvb = (data_source("RAW_MDARK_UVB")
     .with_classification_rule(cls.dark_uvb_class)
     .with_classification_rule(cls.dark_uvb_shoot_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_win1_binx,
-                             kwd.det_win1_biny, kwd.det_read_speed,
-                             kwd.exptime])
+                             kwd.det_win1_biny, kwd.det_read_speed, kwd.exptime])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_win1_binx, kwd.det_win1_biny,
                           kwd.det_read_speed, kwd.exptime])
     .with_min_group_size(3)
@@ -41,8 +40,7 @@ raw_mflat_uvb = (data_source("RAW_MFLAT_UVB")
     .with_classification_rule(cls.lamp_qflat_uvb_class)
     .with_classification_rule(cls.lamp_qflat_uvb_shoot_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_win1_binx,
-                             kwd.det_win1_biny, kwd.det_read_speed,
-                             kwd.ins_opti3_name])
+                             kwd.det_win1_biny, kwd.det_read_speed, kwd.ins_opti3_name])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_win1_binx, kwd.det_win1_biny,
                           kwd.det_read_speed, kwd.ins_opti3_name])
     .with_min_group_size(5)
@@ -54,12 +52,10 @@ raw_stare_object_uvb = (data_source("RAW_STARE_OBJECT_UVB")
     .with_classification_rule(cls.object_async_uvb_class)
     .with_classification_rule(cls.object_async_uvb_shoot_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_win1_binx,
-                             kwd.det_win1_biny, kwd.det_read_speed,
-                             kwd.ins_opti3_name, kwd.exptime,
-                             kwd.tpl_start])
+                             kwd.det_win1_biny, kwd.det_read_speed, kwd.ins_opti3_name,
+                             kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_win1_binx, kwd.det_win1_biny,
-                          kwd.det_read_speed, kwd.ins_opti3_name,
-                          kwd.exptime])
+                          kwd.det_read_speed, kwd.ins_opti3_name, kwd.exptime])
     .build())
 
 raw_stare_std_flux_uvb = (data_source("RAW_STARE_STD_FLUX_UVB")
@@ -68,12 +64,10 @@ raw_stare_std_flux_uvb = (data_source("RAW_STARE_STD_FLUX_UVB")
     .with_classification_rule(cls.std_uvb_class)
     .with_classification_rule(cls.std_uvb_shoot_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_win1_binx,
-                             kwd.det_win1_biny, kwd.det_read_speed,
-                             kwd.ins_opti3_name, kwd.exptime,
-                             kwd.tpl_start])
+                             kwd.det_win1_biny, kwd.det_read_speed, kwd.ins_opti3_name,
+                             kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_win1_binx, kwd.det_win1_biny,
-                          kwd.det_read_speed, kwd.ins_opti3_name,
-                          kwd.exptime])
+                          kwd.det_read_speed, kwd.ins_opti3_name, kwd.exptime])
     .build())
 
 raw_stare_std_telluric_uvb = (data_source("RAW_STARE_STD_TELLURIC_UVB")
@@ -82,12 +76,10 @@ raw_stare_std_telluric_uvb = (data_source("RAW_STARE_STD_TELLURIC_UVB")
     .with_classification_rule(cls.std_sky_uvb_class)
     .with_classification_rule(cls.std_sky_uvb_shoot_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_win1_binx,
-                             kwd.det_win1_biny, kwd.det_read_speed,
-                             kwd.ins_opti3_name, kwd.exptime,
-                             kwd.tpl_start])
+                             kwd.det_win1_biny, kwd.det_read_speed, kwd.ins_opti3_name,
+                             kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_win1_binx, kwd.det_win1_biny,
-                          kwd.det_read_speed, kwd.ins_opti3_name,
-                          kwd.exptime])
+                          kwd.det_read_speed, kwd.ins_opti3_name, kwd.exptime])
     .build())
 
 order_tab_uvb_files = (data_source("ORDER_TAB_UVB_FILES")
@@ -136,8 +128,7 @@ raw_mdark_vis = (data_source("RAW_MDARK_VIS")
     .with_classification_rule(cls.dark_vis_class)
     .with_classification_rule(cls.dark_vis_shoot_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_win1_binx,
-                             kwd.det_win1_biny, kwd.det_read_speed,
-                             kwd.exptime])
+                             kwd.det_win1_biny, kwd.det_read_speed, kwd.exptime])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_win1_binx, kwd.det_win1_biny,
                           kwd.det_read_speed, kwd.exptime])
     .with_min_group_size(3)
@@ -147,8 +138,7 @@ raw_mflat_vis = (data_source("RAW_MFLAT_VIS")
     .with_classification_rule(cls.lamp_flat_vis_class)
     .with_classification_rule(cls.flat_lamp_vis_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_win1_binx,
-                             kwd.det_win1_biny, kwd.det_read_speed,
-                             kwd.ins_opti4_name])
+                             kwd.det_win1_biny, kwd.det_read_speed, kwd.ins_opti4_name])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_win1_binx, kwd.det_win1_biny,
                           kwd.det_read_speed, kwd.ins_opti4_name])
     .with_min_group_size(5)
@@ -160,12 +150,10 @@ raw_stare_object_vis = (data_source("RAW_STARE_OBJECT_VIS")
     .with_classification_rule(cls.object_async_vis_class)
     .with_classification_rule(cls.object_async_vis_shoot_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_win1_binx,
-                             kwd.det_win1_biny, kwd.det_read_speed,
-                             kwd.ins_opti4_name, kwd.exptime,
-                             kwd.tpl_start])
+                             kwd.det_win1_biny, kwd.det_read_speed, kwd.ins_opti4_name,
+                             kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_win1_binx, kwd.det_win1_biny,
-                          kwd.det_read_speed, kwd.ins_opti4_name,
-                          kwd.exptime])
+                          kwd.det_read_speed, kwd.ins_opti4_name, kwd.exptime])
     .build())
 
 raw_stare_std_flux_vis = (data_source("RAW_STARE_STD_FLUX_VIS")
@@ -174,12 +162,10 @@ raw_stare_std_flux_vis = (data_source("RAW_STARE_STD_FLUX_VIS")
     .with_classification_rule(cls.std_vis_class)
     .with_classification_rule(cls.std_vis_shoot_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_win1_binx,
-                             kwd.det_win1_biny, kwd.det_read_speed,
-                             kwd.ins_opti4_name, kwd.exptime,
-                             kwd.tpl_start])
+                             kwd.det_win1_biny, kwd.det_read_speed, kwd.ins_opti4_name,
+                             kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_win1_binx, kwd.det_win1_biny,
-                          kwd.det_read_speed, kwd.ins_opti4_name,
-                          kwd.exptime])
+                          kwd.det_read_speed, kwd.ins_opti4_name, kwd.exptime])
     .build())
 
 raw_stare_std_telluric_vis = (data_source("RAW_STARE_STD_TELLURIC_VIS")
@@ -188,12 +174,10 @@ raw_stare_std_telluric_vis = (data_source("RAW_STARE_STD_TELLURIC_VIS")
     .with_classification_rule(cls.std_sky_vis_class)
     .with_classification_rule(cls.std_sky_vis_shoot_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_win1_binx,
-                             kwd.det_win1_biny, kwd.det_read_speed,
-                             kwd.ins_opti4_name, kwd.exptime,
-                             kwd.tpl_start])
+                             kwd.det_win1_biny, kwd.det_read_speed, kwd.ins_opti4_name,
+                             kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_win1_binx, kwd.det_win1_biny,
-                          kwd.det_read_speed, kwd.ins_opti4_name,
-                          kwd.exptime])
+                          kwd.det_read_speed, kwd.ins_opti4_name, kwd.exptime])
     .build())
 
 order_tab_vis_files = (data_source("ORDER_TAB_VIS_FILES")
@@ -256,8 +240,7 @@ raw_stare_object_nir = (data_source("RAW_STARE_OBJECT_NIR")
     .with_classification_rule(cls.object_async_nir_class)
     .with_classification_rule(cls.object_async_nir_shoot_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_ncorrs_name,
-                             kwd.ins_opti5_name, kwd.exptime,
-                             kwd.tpl_start])
+                             kwd.ins_opti5_name, kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_ncorrs_name, kwd.ins_opti5_name,
                           kwd.exptime])
     .build())
@@ -268,8 +251,7 @@ raw_stare_std_flux_nir = (data_source("RAW_STARE_STD_FLUX_NIR")
     .with_classification_rule(cls.std_nir_class)
     .with_classification_rule(cls.std_nir_shoot_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_ncorrs_name,
-                             kwd.ins_opti5_name, kwd.exptime,
-                             kwd.tpl_start])
+                             kwd.ins_opti5_name, kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_ncorrs_name, kwd.ins_opti5_name,
                           kwd.exptime])
     .build())
@@ -280,8 +262,7 @@ raw_stare_std_telluric_nir = (data_source("RAW_STARE_STD_TELLURIC_NIR")
     .with_classification_rule(cls.std_sky_nir_class)
     .with_classification_rule(cls.std_sky_nir_shoot_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_ncorrs_name,
-                             kwd.ins_opti5_name, kwd.exptime,
-                             kwd.tpl_start])
+                             kwd.ins_opti5_name, kwd.exptime, kwd.tpl_start])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_ncorrs_name, kwd.ins_opti5_name,
                           kwd.exptime])
     .build())

@@ -60,8 +60,7 @@ soxs_mflat_uvb_task = (task("soxs_mflat_uvb")
                            max_ret=1,
                            match_rules=rules.match_uvb_within_7_nights)
     .with_output_filter(cls.master_flat_uvb_class, cls.master_flat_uvb_shoot_class,
-                        cls.order_tab_uvb_class,
-                        cls.order_tab_uvb_shoot_class)
+                        cls.order_tab_uvb_class, cls.order_tab_uvb_shoot_class)
     .with_meta_targets([QC1_CALIB])
     .build())
 
@@ -90,8 +89,7 @@ soxs_mflat_vis_task = (task("soxs_mflat_vis")
                            max_ret=1,
                            match_rules=rules.match_vis_within_7_nights)
     .with_output_filter(cls.master_flat_vis_class, cls.master_flat_vis_shoot_class,
-                        cls.order_tab_vis_class,
-                        cls.order_tab_vis_shoot_class)
+                        cls.order_tab_vis_class, cls.order_tab_vis_shoot_class)
     .with_meta_targets([QC1_CALIB])
     .build())
 
@@ -108,8 +106,7 @@ soxs_mflat_nir_task = (task("soxs_mflat_nir")
                            max_ret=1,
                            match_rules=rules.match_nir_within_7_nights)
     .with_output_filter(cls.master_flat_nir_class, cls.master_flat_nir_shoot_class,
-                        cls.order_tab_nir_class,
-                        cls.order_tab_nir_shoot_class)
+                        cls.order_tab_nir_class, cls.order_tab_nir_shoot_class)
     .with_meta_targets([QC1_CALIB])
     .build())
 
@@ -144,16 +141,11 @@ soxs_stare_std_flux_uvb_task = (task("soxs_stare_std_flux_uvb")
                            max_ret=1,
                            match_rules=rules.match_uvb_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_uvb_class, cls.sci_slit_flux_uvb_shoot_class,
-                        cls.skysub_uvb_class, cls.skysub_uvb_shoot_class,
-                        cls.skymodel_uvb_class,
-                        cls.skymodel_uvb_shoot_class,
-                        cls.skysub_residuals_uvb_class,
-                        cls.skysub_residuals_uvb_shoot_class,
-                        cls.object_tab_uvb_class,
-                        cls.object_tab_uvb_shoot_class,
-                        cls.resp_tab_uvb_class,
-                        cls.resp_tab_uvb_shoot_class,
-                        cls.efficiency_tab_uvb_class,
+                        cls.skysub_uvb_class, cls.skysub_uvb_shoot_class, cls.skymodel_uvb_class,
+                        cls.skymodel_uvb_shoot_class, cls.skysub_residuals_uvb_class,
+                        cls.skysub_residuals_uvb_shoot_class, cls.object_tab_uvb_class,
+                        cls.object_tab_uvb_shoot_class, cls.resp_tab_uvb_class,
+                        cls.resp_tab_uvb_shoot_class, cls.efficiency_tab_uvb_class,
                         cls.efficiency_tab_uvb_shoot_class)
     .with_meta_targets([QC1_CALIB])
     .build())
@@ -189,16 +181,11 @@ soxs_stare_std_flux_vis_task = (task("soxs_stare_std_flux_vis")
                            max_ret=1,
                            match_rules=rules.match_vis_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_vis_class, cls.sci_slit_flux_vis_shoot_class,
-                        cls.skysub_vis_class, cls.skysub_vis_shoot_class,
-                        cls.skymodel_vis_class,
-                        cls.skymodel_vis_shoot_class,
-                        cls.skysub_residuals_vis_class,
-                        cls.skysub_residuals_vis_shoot_class,
-                        cls.object_tab_vis_class,
-                        cls.object_tab_vis_shoot_class,
-                        cls.resp_tab_vis_class,
-                        cls.resp_tab_vis_shoot_class,
-                        cls.efficiency_tab_vis_class,
+                        cls.skysub_vis_class, cls.skysub_vis_shoot_class, cls.skymodel_vis_class,
+                        cls.skymodel_vis_shoot_class, cls.skysub_residuals_vis_class,
+                        cls.skysub_residuals_vis_shoot_class, cls.object_tab_vis_class,
+                        cls.object_tab_vis_shoot_class, cls.resp_tab_vis_class,
+                        cls.resp_tab_vis_shoot_class, cls.efficiency_tab_vis_class,
                         cls.efficiency_tab_vis_shoot_class)
     .with_meta_targets([QC1_CALIB])
     .build())
@@ -234,16 +221,11 @@ soxs_stare_std_flux_nir_task = (task("soxs_stare_std_flux_nir")
                            max_ret=1,
                            match_rules=rules.match_nir_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_nir_class, cls.sci_slit_flux_nir_shoot_class,
-                        cls.skysub_nir_class, cls.skysub_nir_shoot_class,
-                        cls.skymodel_nir_class,
-                        cls.skymodel_nir_shoot_class,
-                        cls.skysub_residuals_nir_class,
-                        cls.skysub_residuals_nir_shoot_class,
-                        cls.object_tab_nir_class,
-                        cls.object_tab_nir_shoot_class,
-                        cls.resp_tab_nir_class,
-                        cls.resp_tab_nir_shoot_class,
-                        cls.efficiency_tab_nir_class,
+                        cls.skysub_nir_class, cls.skysub_nir_shoot_class, cls.skymodel_nir_class,
+                        cls.skymodel_nir_shoot_class, cls.skysub_residuals_nir_class,
+                        cls.skysub_residuals_nir_shoot_class, cls.object_tab_nir_class,
+                        cls.object_tab_nir_shoot_class, cls.resp_tab_nir_class,
+                        cls.resp_tab_nir_shoot_class, cls.efficiency_tab_nir_class,
                         cls.efficiency_tab_nir_shoot_class)
     .with_meta_targets([QC1_CALIB])
     .build())
@@ -280,12 +262,9 @@ soxs_stare_object_uvb_task = (task("soxs_stare_object_uvb")
                            max_ret=1,
                            match_rules=rules.match_uvb_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_uvb_class, cls.sci_slit_flux_uvb_shoot_class,
-                        cls.skysub_uvb_class, cls.skysub_uvb_shoot_class,
-                        cls.skymodel_uvb_class,
-                        cls.skymodel_uvb_shoot_class,
-                        cls.skysub_residuals_uvb_class,
-                        cls.skysub_residuals_uvb_shoot_class,
-                        cls.object_tab_uvb_class,
+                        cls.skysub_uvb_class, cls.skysub_uvb_shoot_class, cls.skymodel_uvb_class,
+                        cls.skymodel_uvb_shoot_class, cls.skysub_residuals_uvb_class,
+                        cls.skysub_residuals_uvb_shoot_class, cls.object_tab_uvb_class,
                         cls.object_tab_uvb_shoot_class)
     .with_meta_targets([SCIENCE])
     .build())
@@ -322,12 +301,9 @@ soxs_stare_std_telluric_uvb_task = (task("soxs_stare_std_telluric_uvb")
                            max_ret=1,
                            match_rules=rules.match_uvb_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_uvb_class, cls.sci_slit_flux_uvb_shoot_class,
-                        cls.skysub_uvb_class, cls.skysub_uvb_shoot_class,
-                        cls.skymodel_uvb_class,
-                        cls.skymodel_uvb_shoot_class,
-                        cls.skysub_residuals_uvb_class,
-                        cls.skysub_residuals_uvb_shoot_class,
-                        cls.object_tab_uvb_class,
+                        cls.skysub_uvb_class, cls.skysub_uvb_shoot_class, cls.skymodel_uvb_class,
+                        cls.skymodel_uvb_shoot_class, cls.skysub_residuals_uvb_class,
+                        cls.skysub_residuals_uvb_shoot_class, cls.object_tab_uvb_class,
                         cls.object_tab_uvb_shoot_class)
     .with_meta_targets([SCIENCE])
     .build())
@@ -364,12 +340,9 @@ soxs_stare_object_vis_task = (task("soxs_stare_object_vis")
                            max_ret=1,
                            match_rules=rules.match_vis_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_vis_class, cls.sci_slit_flux_vis_shoot_class,
-                        cls.skysub_vis_class, cls.skysub_vis_shoot_class,
-                        cls.skymodel_vis_class,
-                        cls.skymodel_vis_shoot_class,
-                        cls.skysub_residuals_vis_class,
-                        cls.skysub_residuals_vis_shoot_class,
-                        cls.object_tab_vis_class,
+                        cls.skysub_vis_class, cls.skysub_vis_shoot_class, cls.skymodel_vis_class,
+                        cls.skymodel_vis_shoot_class, cls.skysub_residuals_vis_class,
+                        cls.skysub_residuals_vis_shoot_class, cls.object_tab_vis_class,
                         cls.object_tab_vis_shoot_class)
     .with_meta_targets([SCIENCE])
     .build())
@@ -406,12 +379,9 @@ soxs_stare_std_telluric_vis_task = (task("soxs_stare_std_telluric_vis")
                            max_ret=1,
                            match_rules=rules.match_vis_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_vis_class, cls.sci_slit_flux_vis_shoot_class,
-                        cls.skysub_vis_class, cls.skysub_vis_shoot_class,
-                        cls.skymodel_vis_class,
-                        cls.skymodel_vis_shoot_class,
-                        cls.skysub_residuals_vis_class,
-                        cls.skysub_residuals_vis_shoot_class,
-                        cls.object_tab_vis_class,
+                        cls.skysub_vis_class, cls.skysub_vis_shoot_class, cls.skymodel_vis_class,
+                        cls.skymodel_vis_shoot_class, cls.skysub_residuals_vis_class,
+                        cls.skysub_residuals_vis_shoot_class, cls.object_tab_vis_class,
                         cls.object_tab_vis_shoot_class)
     .with_meta_targets([SCIENCE])
     .build())
@@ -448,12 +418,9 @@ soxs_stare_object_nir_task = (task("soxs_stare_object_nir")
                            max_ret=1,
                            match_rules=rules.match_nir_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_nir_class, cls.sci_slit_flux_nir_shoot_class,
-                        cls.skysub_nir_class, cls.skysub_nir_shoot_class,
-                        cls.skymodel_nir_class,
-                        cls.skymodel_nir_shoot_class,
-                        cls.skysub_residuals_nir_class,
-                        cls.skysub_residuals_nir_shoot_class,
-                        cls.object_tab_nir_class,
+                        cls.skysub_nir_class, cls.skysub_nir_shoot_class, cls.skymodel_nir_class,
+                        cls.skymodel_nir_shoot_class, cls.skysub_residuals_nir_class,
+                        cls.skysub_residuals_nir_shoot_class, cls.object_tab_nir_class,
                         cls.object_tab_nir_shoot_class)
     .with_meta_targets([SCIENCE])
     .build())
@@ -490,12 +457,9 @@ soxs_stare_std_telluric_nir_task = (task("soxs_stare_std_telluric_nir")
                            max_ret=1,
                            match_rules=rules.match_nir_within_30_nights)
     .with_output_filter(cls.sci_slit_flux_nir_class, cls.sci_slit_flux_nir_shoot_class,
-                        cls.skysub_nir_class, cls.skysub_nir_shoot_class,
-                        cls.skymodel_nir_class,
-                        cls.skymodel_nir_shoot_class,
-                        cls.skysub_residuals_nir_class,
-                        cls.skysub_residuals_nir_shoot_class,
-                        cls.object_tab_nir_class,
+                        cls.skysub_nir_class, cls.skysub_nir_shoot_class, cls.skymodel_nir_class,
+                        cls.skymodel_nir_shoot_class, cls.skysub_residuals_nir_class,
+                        cls.skysub_residuals_nir_shoot_class, cls.object_tab_nir_class,
                         cls.object_tab_nir_shoot_class)
     .with_meta_targets([SCIENCE])
     .build())
