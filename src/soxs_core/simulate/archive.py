@@ -330,7 +330,7 @@ def _place_run(outdir: Path, run: _Run, orders: list[int] | None, seed: int,
     work = scratch / f"{night}_{run.arm.code}_{run.binning}"
     res = simulate_night(work, run.arm.code, run.binning, "slow", seed, orders=orders,
                          science_exptime=run.science_exptime, night_offset=offset,
-                         **run.counts)
+                         write_truth=keep_truth, **run.counts)
     raw_dir = outdir / "raw" / night
     raw_dir.mkdir(parents=True, exist_ok=True)
     entries = []

@@ -245,7 +245,8 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
                    std_exptime: float | None = None, n_telluric: int = 0,
                    telluric_exptime: float | None = None, orders=None,
                    scene: SceneParameters | None = None, write_models: bool = False,
-                   relative_sof: bool = False, **detector_kwargs: Any) -> NightResult:
+                   relative_sof: bool = False, write_truth: bool = True,
+                   **detector_kwargs: Any) -> NightResult:
     """Simulate one arm's night and write it to ``outdir``.
 
     Parameters
@@ -279,8 +280,13 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
         Also write the noiseless expected images of every illuminated frame (large).
     relative_sof : bool
         Write SOF paths relative to ``outdir`` instead of absolute.
+    write_truth : bool
+        Write the truth (``truth/`` but ``summary.json``, the ``*_truth.sof``); without it
+        only raw frames, calib/ tables and the recipes' SOFs (faster, for archives).
     **detector_kwargs
-        Detector-model overrides (``cosmic_rate``, ``gain``...).
+        Detector-model overrides (``cosmic_rate``, ``gain``...; ``night_offset``: days by
+        which every time of the night is moved, :class:`~soxs_core.simulate.detector.
+        DetectorSimulator`).
 
     Returns
     -------
@@ -354,10 +360,11 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
         for _ in range(count):
             hdul, info = sim.make_science(index, exptime, kind)
             record(kind, hdul, info)
-        if count:
+        if count and write_truth:
             table = sim.object_truth_table(kind, exptime)
             res.truth[kind] = write(fits.HDUList([fits.PrimaryHDU(), table]),
                                     truth_dir / truth_names[kind])
+        if count:
             if write_models:
                 m = sim.science_model(kind, exptime).images
                 models.append((kind.lower(), {k.upper(): v for k, v in m.items()}))
@@ -375,43 +382,44 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
     res.calib["DISP_IMAGE"] = write(sim.disp_image(*when),
                                     calib_dir / f"DISP_IMAGE_{tag}.fits")
 
-    # ---- truth
-    res.truth["detector"] = write_detector_truth(sim, truth_dir / "detector_truth.fits")
-    res.truth["order_tab"] = write(sim.order_table(edges=True, mjd=when[0], exptime=when[1]),
-                                   truth_dir / f"order_tab_truth_{tag.lower()}.fits")
-    res.truth["order_edges"] = write(order_edges_truth(sim),
-                                     truth_dir / f"order_edges_truth_{tag.lower()}.fits")
-    if n_flat:
-        for _, lamp in sim.flat_kinds():
-            res.truth[f"scattered_{lamp.lower()}"] = write(
-                scattered_truth(sim, lamp, when[1]),
-                truth_dir / f"scattered_light_{lamp.lower()}.fits")
-    # the calibrations a perfect chain would give; they inherit the headers of the night's
-    # first bias / dark / flat, as the recipes' products do
-    first_frames: dict[str, tuple[int, float, float]] = {}
-    for f in res.frames:
-        first_frames.setdefault(f["frame_type"], (f["index"], f["mjd"], f["exptime"]))
-    # NIR: a dark of each standard's exposure time too (raw - dark must have no offset)
     stare_exptimes = {"OBJECT": science_exptime, "STD_FLUX": std_exptime,
                       "STD_TELLURIC": telluric_exptime}
-    extra = () if a.is_ccd else tuple(float(stare_exptimes[k]) for k in stare_exptimes
-                                      if res.raw.get(k))
-    for catg, path in write_truth_calibrations(sim, truth_dir / "calibs", science_exptime,
-                                               first_frames, extra).items():
-        res.truth[catg.lower()] = path
-    res.truth["cosmics"] = write(fits.HDUList([fits.PrimaryHDU()] + cosmic_hdus),
-                                 truth_dir / "cosmics.fits")
-    keys = list(res.frames[0]) if res.frames else []
-    ftab = fits.BinTableHDU.from_columns([
-        fits.Column(name=k, format="64A" if isinstance(res.frames[0][k], str) else
-                    ("K" if isinstance(res.frames[0][k], int) else "D"),
-                    array=np.array([f[k] for f in res.frames])) for k in keys], name="FRAMES")
-    res.truth["frames"] = write(fits.HDUList([fits.PrimaryHDU(), ftab]),
-                                truth_dir / "frames.fits")
-    for name, images in models:
-        hdus = [fits.PrimaryHDU()] + [fits.ImageHDU(v, name=k) for k, v in images.items()]
-        res.truth[f"model_{name}"] = write(fits.HDUList(hdus),
-                                           truth_dir / f"model_{name}.fits")
+    # ---- truth
+    if write_truth:
+        res.truth["detector"] = write_detector_truth(sim, truth_dir / "detector_truth.fits")
+        res.truth["order_tab"] = write(sim.order_table(edges=True, mjd=when[0], exptime=when[1]),
+                                       truth_dir / f"order_tab_truth_{tag.lower()}.fits")
+        res.truth["order_edges"] = write(order_edges_truth(sim),
+                                         truth_dir / f"order_edges_truth_{tag.lower()}.fits")
+        if n_flat:
+            for _, lamp in sim.flat_kinds():
+                res.truth[f"scattered_{lamp.lower()}"] = write(
+                    scattered_truth(sim, lamp, when[1]),
+                    truth_dir / f"scattered_light_{lamp.lower()}.fits")
+        # the calibrations a perfect chain would give; they inherit the headers of the night's
+        # first bias / dark / flat, as the recipes' products do
+        first_frames: dict[str, tuple[int, float, float]] = {}
+        for f in res.frames:
+            first_frames.setdefault(f["frame_type"], (f["index"], f["mjd"], f["exptime"]))
+        # NIR: a dark of each standard's exposure time too (raw - dark must have no offset)
+        extra = () if a.is_ccd else tuple(float(stare_exptimes[k]) for k in stare_exptimes
+                                          if res.raw.get(k))
+        for catg, path in write_truth_calibrations(sim, truth_dir / "calibs", science_exptime,
+                                                   first_frames, extra).items():
+            res.truth[catg.lower()] = path
+        res.truth["cosmics"] = write(fits.HDUList([fits.PrimaryHDU()] + cosmic_hdus),
+                                     truth_dir / "cosmics.fits")
+        keys = list(res.frames[0]) if res.frames else []
+        ftab = fits.BinTableHDU.from_columns([
+            fits.Column(name=k, format="64A" if isinstance(res.frames[0][k], str) else
+                        ("K" if isinstance(res.frames[0][k], int) else "D"),
+                        array=np.array([f[k] for f in res.frames])) for k in keys], name="FRAMES")
+        res.truth["frames"] = write(fits.HDUList([fits.PrimaryHDU(), ftab]),
+                                    truth_dir / "frames.fits")
+        for name, images in models:
+            hdus = [fits.PrimaryHDU()] + [fits.ImageHDU(v, name=k) for k, v in images.items()]
+            res.truth[f"model_{name}"] = write(fits.HDUList(hdus),
+                                               truth_dir / f"model_{name}.fits")
 
     # ---- SOFs
     mbias = product_path(outdir, "soxs_mbias", "MASTER_BIAS", tag)
@@ -448,7 +456,7 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
     truth_calibs = [(res.truth["master_flat"], f"MASTER_FLAT_{tag}"),
                     (res.truth["order_tab"], f"ORDER_TAB_{tag}"),
                     (res.calib["DISP_TAB"], f"DISP_TAB_{tag}"),
-                    (res.calib["DISP_IMAGE"], f"DISP_IMAGE_{tag}")]
+                    (res.calib["DISP_IMAGE"], f"DISP_IMAGE_{tag}")] if write_truth else []
     for kind, name in (("OBJECT", "stare"), ("STD_FLUX", "std"), ("STD_TELLURIC", "telluric")):
         if res.raw.get(kind):
             entries = [(p, sof_tag(a, kind)) for p in res.raw[kind]]
@@ -459,6 +467,8 @@ def simulate_night(outdir: str | os.PathLike, arm: str = "xsh_vis", binning: str
                           f"RESP_TAB_{tag}")]
             res.sofs[name] = _sof(outdir / f"{name}.sof", entries + stare_calibs + extra,
                                   outdir, relative_sof)
+            if not write_truth:
+                continue
             if a.is_ccd:
                 first = [(res.truth["master_bias"], f"MASTER_BIAS_{tag}")]
             else:

@@ -316,8 +316,15 @@ def disp_image_hdul(fmt: EchelleFormat, orders=None, mjd: float | None = None,
 
 
 def write(hdul: fits.HDUList, path: str | os.PathLike) -> Path:
-    """Write an HDU list with checksums; returns the path."""
+    """Write an HDU list with checksums; returns the path.
+
+    The checksum cards say the primary header's ``DATE-OBS`` instead of the writing time,
+    so that the same seed writes the same bytes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: hdul.writeto(tmp, overwrite=True, checksum=True))
+    stamp = str(hdul[0].header.get("DATE-OBS", ""))[:19]
+    for hdu in hdul:
+        hdu.add_checksum(when=f"HDU checksum updated {stamp}".rstrip())
+    write_atomically(path, lambda tmp: hdul.writeto(tmp, overwrite=True))
     return path
