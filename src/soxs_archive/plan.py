@@ -322,9 +322,13 @@ def _best(candidates: list[_Candidate], night: str, mjd: float) -> _Candidate | 
 
 def _associate(draft: _Draft, done: list[_Draft], calibs: list[FrameRecord],
                windows: Mapping[str, int]) -> None:
+    """Add the step's calibrations; a required one missing, or made by a step that cannot
+    run, makes the step impossible (``draft.impossible``, naming every missing one)."""
     step = draft.step
     first = draft.first
     taken: set[str] = set()
+    missing: list[str] = []
+    blocked = ""
     for inp in draft.spec.inputs:
         if (inp.group != "CALIB" or step.arm not in inp.arms or not inp.associate
                 or inp.stem in taken):
@@ -343,9 +347,10 @@ def _associate(draft: _Draft, done: list[_Draft], calibs: list[FrameRecord],
                         and all(_matches(k, v, other.value(k)) for k, v in wanted.items())):
                     reason = (f"from step {other.step.step_id} "
                               f"({_distance_text(step.night, other.step.night, window)})")
-                    candidates.append(_Candidate(path, other.step.night, other.first.mjd,
-                                                 reason, other.step.step_id,
-                                                 other.impossible))
+                    if inp.required or not other.impossible:  # optional: only if it runs
+                        candidates.append(_Candidate(path, other.step.night, other.first.mjd,
+                                                     reason, other.step.step_id,
+                                                     other.impossible))
         chosen = _best(candidates, step.night, first.mjd)
         if chosen is None:
             found = [_Candidate(r.path, r.night, r.mjd, f"PRO CATG {tag} among the inputs ("
@@ -356,11 +361,9 @@ def _associate(draft: _Draft, done: list[_Draft], calibs: list[FrameRecord],
                      and all(_matches(k, v, _value(r, k)) for k, v in wanted.items())]
             chosen = _best(found, step.night, first.mjd)
         if chosen is None:
-            if inp.required and not draft.impossible:
-                matching = f" ({_describe_setup(wanted)})" if wanted else ""
-                draft.impossible = (f"no {tag}{matching} within {window} night(s) of "
-                                    f"{step.night}: no step makes one and no file with PRO "
-                                    f"CATG {tag} is among the inputs")
+            if inp.required:
+                setup = f"{_describe_setup(wanted)}; " if wanted else ""
+                missing.append(f"{tag} ({setup}validity {window} nights)")
             continue
         if matching_text := _describe_setup(wanted):
             chosen.reason += f", matching {matching_text}"
@@ -368,9 +371,14 @@ def _associate(draft: _Draft, done: list[_Draft], calibs: list[FrameRecord],
                                      upstream=chosen.upstream))
         if chosen.upstream and chosen.upstream not in step.upstream:
             step.upstream.append(chosen.upstream)
-        if chosen.blocked and not draft.impossible:
-            draft.impossible = f"needs {tag} of step {chosen.upstream}, which cannot run " \
-                               f"({chosen.blocked})"
+        if chosen.blocked and not blocked:
+            blocked = f"needs {tag} of step {chosen.upstream}, which cannot run " \
+                      f"({chosen.blocked})"
+    if missing:
+        draft.impossible = (f"no {', no '.join(missing)} for {step.night}: no step makes "
+                            "one and no file among the inputs has that PRO CATG")
+    elif blocked:
+        draft.impossible = blocked
 
 
 def make_plan(records: Iterable[FrameRecord], workspace: str | os.PathLike,
