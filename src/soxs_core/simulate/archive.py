@@ -22,8 +22,9 @@ Night ``k`` of ``nights`` (day offsets from the simulator's default night) is th
 the simulator's night is moved by ``k`` days and 3 h earlier (standards from 22:00 UT,
 science until the early morning, day-time calibrations before 12:00 UT), so that the
 calibrations of the next morning fall before noon UT; ESO's own convention (noon local
-time, ``- 15 h``) gives the same nights.  ``MJD-OBS``, ``DATE-OBS``, ``UTC``, ``ARCFILE``
-and ``ESO TPL START`` move with the night, so do the upstream tables' dates.  The arms of
+time, ``MJD-OBS - 15 h``, that of :mod:`soxs_archive.catalogue`) gives the same nights.
+``MJD-OBS``, ``DATE-OBS``, ``UTC``, ``ARCFILE`` and ``ESO TPL START`` move with the night,
+so do the upstream tables' dates.  The arms of
 one instrument are 2 s apart so that no two frames share an ``ARCFILE``.  Each night of a
 detector has its own noise; the detector itself (bias structure, hot pixels) is the same.
 
@@ -55,7 +56,7 @@ All paths are relative to the archive directory, ``/``-separated.  Top level::
     parameters    the arguments (seed, arms, day offsets, orders per arm, frame counts)
     nights        the night names, in order ("2026-11-21", ...)
     night_convention
-                  "night = UTC date of MJD-OBS - 12 h"
+                  "night = UTC date of MJD-OBS - 12 h (or - 15 h: the same nights)"
     files         one entry per file of the archive (below)
     steps         the reduction steps an organiser must find (below), upstream first
     impossible_steps
@@ -175,7 +176,8 @@ class ArchiveTruth:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(format=TRUTH_FORMAT, parameters=self.parameters, nights=self.nights,
-                    night_convention="night = UTC date of MJD-OBS - 12 h", files=self.files,
+                    night_convention="night = UTC date of MJD-OBS - 12 h (or - 15 h: the same "
+                    "nights)", files=self.files,
                     steps=self.steps, impossible_steps=self.impossible_steps,
                     seconds=round(self.seconds, 1))
 
