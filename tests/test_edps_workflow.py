@@ -4,6 +4,8 @@ SOFs of simulated nights, imported under a test double of EDPS (tests/edps_doubl
 from __future__ import annotations
 
 import dataclasses
+import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from soxs_archive.edps.generate import (
     edps_keyword,
     generated_texts,
     header_keywords,
+    main,
     shipped_texts,
 )
 from soxs_archive.plan import validity_windows
@@ -153,6 +156,37 @@ def test_a_declaration_change_changes_the_workflow(tmp_path):
         assert ("exptime" in bias.main_input.grouping) is expect_change
 
 
+def test_generate_command_checks_and_rewrites(tmp_path, capsys):
+    """``--check`` names every stale file and exits 1; without it the files are rewritten
+    and a stray module removed."""
+    for package in WORKFLOW_PACKAGES.values():
+        shutil.copytree(WORKFLOW_DIR / package, tmp_path / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    where = ["--directory", str(tmp_path)]
+    assert main(["--check", *where]) == 0
+    edited = tmp_path / "soxs" / "soxs_wkf.py"
+    edited.write_text(edited.read_text() + "# edited by hand\n")
+    stray = tmp_path / "soxs_xshooter" / "soxs_xshooter_old.py"
+    stray.write_text("")
+    capsys.readouterr()
+    assert main(["--check", *where]) == 1
+    err = capsys.readouterr().err
+    assert str(edited) in err and str(stray) in err
+    assert main(where) == 0
+    assert not stray.exists()
+    assert main(["--check", *where]) == 0
+    assert shipped_texts(tmp_path) == shipped_texts()
+
+
+def test_a_declaration_without_header_keywords_is_refused_in_one_line(monkeypatch, capsys):
+    mbias = RECIPES["soxs_mbias"].SPEC
+    monkeypatch.setitem(RECIPES, "soxs_mbias", types.SimpleNamespace(
+        SPEC=dataclasses.replace(mbias, group_by=("lamp",))))
+    assert main(["--check"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "'lamp'" in err
+
+
 # ----------------------------------------------------------------------------- declarations
 def test_every_recipe_run_is_a_task(workflows):
     """Every frame type a recipe's RAW input takes on an arm is the main input of exactly one
@@ -249,13 +283,19 @@ def test_frames_get_the_tags_of_the_nights_sofs(night, workflows, code):
 @pytest.mark.parametrize("code", NIGHT_ARMS)
 def test_grouping_and_association_give_the_nights_sofs(night, workflows, code):
     """Each SOF's raw frames are one job of one task (grouped by the recorded grouping
-    keywords), and its calibrations are what that task associates: every one it lists is an
-    associated input, every associated input with min_ret > 0 is listed."""
+    keywords; the same frames a night later are other jobs), and its calibrations are what
+    that task associates: every one it lists is an associated input, every associated input
+    with min_ret > 0 is listed."""
     recorded = workflows[ARMS[code].instrument]
     files = [edps_double.HeaderFile(fits.getheader(p), str(p.resolve()))
              for p in (night / code / "raw").glob("*.fits")]
     jobs = [(t, {f.path for f in group}) for t in recorded.tasks
             for group in t.main_input.groups(files)]
+    next_night = [edps_double.HeaderFile({**f.header, "MJD-OBS": f.header["MJD-OBS"] + 1},
+                                         f.path + " next night") for f in files]
+    for task in recorded.tasks:
+        assert len(task.main_input.groups(files + next_night)) == 2 * len(
+            task.main_input.groups(files)), f"{task.name}: nights mixed in one job"
     for sof in _sofs(night, code):
         entries = [(str(Path(p).resolve()), tag) for p, tag in frames_from_sof(sof)]
         raw = {p for p, _ in entries if Path(p).parent.name == "raw"}

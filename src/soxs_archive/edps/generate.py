@@ -37,6 +37,7 @@ from types import ModuleType
 
 from soxs_core.detector.instruments import ARMS, INSTRUMENT_NAMES, Arm, slit_keyword
 from soxs_core.detector.rawframe import FRAME_TYPES
+from soxs_core.errors import InputError
 from soxs_recipes.framework import InputSpec, OutputSpec, RecipeSpec
 
 __all__ = ["WORKFLOW_PACKAGES", "Workflow", "build_workflow", "render_workflow",
@@ -632,16 +633,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--directory", type=Path, default=_HERE,
                         help="workflow directory to write (default: the installed one)")
     args = parser.parse_args(argv)
+    try:
+        return _update(args.directory, args.check)
+    except (InputError, ValueError, OSError) as exc:
+        # association.yaml unreadable, a declaration key without keywords, an unwritable file
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _update(directory: Path, check: bool) -> int:
     wanted = generated_texts()
-    have = shipped_texts(args.directory)
+    have = shipped_texts(directory)
     stale = sorted(p for p in set(wanted) | set(have) if wanted.get(p) != have.get(p))
-    if args.check:
+    if check:
         for path in stale:
-            print(f"{args.directory / path}: differs from what the declarations give",
+            print(f"{directory / path}: differs from what the declarations give",
                   file=sys.stderr)
         return 1 if stale else 0
     for path in stale:
-        target = args.directory / path
+        target = directory / path
         if path in wanted:
             _write_atomically(target, wanted[path])
         else:
