@@ -255,7 +255,7 @@ def _group(spec: RecipeSpec, raws: list[FrameRecord], unused: dict[str, str],
                    and not spec.raw_inputs_separately]
         if short or missing:
             for record, _ in members:
-                unused[record.path] = (short + missing)[0]
+                unused[record.path] = f"{record.path}: {(short + missing)[0]}"
             continue
         arm_obj = get_arm(instrument, arm)
         label = _setup_label(spec, setup, kind)
