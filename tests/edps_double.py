@@ -68,7 +68,7 @@ class HeaderFile:
 
 
 # ----------------------------------------------------------------------------- rules
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity, as objects of a workflow
 class ClassificationRule:
     name: str
     condition: Mapping[str, Any] | Callable[[Any], bool]
@@ -98,7 +98,7 @@ class MatchLevel:
     level: int
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity, as objects of a workflow
 class MatchRules:
     levels: list[MatchLevel] = field(default_factory=list)
 
@@ -115,7 +115,7 @@ def match_rules() -> MatchRules:
 
 
 # ----------------------------------------------------------------------------- data sources
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity, as objects of a workflow
 class DataSource:
     name: str
     rules: list[ClassificationRule] = field(default_factory=list)
@@ -173,7 +173,7 @@ class Association:
     match_rules: MatchRules | None
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity, as objects of a workflow
 class Task:
     name: str
     recipe: str = ""

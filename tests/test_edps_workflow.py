@@ -13,7 +13,7 @@ from astropy.io import fits
 
 import edps_double
 import soxs_archive.edps
-from soxs_archive.catalogue import read_record
+from soxs_archive.catalogue import Catalogue, read_record
 from soxs_archive.edps.generate import (
     WORKFLOW_PACKAGES,
     edps_keyword,
@@ -22,7 +22,7 @@ from soxs_archive.edps.generate import (
     main,
     shipped_texts,
 )
-from soxs_archive.plan import validity_windows
+from soxs_archive.plan import make_plan, validity_windows
 from soxs_core.detector.instruments import ARMS, INSTRUMENT_NAMES
 from soxs_core.detector.rawframe import FRAME_TYPES, frame_type_from_dpr
 from soxs_core.simulate.cli import main as simulate
@@ -307,6 +307,75 @@ def test_grouping_and_association_give_the_nights_sofs(night, workflows, code):
         needed = {tag for a in task.associations if a.min_ret > 0 for tag in _tag(a)}
         assert listed <= offered, f"{sof.name}: {listed - offered} not associated"
         assert needed <= listed, f"{sof.name}: {needed - listed} required but not listed"
+
+
+def _serves(keywords, wanted: edps_double.HeaderFile, offered: edps_double.HeaderFile) -> bool:
+    return all(offered.get_keyword_value(k) == wanted.get_keyword_value(k) for k in keywords)
+
+
+def _jobs(recorded, files, calibs):
+    """Every job of the night (task, its files) and, for each, the tags of its required
+    associated inputs nothing serves: no job of the associated task whose first frame (whose
+    header its products inherit) has the job's values of the match keywords, or no such
+    calibration file.  A job taking a product of a job that cannot run cannot run."""
+    jobs, missing = [], {}
+    for t in recorded.tasks:  # upstream tasks come first
+        for group in t.main_input.groups(files):
+            job = (t, frozenset(f.path for f in group))
+            lacking = set()
+            for a in t.associations:
+                keywords = a.match_rules.levels[0].keywords
+                if isinstance(a.source, edps_double.Task):
+                    offers = [members[0] for (other, paths), members in jobs
+                              if other is a.source and not missing[(other, paths)]]
+                else:
+                    offers = [c for c in calibs if any(r.matches(c) for r in a.source.rules)]
+                if a.min_ret > 0 and not any(_serves(keywords, group[0], o) for o in offers):
+                    lacking |= _tag(a)
+            jobs.append((job, group))
+            missing[job] = lacking
+    return missing
+
+
+@pytest.mark.parametrize("code", NIGHT_ARMS)
+def test_the_organisers_plan_is_what_the_workflow_does(night, workflows, code, tmp_path):
+    """soxs-reduce's plan of the night (soxs_archive.plan) and the workflow agree: each step
+    is one job of a task of its recipe, its calibrations are that task's associated inputs
+    (the required ones all there), a calibration a step takes from another step comes from
+    the task whose job that step is, and the steps that cannot run are the jobs whose required
+    calibrations no job or file matches."""
+    recorded = workflows[ARMS[code].instrument]
+    with Catalogue(tmp_path) as catalogue:
+        records = catalogue.scan([night / code / "raw", night / code / "calib"])
+    plan = make_plan(records, tmp_path)
+    headers = {str(p.resolve()): edps_double.HeaderFile(fits.getheader(p), str(p.resolve()))
+               for p in _night_files(night, code)}
+    files = [f for path, f in headers.items() if Path(path).parent.name == "raw"]
+    calibs = [f for path, f in headers.items() if Path(path).parent.name == "calib"]
+    missing = _jobs(recorded, files, calibs)
+    raw_of = {s.step_id: frozenset(str(Path(i.path).resolve()) for i in s.inputs
+                                   if Path(i.path).parent.name == "raw") for s in plan.steps}
+    for unused in plan.unused_frames:
+        if " cannot run: " in unused.reason:
+            step_id = unused.reason.split(": its step ", 1)[1].split(" ", 1)[0]
+            raw_of[step_id] = raw_of.get(step_id, frozenset()) | {unused.what}
+    job_of = {paths: t for t, paths in missing}
+    assert set(raw_of.values()) == set(job_of), "steps and jobs differ"
+    impossible = {s.what for s in plan.impossible_steps}
+    assert impossible == {step for step, paths in raw_of.items()
+                          if missing[(job_of[paths], paths)]}
+    for step in plan.steps:
+        task = job_of[raw_of[step.step_id]]
+        assert task.recipe == step.recipe, step.step_id
+        taken = [i for i in step.inputs if Path(i.path).parent.name != "raw"]
+        for inp in taken:
+            providers = [a for a in task.associations if inp.tag in _tag(a)]
+            assert providers, f"{step.step_id}: {inp.tag} is no associated input"
+            if inp.upstream:
+                assert job_of[raw_of[inp.upstream]] in [a.source for a in providers], (
+                    f"{step.step_id}: {inp.tag} of {inp.upstream}")
+        needed = {tag for a in task.associations if a.min_ret > 0 for tag in _tag(a)}
+        assert needed <= {i.tag for i in taken}, step.step_id
 
 
 @pytest.mark.parametrize("code", NIGHT_ARMS)
