@@ -287,6 +287,12 @@ def build_workflow(instrument: str, recipes: Mapping[str, ModuleType | RecipeSpe
     validity : mapping, optional
         Validity windows (nights) by catg stem overriding ``calib/static/association.yaml``,
         as ``soxs-reduce`` takes them (:func:`soxs_archive.plan.validity_windows`).
+
+    Returns
+    -------
+    Workflow
+        Its rules, association rules, data sources and tasks (upstream tasks first), which
+        :func:`render_workflow` writes out.
     """
     from soxs_archive.plan import validity_windows
 
