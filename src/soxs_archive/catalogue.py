@@ -76,6 +76,10 @@ class ScanCounts:
     def read(self) -> int:
         return self.new + self.reread
 
+    def __str__(self) -> str:
+        return (f"{self.new} new, {self.reread} changed and read again, {self.unchanged} "
+                f"unchanged (not read), {self.dropped} vanished")
+
 
 class Catalogue:
     """The frame catalogue of a workspace.

@@ -257,7 +257,6 @@ def _group(spec: RecipeSpec, raws: list[FrameRecord], unused: dict[str, str],
             for record, _ in members:
                 unused[record.path] = f"{record.path}: {(short + missing)[0]}"
             continue
-        arm_obj = get_arm(instrument, arm)
         label = _setup_label(spec, setup, kind)
         step = Step(step_id=f"{night}_{arm}_{label}_{spec.name}" if label else
                     f"{night}_{arm}_{spec.name}", recipe=spec.name, night=night,
