@@ -15,6 +15,7 @@ from astropy.io import fits
 from archive_data import small_archive
 from soxs_archive.catalogue import Catalogue, ScanCounts
 from soxs_archive.model import FrameRecord
+from soxs_core.errors import InputError
 
 #: problems of the truth manifest that the catalogue reports (a setup nobody calibrated is
 #: the plan's business)
@@ -208,3 +209,14 @@ def test_a_truncated_gzip_stream_is_unusable(archive, tmp_path):
     cut.write_bytes(packed.read_bytes()[:os.path.getsize(packed) // 2])
     record, = Catalogue(tmp_path / "workspace").scan([tmp_path / "in"])
     assert record.problem.startswith(f"{cut}: ") and "truncated" in record.problem
+
+
+def test_a_missing_directory_is_refused_in_one_line(tmp_path):
+    with pytest.raises(InputError, match=f"^{tmp_path / 'nowhere'}: no such directory$"):
+        Catalogue(tmp_path / "workspace").scan([tmp_path / "nowhere"])
+
+
+def test_a_corrupt_catalogue_is_refused_in_one_line(tmp_path):
+    (tmp_path / "catalogue.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(InputError, match="catalogue.sqlite: unusable catalogue database"):
+        Catalogue(tmp_path)
