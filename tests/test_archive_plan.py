@@ -262,3 +262,31 @@ def test_the_planned_sofs_run_unchanged(night_plan):
         assert runner.run(["--output-dir", step.output_dir, recipe, step.sof]) == 0
         for path, _ in step.products:
             assert Path(path).is_file()
+
+
+def _usable(records, frame_type: str):
+    return [r for r in records if r.frame_type == frame_type and not r.problem
+            and r.binning == "1x1"]
+
+
+def test_templates_make_separate_steps_named_by_their_first_frame(records, tmp_path):
+    science = _usable(records, "OBJECT")[0]
+    later = dataclasses.replace(science, path=science.path + ".later.fits",
+                                mjd=science.mjd + 1 / 24, template="2026-11-22T02:00:00")
+    plan = make_plan([r for r in records if r.path != science.path] + [science, later],
+                     tmp_path)
+    steps = [s for s in plan.steps if _raw_paths(s) & {science.path, later.path}]
+    assert [_raw_paths(s) for s in steps] == [{science.path}, {later.path}]
+    first, second = (s.step_id for s in steps)
+    assert first.rsplit("_", 1)[0] == second.rsplit("_", 1)[0]
+    assert re.fullmatch(r"T\d{6}", first.rsplit("_", 1)[1]) and first != second
+
+
+def test_raw_inputs_of_a_stare_step_are_never_mixed(records, tmp_path):
+    science, standard = _usable(records, "OBJECT")[0], _usable(records, "STD_FLUX")[0]
+    alike = dataclasses.replace(standard, night=science.night, exptime=science.exptime,
+                                template=science.template)
+    plan = make_plan([science, alike], tmp_path)
+    impossible = [u.what for u in plan.impossible_steps]  # no calibrations were given
+    assert len(impossible) == 2 and any("_OBJECT_" in w for w in impossible) and any(
+        "_STD_FLUX_" in w for w in impossible)
