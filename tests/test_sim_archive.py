@@ -295,3 +295,28 @@ def test_night_mode_is_unchanged(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("soxs-simulate: error: argument --arm")
     assert not (tmp_path / "archive").exists()
+
+
+def test_night_offset_moves_every_date(tmp_path, capsys):
+    """``soxs-simulate --night-offset N``: the same night N days later, with other noise."""
+    common = ["--arm", "soxs_nir", "--orders", "12", "--n-dark", "1", "--n-flat", "0",
+              "--n-science", "0", "--n-std", "0", "-q"]
+    frames = {}
+    for days in (0, 3):
+        night = tmp_path / f"night{days}"
+        assert main([str(night), "--night-offset", str(days), *common]) == 0
+        (path,) = (night / "raw").iterdir()
+        frames[days] = fits.getheader(path), fits.getdata(path), night
+    (h0, d0, n0), (h3, d3, n3) = frames[0], frames[3]
+    assert h3["MJD-OBS"] - h0["MJD-OBS"] == pytest.approx(3.0, abs=1e-7)
+    for h in (h0, h3):
+        t = Time(h["MJD-OBS"], format="mjd", scale="utc")
+        assert h["DATE-OBS"] == t.isot[:23] and h["ARCFILE"] == f"SOXS.{h['DATE-OBS']}.fits"
+    shifted = Time(Time(h0["ESO TPL START"], scale="utc").mjd + 3, format="mjd", scale="utc")
+    assert h3["ESO TPL START"] == shifted.isot[:19]
+    assert night_of(h3["MJD-OBS"]) == (date.fromisoformat(night_of(h0["MJD-OBS"]))
+                                       + timedelta(days=3)).isoformat()
+    table = fits.getheader(n3 / "calib" / "DISP_TAB_NIR.fits")
+    assert table["MJD-OBS"] - fits.getheader(n0 / "calib" / "DISP_TAB_NIR.fits")[
+        "MJD-OBS"] == pytest.approx(3.0, abs=1e-7)
+    assert (d0 != d3).mean() > 0.5  # another night's noise

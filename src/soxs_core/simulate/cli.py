@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--orders", type=opt.order_list, default=None,
                    help="illuminate only these orders of the arm, e.g. 20,21,22 "
                         "(default: all)")
+    p.add_argument("--night-offset", type=opt.number(int), default=0,
+                   help="move the night by this many days from the night of 2026-11-21 "
+                        "(MJD-OBS, DATE-OBS, ARCFILE, TPL START, the tables' dates); other "
+                        "noise, the same detector")
     p.add_argument("--models", action="store_true",
                    help="also write the noiseless model images (large)")
     p.add_argument("--relative-sof", action="store_true",
@@ -251,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 std_exptime=args.std_exptime, n_telluric=args.n_telluric,
                 telluric_exptime=args.telluric_exptime, orders=args.orders, scene=scene,
                 write_models=args.models, relative_sof=args.relative_sof,
-                cosmic_rate=args.cosmic_rate)
+                cosmic_rate=args.cosmic_rate, night_offset=args.night_offset)
             if not args.quiet:
                 n = sum(len(v) for v in res.raw.values())
                 print(f"{arm.code}: {n} raw frames, SOFs {', '.join(sorted(res.sofs))} "
