@@ -63,6 +63,8 @@ def test_frames_are_classified_as_the_simulator_wrote_them(archive, scanned):
         assert (record.frame_type, record.pro_catg) == (f["frame_type"], f["pro_catg"])
         if f["night"]:
             assert record.night == f["night"], f["path"]
+        if not f["compressed"]:
+            assert record.checksum == f["sha256"] and record.size == f["size"]
         if not f["pro_catg"]:
             for key, value in f["setup"].items():
                 assert getattr(record, key) == value, (f["path"], key)
