@@ -68,14 +68,6 @@ KNOWN_FAILURES = {
     ("counts", "soxs_nir", "truth_std"): "order 12 (K band) 1.0101 of the truth",
     ("counts", "soxs_nir", "truth_sci"): "order 12 (K band) 1.052: sky left under the object",
     ("sky", "soxs_nir", ""): "sky-only residual rms 1.12 x the photon noise",
-    ("science", "soxs_nir", "truth_sci"): "1.037 of the true flux (order 12's extra counts)",
-    ("counts", "xsh_vis", "truth_std"): "order 20 0.984 of the truth (0.994-1.000 in an "
-                                        "earlier run with a 40 px aperture)",
-    ("counts", "xsh_vis", "truth_sci"): "order 20 1.059 of the truth with the sky model of "
-                                        "commit 7fa26e0 (0.985-0.993 before)",
-    ("science", "xsh_vis", "truth_sci"): "1.041 of the true flux (order 20's counts)",
-    ("science", "xsh_vis", "sci"): "0.944 of the true flux with our own master flat (the "
-                                   "standard at the slit centre, the target 0.5\" off it)",
 }
 
 
