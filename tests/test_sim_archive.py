@@ -257,6 +257,9 @@ def test_same_seed_gives_the_same_archive(tmp_path, capsys):
     assert simulated(tmp_path / "b", 5) == a  # gzip, checksum cards, noise: all the same
     assert capsys.readouterr().out == ""  # -q
     other = simulated(tmp_path / "c", 6, "--no-mess")
+    # (without flats its science frame has no order table: that problem stays)
+    assert {f["problem_kind"] for f in other["files"]} <= {"", "no calibration"}
+    assert not any(f["compressed"] for f in other["files"])
     assert {f["sha256"] for f in other["files"] if f["path"].startswith("raw/")}.isdisjoint(
         f["sha256"] for f in a["files"] if f["path"].startswith("raw/"))
 
@@ -282,7 +285,10 @@ def test_bad_arguments_one_line(tmp_path, capsys, args, words):
 def test_bad_output_directory_one_line(tmp_path, capsys, archive):
     afile = tmp_path / "file"
     afile.write_text("x")
-    for outdir, words in ((afile, "not a directory"), (archive[0], "already holds")):
+    partial = tmp_path / "partial"
+    (partial / "raw").mkdir(parents=True)
+    for outdir, words in ((afile, "not a directory"), (archive[0], "already holds an"),
+                          (partial, "interrupted")):
         assert main(["archive", str(outdir)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(outdir) in err and words in err

@@ -13,6 +13,8 @@ what an archive holds::
                                      DISP_IMAGE and the order-centre ORDER_TAB, with PRO CATG
     archive_truth.json               the truth manifest below (written last, atomically: an
                                      archive without it is incomplete)
+    truth/<night>/<arm>_<binning>/   only with ``keep_truth``: the night simulator's truth
+                                     (not listed in the manifest)
 
 Nights and times
 ----------------
@@ -426,10 +428,14 @@ def _add_mess(outdir: Path, entries: list[dict[str, Any]], nights: list[str]) ->
     for e in raw:
         if e["extra"]:
             _truncate(outdir, e)
-    entries.append(_foreign_copy(outdir, next(e for e in first
-                                              if e["frame_type"] in ("BIAS", "DARK")
-                                              and not e["problem"])))
-    entries.append(_duplicate(outdir, next(e for e in first if e["frame_type"] == "OBJECT")))
+    # an archive with too few frames for a kind of mess goes without it
+    source = next((e for e in first if e["frame_type"] in ("BIAS", "DARK")
+                   and not e["problem"]), None)
+    if source is not None:
+        entries.append(_foreign_copy(outdir, source))
+    source = next((e for e in first if e["frame_type"] == "OBJECT"), None)
+    if source is not None:
+        entries.append(_duplicate(outdir, source))
     gz_night = nights[1] if len(nights) > 1 else nights[0]
     for e in raw:
         if (e["night"] == gz_night and e["frame_type"] in ("DARK", "STD_FLUX")
@@ -580,9 +586,12 @@ def _normalised_orders(arms: list[Arm], orders: int | Mapping[str, Sequence[int]
 def _prepare(outdir: Path) -> Path:
     if outdir.exists() and not outdir.is_dir():
         raise InputError(f"{outdir}: exists and is not a directory")
-    if (outdir / TRUTH_FILE).exists() or (outdir / "raw").exists():
-        raise InputError(f"{outdir}: already holds an archive (raw/ or {TRUTH_FILE}); "
-                         "choose a new directory")
+    if (outdir / TRUTH_FILE).exists():
+        raise InputError(f"{outdir}: already holds an archive ({TRUTH_FILE}); choose a new "
+                         "directory")
+    if (outdir / "raw").exists():
+        raise InputError(f"{outdir}: already holds raw/ without {TRUTH_FILE} (an interrupted "
+                         "simulation?); remove it or choose a new directory")
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
