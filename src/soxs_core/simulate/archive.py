@@ -63,7 +63,7 @@ All paths are relative to the archive directory, ``/``-separated.  Top level::
     steps         the reduction steps an organiser must find (below), upstream first
     impossible_steps
                   steps that cannot be made (the setup nobody calibrated): as ``steps``,
-                  plus ``missing``, the tags of the calibrations no night has
+                  plus ``missing``, the tags of the required calibrations no night has
     seconds       simulation time (differs between runs; everything else is reproducible)
 
 ``files[i]``::
@@ -113,7 +113,9 @@ The calibration inputs follow the night simulator's SOFs: mdark (UVB/VIS) takes 
 MASTER_BIAS; mflat the MASTER_BIAS (UVB/VIS) and calib/ ORDER_TAB; stare the MASTER_BIAS
 (UVB/VIS) or the MASTER_DARK of its exposure time (NIR), MASTER_FLAT and ORDER_TAB from
 mflat, calib/ DISP_TAB and DISP_IMAGE, and (science only) RESP_TAB of the night's flux
-standard.  Each comes from the same night when it has one, else from the nearest night
+standard.  Without MASTER_BIAS (mdark), ORDER_TAB (mflat), MASTER_FLAT, DISP_TAB or
+RESP_TAB (stare) a step runs without it (the recipes' declarations); without another it is
+impossible.  Each comes from the same night when it has one, else from the nearest night
 (the earlier on a tie), for the same arm and setup (binning and readout; NIR darks: the
 exposure time).
 """
@@ -456,24 +458,26 @@ _RECIPE_OF = {"BIAS": "soxs_mbias", "DARK": "soxs_mdark", "FLAT": "soxs_mflat",
 
 
 def _calibration_needs(arm: Arm, recipe: str, frame_type: str
-                       ) -> list[tuple[str, str, tuple[str, ...]]]:
-    """``(catg, source, match)`` of each calibration a step takes: ``source`` is the recipe
-    that makes it (and ``"calib"`` for the upstream tables)."""
+                       ) -> list[tuple[str, str, tuple[str, ...], bool]]:
+    """``(catg, source, match, required)`` of each calibration a step takes, as the night
+    simulator's SOFs give them: ``source`` is the recipe that makes it (``"calib"``: the
+    upstream tables); without a ``required`` one the step cannot run (the recipes'
+    declarations), without another it runs without it."""
     ccd = arm.is_ccd
     binned = ("binning", "readout")
+    bias = [("MASTER_BIAS", "soxs_mbias", binned, recipe != "soxs_mdark")] if ccd else []
     if recipe == "soxs_mdark":
-        return [("MASTER_BIAS", "soxs_mbias", binned)] if ccd else []
+        return bias
     if recipe == "soxs_mflat":
-        return ([("MASTER_BIAS", "soxs_mbias", binned)] if ccd else []) + [
-            ("ORDER_TAB", "calib", ())]
+        return bias + [("ORDER_TAB", "calib", (), False)]
     if recipe != "soxs_stare":
         return []
-    needs = [("MASTER_BIAS", "soxs_mbias", binned) if ccd else
-             ("MASTER_DARK", "soxs_mdark", ("exptime",)),
-             ("MASTER_FLAT", "soxs_mflat", binned), ("ORDER_TAB", "soxs_mflat", binned),
-             ("DISP_TAB", "calib", ()), ("DISP_IMAGE", "calib", ())]
+    dark = [] if ccd else [("MASTER_DARK", "soxs_mdark", ("exptime",), True)]
+    needs = bias + dark + [
+        ("MASTER_FLAT", "soxs_mflat", binned, False), ("ORDER_TAB", "soxs_mflat", binned, True),
+        ("DISP_TAB", "calib", (), False), ("DISP_IMAGE", "calib", (), True)]
     if frame_type == "OBJECT":
-        needs.append(("RESP_TAB", "soxs_stare", binned))
+        needs.append(("RESP_TAB", "soxs_stare", binned, False))
     return needs
 
 
@@ -542,15 +546,13 @@ def _expected_steps(entries: list[dict[str, Any]]
                          for e in frames],
                     calibrations=[])
         missing = []
-        for catg, source, match in _calibration_needs(arm, recipe, stare_kind):
+        for catg, source, match, required in _calibration_needs(arm, recipe, stare_kind):
             found = _find_calibration(step, frames[0]["setup"], catg, source, match, steps,
                                       calib)
-            if found is None:
-                missing.append(f"{catg}_{arm.name}")
-            else:
+            if found is not None:
                 step["calibrations"].append(found)
-        # a science frame without a flux standard is reduced without flux calibration
-        missing = [tag for tag in missing if tag != f"RESP_TAB_{arm.name}"]
+            elif required:
+                missing.append(f"{catg}_{arm.name}")
         if missing:
             s = frames[0]["setup"]
             what = " ".join(v for v in (arm.name, s["binning"], s["readout"]) if v)
