@@ -183,18 +183,23 @@ def main(argv: list[str] | None = None) -> int:
           f"steps, {len(truth.problems())} problem files")
     if args.simulate_only:
         return 0
-    if shutil.which(args.command.split()[0]) is None:
-        print(f"{args.command}: not found", file=sys.stderr)
+    command = args.command.split()
+    # the interpreter's own scripts directory when no virtual environment is active
+    found = shutil.which(command[0]) or shutil.which(command[0],
+                                                     path=str(Path(sys.executable).parent))
+    if found is None:
+        print(f"{command[0]}: not found", file=sys.stderr)
         return 1
+    command[0] = found
     rows = []
     workers = [int(w) for w in args.workers.split(",")]
     for n in workers:
         workspace = args.workdir / f"workspace_{args.orders}_{n}"
         shutil.rmtree(workspace, ignore_errors=True)
-        wall, rss, status = run_reduce(outdir, workspace, n, args.command.split())
+        wall, rss, status = run_reduce(outdir, workspace, n, command)
         rows.append(measure(workspace, n, wall, rss, status, n_frames))
         print(f"{n} worker(s): {wall:.1f} s, exit {status} (log {workspace}.log)")
-    wall, rss, status = run_reduce(outdir, workspace, workers[-1], args.command.split())
+    wall, rss, status = run_reduce(outdir, workspace, workers[-1], command)
     noop = measure(workspace, workers[-1], wall, rss, status, n_frames)
     report(rows, noop, args.frames_per_year, [int(m) for m in args.machines.split(",")],
            workers[-1])
