@@ -20,7 +20,8 @@
   (``StepResult.seconds``, measured in the workers), the engine's overhead
   ``N x wall - sum`` (worker-seconds not spent in recipes) and the parallel efficiency
   ``sum / (N x wall)``, the peak memory of each worker (largest ``peak_rss_mib`` of its
-  steps) and of the command itself (GNU time), the steps' status counts;
+  steps) and of the largest process of the run (GNU time: the command or a worker), the
+  steps' status counts;
 * extrapolates to a 10-year X-shooter archive: ``--frames-per-year`` raw frames a year
   (default 150 000, an assumption: about 400 raw files a day, day-time calibrations of
   three arms plus the night's science; not a figure from ESO's archive statistics) at the
@@ -144,7 +145,8 @@ def report(rows: list[dict[str, Any]], noop: dict[str, Any] | None, frames_per_y
               f"{peaks:>16} {r['exit']:>4}   steps {r['statuses']}")
         for line in r["failed"]:
             print(f"        {line}")
-        print(f"        soxs-reduce process itself: peak {r['command_peak_mib']:.0f} MiB")
+        # GNU time's figure is the largest of the command and its worker processes
+        print(f"        largest process of the run (GNU time): {r['command_peak_mib']:.0f} MiB")
     if noop is not None:
         print(f"rerun with every step up to date ({noop['workers']} workers): "
               f"{noop['wall_s']:.1f} s, steps {noop['statuses']}")

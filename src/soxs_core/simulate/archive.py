@@ -100,7 +100,8 @@ All paths are relative to the archive directory, ``/``-separated.  Top level::
     recipe        "soxs_mbias", "soxs_mdark", "soxs_mflat", "soxs_stare"
     night, instrument, arm, arm_code
     setup         the values its raw frames share: mbias binning, readout; mdark + exptime;
-                  mflat binning, readout, slit; stare binning, readout, slit, template
+                  mflat binning, readout, slit; stare binning, readout, slit,
+                  exptime, template
     raw           [{"path", "tag"}]: the raw frames (SOF tags as the night simulator's SOFs
                   give them: BIAS_VIS, LAMP_FLAT_NIR, OBJECT_VIS...)
     calibrations  [{"tag", "night", "same_night", "step" | "path"}]: each calibration the
@@ -450,7 +451,7 @@ def _add_mess(outdir: Path, entries: list[dict[str, Any]], nights: list[str]) ->
 _GROUP_BY = {"soxs_mbias": ("binning", "readout"),
              "soxs_mdark": ("binning", "readout", "exptime"),
              "soxs_mflat": ("binning", "readout", "slit"),
-             "soxs_stare": ("binning", "readout", "slit", "template")}
+             "soxs_stare": ("binning", "readout", "slit", "exptime", "template")}
 _REDUCTION_ORDER = ("soxs_mbias", "soxs_mdark", "soxs_mflat", "soxs_stare")
 _RECIPE_OF = {"BIAS": "soxs_mbias", "DARK": "soxs_mdark", "FLAT": "soxs_mflat",
               "DFLAT": "soxs_mflat", "QFLAT": "soxs_mflat", "FLAT_OFF": "soxs_mflat",
