@@ -965,16 +965,21 @@ def _expanded(sub: OrderExtraction, rows: np.ndarray, centre: np.ndarray,
 
 def aperture_correction(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.ndarray | None,
                         centre: np.ndarray, rows: np.ndarray, slit_length: float,
-                        lower: np.ndarray, upper: np.ndarray, margin: float = 1.0
-                        ) -> tuple[float, float]:
+                        lower: np.ndarray, upper: np.ndarray, margin: float = 1.0,
+                        wing_extent: float = 3.0) -> tuple[float, float]:
     """Ratio of the object's light on the whole slit to the light in the aperture.
 
     The aperture (full width ``slit_length`` binned px, fractional pixel weights as in
     :func:`extract_order`) misses the seeing wings; the sky-subtracted frame still holds
-    them.  Over the rows whose slit pixels are all usable, ``A = sum a D`` and
-    ``W = sum (1 - a) D`` over the pixels between ``lower + margin`` and ``upper - margin``
-    (the order's edges, binned across px, per row): the correction is ``(A + W) / A``, with
-    the error of ``W`` (the wings' own noise) propagated.
+    them.  Over the rows whose slit pixels are all usable (between ``lower + margin`` and
+    ``upper - margin``, the order's edges in binned across px): the wings are the pixels
+    within ``wing_extent`` half-apertures of the trace; the pixels beyond, the rest of the
+    slit, give the level ``b`` that the sky and background subtraction left (a median per
+    row, averaged), taken off every pixel, as in aperture photometry with a background
+    annulus, so that a residual of a tenth of an electron over the slit does not pass for
+    the wings of a faint source.  ``A = sum a (D - b)``, ``W = sum (1 - a) (D - b)`` over
+    the wing pixels; the correction is ``(A + W) / A``, with the error of ``W`` (the wings'
+    own noise) propagated.
 
     Parameters
     ----------
@@ -1021,6 +1026,14 @@ def aperture_correction(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.n
     a = np.clip(np.minimum(cols + 0.5, centre[:, None] + half)
                 - np.maximum(cols - 0.5, centre[:, None] - half), 0.0, 1.0)
     use = inside & complete[:, None]
+    near = np.abs(cols - centre[:, None]) <= wing_extent * half
+    far = use & ~near
+    level = 0.0
+    if np.count_nonzero(far) >= 20:
+        per_row = [np.median(d[i][far[i]]) for i in np.flatnonzero(far.sum(axis=1) >= 3)]
+        level = float(np.mean(per_row)) if per_row else 0.0
+    use &= near
+    d = d - level
     in_ap = float(np.sum(np.where(use, a * d, 0.0)))
     wings = float(np.sum(np.where(use, (1 - a) * d, 0.0)))
     wings_var = float(np.sum(np.where(use, (1 - a) ** 2 * v, 0.0)))
