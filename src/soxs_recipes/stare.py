@@ -41,8 +41,9 @@ PARAMS = (
           "order) of the aperture centred on the object trace: the optimal extraction's "
           "window and the boxcar's aperture.", minimum=3),
     Param("horne-extraction-aperture-correction", bool, "Scale each order's extracted "
-          "fluxes and errors by the ratio of the object's light on the whole slit to the "
-          "light in the aperture, measured on the sky-subtracted frame (the aperture misses "
+          "fluxes and errors by the ratio of the object's light within 3 half-apertures of "
+          "its trace to the light in the aperture, measured on the sky-subtracted frame "
+          "less the level left on the rest of the slit (the aperture misses "
           "the seeing wings: about 1 % with the default aperture and 0.8\" seeing); "
           "smoothed across the orders.  QC APCOR MEDIAN and APCOR O<N>."),
     Param("horne-extraction-profile-poly-order", int, "Degree along the dispersion of the "
