@@ -1,0 +1,41 @@
+"""The aperture correction against a known profile: a Moffat object on a flat residual level."""
+
+import numpy as np
+import pytest
+
+from soxs_core.extraction.horne import aperture_correction
+
+
+def _moffat_fraction(x0, x1, alpha, beta, n=4001):
+    x = np.linspace(x0, x1, n)
+    return x, (1 + (x / alpha) ** 2) ** (-beta)
+
+
+@pytest.mark.parametrize("level", [0.0, 0.3])
+def test_correction_is_the_true_wing_fraction(level):
+    rng = np.random.default_rng(3)
+    n_rows, n_cols, centre0 = 3000, 80, 40.3
+    alpha, beta, total = 3.0, 2.5, 2000.0
+    cols = np.arange(n_cols)
+    # pixel-integrated Moffat, normalised over a very wide range
+    fine, prof = _moffat_fraction(-400, 400, alpha, beta, 400001)
+    cdf = np.cumsum(prof)
+    cdf /= cdf[-1]
+
+    def frac(lo, hi):
+        return np.interp(hi, fine, cdf) - np.interp(lo, fine, cdf)
+
+    pix = frac(cols - 0.5 - centre0, cols + 0.5 - centre0)
+    truth = total * pix[None, :] * np.ones((n_rows, 1))
+    var = truth + 9.0
+    data = truth + level + rng.normal(0, 1, truth.shape) * np.sqrt(var)
+    slit_length = 12.0
+    half = slit_length / 2
+    rows = np.arange(n_rows)
+    centre = np.full(n_rows, centre0)
+    corr, err = aperture_correction(data, var, None, centre, rows, slit_length,
+                                    np.full(n_rows, 2.0), np.full(n_rows, 77.0))
+    # the truth: light within 3 half-apertures over the light in the aperture
+    want = frac(-3 * half, 3 * half) / frac(-half, half)
+    assert want > 1.01  # the wings matter
+    assert abs(corr - want) < 3 * err + 1e-3, (corr, want, err)
