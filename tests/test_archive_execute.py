@@ -51,7 +51,8 @@ def night(tmp_path_factory) -> Path:
     return out
 
 
-def night_plan(night: Path, workspace: Path, sofs=None, raw_dir: Path | None = None) -> Plan:
+def night_plan(night: Path, workspace: Path, sofs=None, raw_dir: Path | None = None,
+               arm=ARM) -> Plan:
     """The night's steps as a Plan of ``workspace``: each SOF rewritten into ``W/sof`` with
     the products of earlier steps read from their step directories (``raw_dir`` replaces
     the night's raw directory)."""
@@ -60,7 +61,9 @@ def night_plan(night: Path, workspace: Path, sofs=None, raw_dir: Path | None = N
     for sof_name, recipe in REDUCTION_STEPS:
         if sofs is not None and sof_name not in sofs:
             continue
-        step_id = f"{NIGHT}_VIS_2x2_slow_{sof_name}_{recipe}"
+        if not (night / f"{sof_name}.sof").is_file():
+            continue  # no bias on NIR
+        step_id = f"{NIGHT}_{arm.name}_2x2_slow_{sof_name}_{recipe}"
         out = workspace / "reduced" / step_id
         inputs = []
         for path_text, tag in frames_from_sof(night / f"{sof_name}.sof"):
@@ -74,12 +77,13 @@ def night_plan(night: Path, workspace: Path, sofs=None, raw_dir: Path | None = N
         sof = workspace / "sof" / f"{step_id}.sof"
         sof.parent.mkdir(parents=True, exist_ok=True)
         sof.write_text("".join(f"{i.path} {i.tag}\n" for i in inputs))
-        products = [(str(out / o.filename_for(ARM)), o.catg_for(ARM))
+        products = [(str(out / o.filename_for(arm)), o.catg_for(arm))
                     for o in recipe_module(recipe).SPEC.outputs
-                    if o.kind in ("image", "table") and o.written_for(ARM)
+                    if o.kind in ("image", "table") and o.written_for(arm)
                     and (not o.raw_inputs or sof_name == "std")]
         plan.steps.append(Step(
-            step_id=step_id, recipe=recipe, night=NIGHT, instrument="XSHOOTER", arm="VIS",
+            step_id=step_id, recipe=recipe, night=NIGHT, instrument=arm.instrument,
+            arm=arm.name,
             inputs=inputs, upstream=sorted({i.upstream for i in inputs if i.upstream}),
             sof=str(sof), output_dir=str(out), products=products))
         producer_of[step_dir(night, sof_name, recipe)] = step_id
@@ -189,6 +193,28 @@ def test_rerun_skips_every_step_and_touches_nothing(full_run):
     assert [r.products for r in again] == [r.products for r in results]
     assert [r.qc for r in again] == [r.qc for r in results]
     assert mtimes(plan) == before
+
+
+def test_a_nir_flat_made_with_lamp_off_frames_is_up_to_date_on_a_rerun(tmp_path):
+    """The lamp-off frames are inputs of the NIR master flat: its processing record names
+    them, so a rerun finds the product current (it used to redo the flat and all below)."""
+    night = tmp_path / "nir"
+    simulate_night(night, "xsh_nir", seed=3, n_dark=3, n_flat=5, orders=[15, 16],
+                   write_truth=False)
+    plan = night_plan(night, tmp_path / "W", sofs=("dark", "flat"),
+                      arm=get_arm("XSHOOTER", "NIR"))
+    flat = plan.steps[-1]
+    lamp = [fits.getheader(i.path).get("HIERARCH ESO INS LAMP1 ST") for i in flat.inputs
+            if i.tag == "LAMP_FLAT_NIR"]
+    assert flat.recipe == "soxs_mflat" and len(lamp) == 10  # 5 lamp-on, 5 lamp-off
+    first = run_plan(plan, n_workers=1, progress=None)
+    assert [r.status for r in first] == ["done"] * len(plan.steps), [r.reason for r in first]
+    header = fits.getheader(flat.products[0][0])
+    recorded = {header[k] for k in header if k.startswith("ESO PRO REC1 ") and
+                k.endswith(" MD5")}
+    assert recorded == {file_md5(i.path) for i in flat.inputs}
+    again = run_plan(plan, n_workers=1, progress=None)
+    assert [(r.status, r.reason) for r in again] == [("skipped", "up to date")] * len(plan.steps)
 
 
 def test_summary_table_json_and_html(full_run, capsys):

@@ -338,8 +338,11 @@ def make_master_flat(inputs: FlatInputs, params: FlatParameters,
         written: dict[str, Path] = {}
         lamp = _reduce_lamp(frames, inputs, params, plots, "", written)
         binning = (lamp.calibrated.binx, lamp.calibrated.biny)
+        # the lamp-off frames are raw inputs of the product too: its processing record, and
+        # so the archive's check that a product is current, must name them
+        used = [*frames, *inputs.lamp_off]
         return [_finish(lamp.master, lamp.table, lamp.report, lamp.samples,
-                        lamp.normalisation, params, binning, frames, "", plots, written,
+                        lamp.normalisation, params, binning, used, "", plots, written,
                         in_place=True)]
     results, reduced = [], {}
     for stem, name in LAMPS.items():
