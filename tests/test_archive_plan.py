@@ -124,7 +124,8 @@ def test_steps_come_after_their_upstream_steps_and_have_file_name_ids(plan):
     for step in plan.steps:
         assert set(step.upstream) <= seen
         assert re.fullmatch(r"[A-Za-z0-9._+-]+", step.step_id)
-        assert step.step_id.startswith(f"{step.night}_{step.arm}_")
+        code = {"XSHOOTER": "XSH", "SOXS": "SOXS"}[step.instrument]
+        assert step.step_id.startswith(f"{step.night}_{code}_{step.arm}_")
         assert step.step_id.endswith(step.recipe) and step.step_id not in seen
         seen.add(step.step_id)
 
@@ -290,3 +291,52 @@ def test_raw_inputs_of_a_stare_step_are_never_mixed(records, tmp_path):
     impossible = [u.what for u in plan.impossible_steps]  # no calibrations were given
     assert len(impossible) == 2 and any("_OBJECT_" in w for w in impossible) and any(
         "_STD_FLUX_" in w for w in impossible)
+
+
+def _with_exptime(records, exptime: float, suffix: str):
+    return [dataclasses.replace(r, path=r.path + suffix, exptime=exptime) for r in records]
+
+
+def test_flats_of_two_exposure_times_make_one_step_each(records, tmp_path):
+    flats = _usable(records, "FLAT")
+    night = flats[0].night
+    flats = [r for r in flats if r.night == night]
+    longer = _with_exptime(flats, flats[0].exptime * 2, ".long.fits")
+    plan = make_plan([*records, *longer], tmp_path)
+    steps = [s for s in plan.steps if s.recipe == "soxs_mflat" and _raw_paths(s) & {
+        r.path for r in flats + longer}]
+    assert sorted(_raw_paths(s) for s in steps) == sorted(
+        [frozenset(r.path for r in flats), frozenset(r.path for r in longer)], key=sorted)
+    assert len({s.step_id for s in steps}) == 2
+    assert {s.step_id.removesuffix("_soxs_mflat").rsplit("_", 1)[-1] for s in steps} == {
+        f"{flats[0].exptime:g}s", f"{longer[0].exptime:g}s"}
+    # each set calibrated, each stare step of the night still finds one master flat
+    assert not [u for u in plan.impossible_steps if "soxs_mflat" in u.what]
+    # a set too small for a step is left out with its reason; the full set still runs
+    few = longer[:2]
+    plan = make_plan([*records, *few], tmp_path / "few")
+    unused = {u.what: u.reason for u in plan.unused_frames}
+    assert all("soxs_mflat needs at least 5" in unused[r.path] for r in few)
+    assert all(r.path not in unused for r in flats)
+
+
+def test_nir_lamp_off_frames_join_the_lamp_on_set_of_their_exposure_time(tmp_path):
+    from soxs_archive.model import FrameRecord
+
+    def frame(name, frame_type, exptime):
+        return FrameRecord(path=f"/x/{name}.fits", instrument="XSHOOTER", arm="NIR",
+                           night="2026-11-22", mjd=61000.0 + len(name) / 1e4,
+                           frame_type=frame_type, dpr_type="FLAT,LAMP", exptime=exptime,
+                           binning="1x1", readout="", slit="0.9")
+
+    on = [frame(f"on{t}_{k}", "FLAT", t) for t in (5.0, 10.0) for k in range(5)]
+    off = [frame(f"off{t}_{k}", "FLAT_OFF", t) for t in (5.0, 10.0, 20.0) for k in range(5)]
+    plan = make_plan([*on, *off], tmp_path)
+    planned = [s for s in plan.steps if s.recipe == "soxs_mflat"]
+    assert sorted(sorted(i.path for i in s.inputs) for s in planned) == sorted(
+        sorted(r.path for r in (*on, *off) if r.exptime == t) for t in (5.0, 10.0))
+    unused = {u.what: u.reason for u in plan.unused_frames}
+    for record in off[10:]:
+        assert unused[record.path] == (f"{record.path}: no LAMP_FLAT frames of its exposure "
+                                       f"time (20 s) in 2026-11-22 XSHOOTER NIR (binning 1x1, "
+                                       f"readout (none), slit 0.9)")

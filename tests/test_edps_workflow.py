@@ -401,3 +401,25 @@ def test_header_keywords_give_the_catalogues_setup(night, code):
             else:  # a value the file does not state is empty in the catalogue
                 offered = str(values[0])
             assert offered == getattr(record, key), f"{path.name} {key}"
+
+
+@pytest.mark.parametrize("lamp", [None, "D2", "QTH"])
+def test_uvb_per_lamp_flats_are_not_taken_for_the_stitched_one(workflows, tmp_path, lamp):
+    """The UVB's D2 and QTH master flats and order tables share the stitched ones' PRO CATG
+    (seed table 59); their ``ESO PRO FLAT LAMP`` card keeps EDPS's rule and the organiser's
+    catalogue from taking them where a task asks for that PRO CATG."""
+    recorded = workflows["XSHOOTER"]
+    for catg in ("MASTER_FLAT_UVB", "ORDER_TAB_UVB"):
+        header = fits.Header({"INSTRUME": "XSHOOTER", "HIERARCH ESO SEQ ARM": "UVB",
+                              "HIERARCH ESO PRO CATG": catg, "MJD-OBS": 61365.2,
+                              "HIERARCH ESO DET WIN1 BINX": 1,
+                              "HIERARCH ESO DET WIN1 BINY": 1})
+        if lamp:
+            header["HIERARCH ESO PRO FLAT LAMP"] = lamp
+        f = edps_double.HeaderFile(header, "product.fits")
+        tags = {rule.name for rule in recorded.rules if rule.matches(f)}
+        assert tags == (set() if lamp else {catg})
+        path = tmp_path / f"{catg}_{lamp}.fits"
+        fits.PrimaryHDU(header=header).writeto(path)
+        record = read_record(path, path.stat().st_size, path.stat().st_mtime)
+        assert (record.pro_catg == catg) is (lamp is None), record.pro_catg

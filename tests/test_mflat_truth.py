@@ -565,8 +565,8 @@ def test_scattered_light_model_matches_truth(request, night):
 @pytest.mark.parametrize("night", ["xsh_uvb"], indirect=True)
 def test_uvb_products_and_provenance(night):
     """D2, QTH and stitched products exist with the seed's PRO CATG/TYPE/TECH, and each
-    per-lamp product lists only its lamp's raw frames (PRO REC1 RAWi NAME); the stitched
-    one lists both."""
+    per-lamp product lists only its lamp's raw frames (PRO REC1 RAWi NAME) and names its
+    lamp (PRO FLAT LAMP); the stitched one lists both and names none."""
     frames = night.frames
     names = {lamp: sorted(Path(f).name for f, t in zip(frames["file"], frames["frame_type"])
                           if t == kind) for lamp, kind in (("dlamp", "DFLAT"),
@@ -582,6 +582,9 @@ def test_uvb_products_and_provenance(night):
                 raws = sorted(v for k, v in h.items()
                               if k.startswith("ESO PRO REC1 RAW") and k.endswith("NAME"))
                 assert raws == names[lamp], (path, raws)
+                # what tells a per-lamp product from the stitched one of its PRO CATG
+                assert h.get("ESO PRO FLAT LAMP") == {"dlamp": "D2", "qlamp": "QTH"}.get(
+                    lamp), (path, lamp)
 
 
 @pytest.mark.parametrize("night", ["xsh_uvb"], indirect=True)

@@ -19,6 +19,7 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -50,6 +51,16 @@ _MJD_EPOCH = datetime(1858, 11, 17, tzinfo=UTC)
 _SCHEMA = "soxs-catalogue-1:" + ",".join(f.name for f in fields(FrameRecord))
 _CHUNK = 1 << 22
 
+
+
+@functools.cache
+def _distinguishing_keywords() -> tuple[str, ...]:
+    """The header cards that recipe declarations add to tell products of one PRO CATG apart
+    (:attr:`soxs_recipes.framework.OutputSpec.keywords`)."""
+    from soxs_recipes.registry import RECIPES
+
+    return tuple(dict.fromkeys(k for module in RECIPES.values() for o in module.SPEC.outputs
+                               for k, _, _ in o.keywords))
 
 def night_of(mjd: float) -> str:
     """Observing night ``YYYY-MM-DD`` of an ``MJD-OBS``."""
@@ -290,6 +301,10 @@ def _classify(record: FrameRecord, path: Path, hdul: OpenFits) -> None:
     record.slit = _text(header, slit_keyword(arm))
     record.lamp = _lamp(header)
     record.pro_catg = _text(header, "ESO PRO CATG")
+    for keyword in _distinguishing_keywords():
+        if value := _text(header, keyword):
+            # not the product steps ask for by this PRO CATG (a UVB per-lamp master flat)
+            record.pro_catg += f" ({keyword.removeprefix('ESO ')} {value})"
     if record.pro_catg:
         # a calibration product: what association compares, where the header states it
         binx, biny = _binning(header, arm)

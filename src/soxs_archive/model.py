@@ -119,7 +119,7 @@ class Step:
     step_id : str
         Unique, readable and usable as a file name: ``<night>_<arm>_<setup>_<recipe>``
         with a counter or the first frame's time where one night has several
-        (``2026-11-22_VIS_1x1_slow_soxs_mbias``).
+        (``2026-11-22_XSH_VIS_1x1_slow_soxs_mbias``).
     recipe : str
         ``soxs_mbias``...
     night, instrument, arm : str

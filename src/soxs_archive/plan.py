@@ -47,6 +47,7 @@ Signatures::
 from __future__ import annotations
 
 import graphlib
+import itertools
 import json
 import os
 import re
@@ -242,30 +243,19 @@ def _group(spec: RecipeSpec, raws: list[FrameRecord], unused: dict[str, str],
         groups.setdefault(key, []).append((record, inp))
     raw_specs = [i for i in spec.inputs if i.group == "RAW"]
     drafts = []
-    for (night, instrument, arm, values, kind), members in sorted(groups.items()):
-        members.sort(key=lambda m: (raw_specs.index(m[1]), m[0].mjd, m[0].path))
+    for (night, instrument, arm, values, kind), group in sorted(groups.items()):
         setup = dict(zip(spec.group_by, values))
         where = f"{night} {instrument} {arm} ({_describe_setup(setup)})"
-        counts = {i.stem: sum(1 for _, m in members if m is i) for i in raw_specs}
-        short = [f"{counts[i.stem]} {i.stem}_{arm} frame(s) of {where}: {spec.name} needs "
-                 f"at least {i.min_count}" for i in raw_specs
-                 if arm in i.arms and 0 < counts[i.stem] < i.min_count]
-        missing = [f"{spec.name} on {where} also needs {i.stem}_{arm} frames, none found"
-                   for i in raw_specs if arm in i.arms and i.required and not counts[i.stem]
-                   and not spec.raw_inputs_separately]
-        if short or missing:
-            for record, _ in members:
-                unused[record.path] = f"{record.path}: {(short + missing)[0]}"
-            continue
-        label = _setup_label(spec, setup, kind)
-        step = Step(step_id=f"{night}_{arm}_{label}_{spec.name}" if label else
-                    f"{night}_{arm}_{spec.name}", recipe=spec.name, night=night,
-                    instrument=instrument, arm=arm, setup=setup)
-        step.inputs = [StepInput(path=r.path, tag=_raw_tag(r, i),
-                                 reason=f"raw {r.frame_type} frame of night {night}")
-                       for r, i in members]
-        drafts.append(_Draft(step=step, spec=spec, frames=members,
-                             kinds={i.stem for _, i in members}))
+        for exposures, members in _exposure_sets(group, where, unused):
+            members.sort(key=lambda m: (raw_specs.index(m[1]), m[0].mjd, m[0].path))
+            draft = _draft(spec, members, night, instrument, arm, setup, kind, exposures,
+                           where, unused)
+            if draft is not None:
+                drafts.append(draft)
+    # a set too small for a step may share frames with one that makes a step
+    for draft in drafts:
+        for record, _ in draft.frames:
+            unused.pop(record.path, None)
     _unique_ids(drafts)
     for draft in drafts:
         step, arm_obj = draft.step, get_arm(draft.step.instrument, draft.step.arm)
@@ -281,6 +271,82 @@ def _group(spec: RecipeSpec, raws: list[FrameRecord], unused: dict[str, str],
             if not out.suffix:
                 draft.makes.setdefault(out.catg, path)
     return drafts
+
+
+Member = tuple[FrameRecord, InputSpec]
+
+#: INSTRUME -> its short name in step ids
+INSTRUMENT_CODES = {"XSHOOTER": "XSH", "SOXS": "SOXS"}
+
+
+def _exposure_sets(members: list[Member], where: str,
+                   unused: dict[str, str]) -> list[tuple[str, list[Member]]]:
+    """The group split into the sets one run can take, with a label naming their exposure
+    times when the group holds several (``""`` when it holds one).
+
+    Inputs declared ``same_exptime`` give one set per exposure time; several such inputs
+    (the UVB's D2 and QTH flats) give every combination of theirs; an input with
+    ``exptime_of`` joins each set with the frames of its partner's exposure time.  A set
+    of one input's frames that fits none of those is left unused, with the reason.
+    """
+    by_input: dict[InputSpec, dict[float, list[Member]]] = {}
+    for member in members:
+        inp = member[1]
+        exptime = round(member[0].exptime, 3) if inp.same_exptime else 0.0
+        by_input.setdefault(inp, {}).setdefault(exptime, []).append(member)
+    free = [i for i in by_input if not i.exptime_of]
+    if all(len(by_input[i]) == 1 for i in by_input):
+        return [("", list(members))]
+    several = [i for i in free if len(by_input[i]) > 1]
+    sets, used = [], set()
+    for times in itertools.product(*(sorted(by_input[i]) for i in free)):
+        chosen = dict(zip((i.stem for i in free), times))
+        picked = [m for i, t in zip(free, times) for m in by_input[i][t]]
+        for inp in by_input:
+            if inp.exptime_of:
+                picked += by_input[inp].get(chosen.get(inp.exptime_of), [])
+        label = "-".join(f"{chosen[i.stem]:g}s" for i in several)
+        sets.append((label, picked))
+        used.update(id(m) for m in picked)
+    for inp, per_time in by_input.items():
+        for exptime, frames in per_time.items():
+            if id(frames[0]) in used:
+                continue
+            for record, _ in frames:
+                unused[record.path] = (f"{record.path}: no {inp.exptime_of} frames of its "
+                                       f"exposure time ({exptime:g} s) in {where}")
+    return sets
+
+
+def _draft(spec: RecipeSpec, members: list[Member], night: str, instrument: str, arm: str,
+           setup: Mapping[str, Any], kind: str, exposures: str, where: str,
+           unused: dict[str, str]) -> _Draft | None:
+    """The step of one set of raw frames, or None (reasons in ``unused``) when the set is
+    too small or lacks a required input."""
+    raw_specs = [i for i in spec.inputs if i.group == "RAW"]
+    if exposures:
+        where = where[:-1] + f", exposure {exposures})"
+    counts = {i.stem: sum(1 for _, m in members if m is i) for i in raw_specs}
+    short = [f"{counts[i.stem]} {i.stem}_{arm} frame(s) of {where}: {spec.name} needs "
+             f"at least {i.min_count}" for i in raw_specs
+             if arm in i.arms and 0 < counts[i.stem] < i.min_count]
+    missing = [f"{spec.name} on {where} also needs {i.stem}_{arm} frames, none found"
+               for i in raw_specs if arm in i.arms and i.required and not counts[i.stem]
+               and not spec.raw_inputs_separately]
+    if short or missing:
+        for record, _ in members:
+            unused[record.path] = f"{record.path}: {(short + missing)[0]}"
+        return None
+    label = "_".join(p for p in (_setup_label(spec, setup, kind), exposures) if p)
+    # the instrument too: X-shooter's and SOXS's VIS arms may share a night and a setup
+    where_id = f"{night}_{INSTRUMENT_CODES.get(instrument, _slug(instrument))}_{arm}"
+    step = Step(step_id=f"{where_id}_{label}_{spec.name}" if label else
+                f"{where_id}_{spec.name}", recipe=spec.name, night=night,
+                instrument=instrument, arm=arm, setup=setup)
+    step.inputs = [StepInput(path=r.path, tag=_raw_tag(r, i),
+                             reason=f"raw {r.frame_type} frame of night {night}")
+                   for r, i in members]
+    return _Draft(step=step, spec=spec, frames=members, kinds={i.stem for _, i in members})
 
 
 def _unique_ids(drafts: list[_Draft]) -> None:

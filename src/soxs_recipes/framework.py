@@ -166,6 +166,12 @@ class InputSpec:
         CALIB inputs: whether an organiser looks for this calibration.  False for an optional
         one that is used only when listed by hand (UVB/VIS master darks in stare: the CCDs'
         dark current is negligible, ESO's association leaves them out).
+    same_exptime : bool
+        RAW inputs: the frames of one run must share an exposure time; an organiser makes
+        one step per exposure time found.
+    exptime_of : str
+        RAW inputs: the stem of the input whose exposure time these frames must have (NIR
+        lamp-off flats that of the lamp-on ones).
     """
 
     stem: str
@@ -179,6 +185,8 @@ class InputSpec:
     frame_types: tuple[str, ...] = ()
     match: tuple[str, ...] = ()
     associate: bool = True
+    same_exptime: bool = False
+    exptime_of: str = ""
 
     def tags(self) -> list[str]:
         """Every tag accepted, the preferred one of each arm first."""
@@ -206,6 +214,10 @@ class OutputSpec:
     raw_inputs : tuple of str
         The RAW inputs (stems) whose runs write it (a response only from a flux standard);
         empty: runs of any of them.
+    keywords : tuple of (keyword, value, comment)
+        Header cards that tell it apart from the products of the same PRO CATG (the UVB
+        per-lamp master flats: ``ESO PRO FLAT LAMP``); organisers leave such products out
+        where the PRO CATG alone is asked for.
     """
 
     label: str
@@ -217,6 +229,7 @@ class OutputSpec:
     suffix: str = ""
     arms: tuple[str, ...] = ("UVB", "VIS", "NIR")
     raw_inputs: tuple[str, ...] = ()
+    keywords: tuple[tuple[str, str, str], ...] = ()
 
     def catg_for(self, arm: Arm) -> str:
         return f"{self.catg}_{arm.name}"
@@ -650,6 +663,8 @@ class RecipeContext:
         # As CPL recipes do, the product states the exposure time of what it combines: CPL
         # does not inherit EXPTIME, and calibration association matches darks by it.
         header["EXPTIME"] = (first_frame.exptime, "[s] exposure time of the combined frames")
+        for keyword, value, comment in output.keywords:
+            header[f"HIERARCH {keyword}"] = (value, comment)
         if output.kind == "image":
             # soxspipe reads a prepared frame's binning from CDELT1/2 (pixel size in detector
             # pixels); ours are prepared frames too

@@ -72,6 +72,11 @@ PARAMS = (
 _FLAT_DOC = ("Raw lamp flats (at least 5) of one exposure time, slit and readout; identified "
              "from DPR TYPE/TECH ({}, ECHELLE,SLIT).")
 
+#: the card that tells a UVB per-lamp product from the stitched one of the same PRO CATG
+_DLAMP = (("ESO PRO FLAT LAMP", "D2", "flats of this lamp only, not stitched"),)
+_QLAMP = (("ESO PRO FLAT LAMP", "QTH", "flats of this lamp only, not stitched"),)
+
+
 SPEC = RecipeSpec(
     name="soxs_mflat",
     synopsis="Create a normalised master flat and the order-edge table from lamp flats",
@@ -98,20 +103,21 @@ SPEC = RecipeSpec(
     inputs=(
         InputSpec("LAMP_FLAT", "RAW", _FLAT_DOC.format("LAMP,FLAT or FLAT,LAMP"),
                   min_count=5, required=True, arms=("VIS", "NIR"),
-                  tag_stems=("FLAT_LAMP", "FLAT"), frame_types=("FLAT",)),
+                  tag_stems=("FLAT_LAMP", "FLAT"), frame_types=("FLAT",),
+                  same_exptime=True),
         InputSpec("LAMP_DFLAT", "RAW",
                   _FLAT_DOC.format("LAMP,DFLAT: deuterium (D2) lamp"),
                   min_count=5, required=True, arms=("UVB",), tag_stems=("DFLAT",),
-                  frame_types=("DFLAT",)),
+                  frame_types=("DFLAT",), same_exptime=True),
         InputSpec("LAMP_QFLAT", "RAW",
                   _FLAT_DOC.format("LAMP,QFLAT: quartz-halogen (QTH) lamp"),
                   min_count=5, required=True, arms=("UVB",), tag_stems=("QFLAT",),
-                  frame_types=("QFLAT",)),
+                  frame_types=("QFLAT",), same_exptime=True),
         InputSpec("LAMP_OFF", "RAW", "NIR lamp-off flats (DPR TECH IMAGE), as many as the "
                   "lamp-on flats and of the same exposure time; tagged like the lamp-on ones "
                   "(their header tells them apart).", min_count=0, required=False,
                   arms=("NIR",), tag_stems=("LAMP_FLAT", "FLAT_LAMP", "FLAT_OFF"),
-                  frame_types=("FLAT_OFF",)),
+                  frame_types=("FLAT_OFF",), same_exptime=True, exptime_of="LAMP_FLAT"),
         InputSpec("MASTER_BIAS", "CALIB", "Master bias from soxs_mbias (UVB/VIS).",
                   min_count=1, max_count=1, required=True, arms=("UVB", "VIS"),
                   match=("binning", "readout")),
@@ -135,17 +141,21 @@ SPEC = RecipeSpec(
         OutputSpec("BKGROUND", "BKGROUND", "The fitted scattered light (with "
                    "subtract-background).", kind="plot", arms=("VIS", "NIR")),
         OutputSpec("MFLAT DLAMP", "MASTER_FLAT", "UVB D2-lamp master flat.", suffix="dlamp",
-                   arms=("UVB",)),
+                   arms=("UVB",),
+                   keywords=_DLAMP),
         OutputSpec("ORDER LOC DLAMP", "ORDER_TAB", "UVB D2-lamp order table.",
-                   tech="ECHELLE,SLIT", kind="table", suffix="dlamp", arms=("UVB",)),
+                   tech="ECHELLE,SLIT", kind="table", suffix="dlamp", arms=("UVB",),
+                   keywords=_DLAMP),
         OutputSpec("ORDER LOC RES DLAMP", "ORDER_LOC_RES", "D2-lamp edge fit.", kind="plot",
                    suffix="dlamp", arms=("UVB",)),
         OutputSpec("BKGROUND DLAMP", "BKGROUND", "D2-lamp scattered light.", kind="plot",
                    suffix="dlamp", arms=("UVB",)),
         OutputSpec("MFLAT QLAMP", "MASTER_FLAT", "UVB QTH-lamp master flat.", suffix="qlamp",
-                   arms=("UVB",)),
+                   arms=("UVB",),
+                   keywords=_QLAMP),
         OutputSpec("ORDER LOC QLAMP", "ORDER_TAB", "UVB QTH-lamp order table.",
-                   tech="ECHELLE,SLIT", kind="table", suffix="qlamp", arms=("UVB",)),
+                   tech="ECHELLE,SLIT", kind="table", suffix="qlamp", arms=("UVB",),
+                   keywords=_QLAMP),
         OutputSpec("ORDER LOC RES QLAMP", "ORDER_LOC_RES", "QTH-lamp edge fit.", kind="plot",
                    suffix="qlamp", arms=("UVB",)),
         OutputSpec("BKGROUND QLAMP", "BKGROUND", "QTH-lamp scattered light.", kind="plot",

@@ -255,12 +255,17 @@ def _one_value_each(rule: Rule) -> list[Rule]:
     return out
 
 
-def _product_rules(catgs: Iterable[str], arm: Arm, instrume: Sequence[str]) -> list[Rule]:
+def _product_rules(catgs: Iterable[str], arm: Arm, instrume: Sequence[str],
+                   distinct: Mapping[str, tuple] | None = None) -> list[Rule]:
     rules = []
     for catg in catgs:
+        excluded: dict[str, list[str]] = {}
+        for keyword, value, _ in (distinct or {}).get(catg, ()):
+            excluded.setdefault(edps_keyword(keyword), []).append(value)
         rule = Rule(name=f"{catg.lower()}_class", tag=catg, arm=arm.name,
                     values=((_INSTRUME, tuple(instrume)), (_SEQ_ARM, (arm.name,)),
-                            (_PRO_CATG, (catg,))))
+                            (_PRO_CATG, (catg,))),
+                    excluded=tuple((k, tuple(v)) for k, v in excluded.items()))
         rules += _one_value_each(rule)
     return rules
 
@@ -312,7 +317,12 @@ def build_workflow(instrument: str, recipes: Mapping[str, ModuleType | RecipeSpe
         catgs = dict.fromkeys([o.catg_for(arm) for s in on_arm for o in _dfs_outputs(s, arm)]
                               + [f"{i.stem}_{arm.name}" for s in on_arm
                                  for i in _calib_inputs(s, arm)])
-        product_rules = _product_rules(catgs, arm, instrume)
+        # the UVB per-lamp master flats share the stitched one's PRO CATG; their own card
+        # keeps them out of the rule that tasks take
+        distinct: dict[str, tuple] = {}
+        for o in (o for s in on_arm for o in _dfs_outputs(s, arm) if o.keywords):
+            distinct[o.catg_for(arm)] = distinct.get(o.catg_for(arm), ()) + o.keywords
+        product_rules = _product_rules(catgs, arm, instrume, distinct)
         wf.rules += raw_rules + product_rules
         tasks = _arm_tasks(wf, specs, arm, raw_rules, product_rules)
         for task in tasks:
@@ -357,6 +367,12 @@ def _arm_tasks(wf: Workflow, specs: Sequence[RecipeSpec], arm: Arm, raw_rules: l
             part = f"_{inputs[0].stem.lower()}" if spec.raw_inputs_separately else ""
             name = f"{spec.name}{part}_{arm.name.lower()}"
             grouping_keys = (_INSTRUME, _SEQ_ARM, NIGHT, *_mapped(spec.group_by, arm))
+            # one job per exposure time where a single input sets it (VIS/NIR flats, with
+            # their lamp-off frames); the UVB's D2 and QTH flats have two, which one EDPS
+            # grouping cannot pair (soxs-reduce does, see soxs_archive.plan)
+            setters = [i for i in inputs if i.same_exptime and not i.exptime_of]
+            if len(setters) == 1 and "exptime" not in spec.group_by:
+                grouping_keys += _mapped(["exptime"], arm)
             setup_keys = (_INSTRUME, _SEQ_ARM, *_mapped(
                 [k for k in spec.group_by if k != "template"], arm))
             required = [i.min_count for i in inputs if i.required] or [
@@ -522,9 +538,14 @@ def _render_rules(wf: Workflow) -> str:
     for rule in functions:
         values = dict(rule.values)
         unwanted = " or ".join("/".join(v) for _, v in rule.excluded)
+        if _DPR_TYPE in values:
+            what = f"frame of DPR TYPE {values[_DPR_TYPE][0]}, DPR TECH not {unwanted}"
+        else:
+            names = " or ".join(sorted({edps_keyword(k).upper().replace(".", " ")
+                                        for k, _ in rule.excluded}))
+            what = f"{values[_PRO_CATG][0]} without {names} {unwanted}"
         lines += ["", "", f"def {rule.function}(f) -> bool:",
-                  f'    """{"/".join(values[_INSTRUME])} {rule.arm} frame of DPR TYPE '
-                  f'{values[_DPR_TYPE][0]}, DPR TECH not {unwanted}."""']
+                  f'    """{"/".join(values[_INSTRUME])} {rule.arm} {what}."""']
         tests = [f"f.get_keyword_value({_kw(k)}, None) in {tuple(v)!r}" for k, v in rule.values]
         tests += [f"f.get_keyword_value({_kw(k)}, None) not in {tuple(v)!r}"
                   for k, v in rule.excluded]

@@ -36,7 +36,7 @@ raw_mflat_vis = (data_source("RAW_MFLAT_VIS")
     .with_classification_rule(cls.lamp_flat_vis_class)
     .with_classification_rule(cls.flat_lamp_vis_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_binx, kwd.det_biny,
-                             kwd.det_read_curname, kwd.ins_vise_name])
+                             kwd.det_read_curname, kwd.ins_vise_name, kwd.exptime])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_binx, kwd.det_biny,
                           kwd.det_read_curname, kwd.ins_vise_name])
     .with_min_group_size(5)
@@ -111,7 +111,7 @@ raw_mflat_nir = (data_source("RAW_MFLAT_NIR")
     .with_classification_rule(cls.lamp_flat_nir_class)
     .with_classification_rule(cls.flat_lamp_nir_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_read_curname,
-                             kwd.ins_nise_name])
+                             kwd.ins_nise_name, kwd.exptime])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_read_curname, kwd.ins_nise_name])
     .with_min_group_size(5)
     .build())

@@ -135,26 +135,8 @@ master_dark_uvb_shoot_class = classification_rule("MASTER_DARK_UVB", {
     kwd.seq_arm: "UVB",
     kwd.pro_catg: "MASTER_DARK_UVB",
 })
-master_flat_uvb_class = classification_rule("MASTER_FLAT_UVB", {
-    kwd.instrume: "XSHOOTER",
-    kwd.seq_arm: "UVB",
-    kwd.pro_catg: "MASTER_FLAT_UVB",
-})
-master_flat_uvb_shoot_class = classification_rule("MASTER_FLAT_UVB", {
-    kwd.instrume: "SHOOT",
-    kwd.seq_arm: "UVB",
-    kwd.pro_catg: "MASTER_FLAT_UVB",
-})
-order_tab_uvb_class = classification_rule("ORDER_TAB_UVB", {
-    kwd.instrume: "XSHOOTER",
-    kwd.seq_arm: "UVB",
-    kwd.pro_catg: "ORDER_TAB_UVB",
-})
-order_tab_uvb_shoot_class = classification_rule("ORDER_TAB_UVB", {
-    kwd.instrume: "SHOOT",
-    kwd.seq_arm: "UVB",
-    kwd.pro_catg: "ORDER_TAB_UVB",
-})
+master_flat_uvb_class = classification_rule("MASTER_FLAT_UVB", rules.is_master_flat_uvb)
+order_tab_uvb_class = classification_rule("ORDER_TAB_UVB", rules.is_order_tab_uvb)
 sci_slit_flux_uvb_class = classification_rule("SCI_SLIT_FLUX_UVB", {
     kwd.instrume: "XSHOOTER",
     kwd.seq_arm: "UVB",

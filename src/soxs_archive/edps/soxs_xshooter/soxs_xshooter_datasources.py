@@ -84,7 +84,6 @@ raw_stare_std_telluric_uvb = (data_source("RAW_STARE_STD_TELLURIC_UVB")
 
 order_tab_uvb_files = (data_source("ORDER_TAB_UVB_FILES")
     .with_classification_rule(cls.order_tab_uvb_class)
-    .with_classification_rule(cls.order_tab_uvb_shoot_class)
     .with_match_keywords([kwd.instrume, kwd.seq_arm], time_range=ONE_DAY, level=0)
     .with_match_keywords([kwd.instrume, kwd.seq_arm],
                          time_range=RelativeTimeRange(-7, 7), level=1)
@@ -138,7 +137,8 @@ raw_mflat_vis = (data_source("RAW_MFLAT_VIS")
     .with_classification_rule(cls.lamp_flat_vis_class)
     .with_classification_rule(cls.flat_lamp_vis_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_win1_binx,
-                             kwd.det_win1_biny, kwd.det_read_speed, kwd.ins_opti4_name])
+                             kwd.det_win1_biny, kwd.det_read_speed, kwd.ins_opti4_name,
+                             kwd.exptime])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_win1_binx, kwd.det_win1_biny,
                           kwd.det_read_speed, kwd.ins_opti4_name])
     .with_min_group_size(5)
@@ -229,7 +229,7 @@ raw_mflat_nir = (data_source("RAW_MFLAT_NIR")
     .with_classification_rule(cls.lamp_flat_nir_class)
     .with_classification_rule(cls.flat_lamp_nir_class)
     .with_grouping_keywords([kwd.instrume, kwd.seq_arm, kwd.night, kwd.det_ncorrs_name,
-                             kwd.ins_opti5_name])
+                             kwd.ins_opti5_name, kwd.exptime])
     .with_setup_keywords([kwd.instrume, kwd.seq_arm, kwd.det_ncorrs_name, kwd.ins_opti5_name])
     .with_min_group_size(5)
     .build())

@@ -20,5 +20,6 @@ ins_opti5_name = "ins.opti5.name"
 instrume = "instrume"
 night = "night"  # EDPS's night of a file, from its MJD-OBS
 pro_catg = "pro.catg"
+pro_flat_lamp = "pro.flat.lamp"
 seq_arm = "seq.arm"
 tpl_start = "tpl.start"

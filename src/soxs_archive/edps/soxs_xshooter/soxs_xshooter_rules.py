@@ -11,6 +11,22 @@ from edps.generator.time_range import ONE_DAY, RelativeTimeRange
 from . import soxs_xshooter_keywords as kwd
 
 
+def is_master_flat_uvb(f) -> bool:
+    """XSHOOTER/SHOOT UVB MASTER_FLAT_UVB without PRO FLAT LAMP D2/QTH."""
+    return (f.get_keyword_value(kwd.instrume, None) in ('XSHOOTER', 'SHOOT')
+            and f.get_keyword_value(kwd.seq_arm, None) in ('UVB',)
+            and f.get_keyword_value(kwd.pro_catg, None) in ('MASTER_FLAT_UVB',)
+            and f.get_keyword_value(kwd.pro_flat_lamp, None) not in ('D2', 'QTH'))
+
+
+def is_order_tab_uvb(f) -> bool:
+    """XSHOOTER/SHOOT UVB ORDER_TAB_UVB without PRO FLAT LAMP D2/QTH."""
+    return (f.get_keyword_value(kwd.instrume, None) in ('XSHOOTER', 'SHOOT')
+            and f.get_keyword_value(kwd.seq_arm, None) in ('UVB',)
+            and f.get_keyword_value(kwd.pro_catg, None) in ('ORDER_TAB_UVB',)
+            and f.get_keyword_value(kwd.pro_flat_lamp, None) not in ('D2', 'QTH'))
+
+
 def is_lamp_flat_vis(f) -> bool:
     """XSHOOTER/SHOOT VIS frame of DPR TYPE LAMP,FLAT, DPR TECH not IMAGE."""
     return (f.get_keyword_value(kwd.instrume, None) in ('XSHOOTER', 'SHOOT')

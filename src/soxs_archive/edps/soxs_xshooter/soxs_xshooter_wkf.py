@@ -59,8 +59,7 @@ soxs_mflat_uvb_task = (task("soxs_mflat_uvb")
                            min_ret=0,
                            max_ret=1,
                            match_rules=rules.match_uvb_within_7_nights)
-    .with_output_filter(cls.master_flat_uvb_class, cls.master_flat_uvb_shoot_class,
-                        cls.order_tab_uvb_class, cls.order_tab_uvb_shoot_class)
+    .with_output_filter(cls.master_flat_uvb_class, cls.order_tab_uvb_class)
     .with_meta_targets([QC1_CALIB])
     .build())
 
@@ -119,12 +118,12 @@ soxs_stare_std_flux_uvb_task = (task("soxs_stare_std_flux_uvb")
                            max_ret=1,
                            match_rules=rules.match_uvb_binning_readout_within_7_nights)
     .with_associated_input(soxs_mflat_uvb_task,
-                           [cls.master_flat_uvb_class, cls.master_flat_uvb_shoot_class],
+                           [cls.master_flat_uvb_class],
                            min_ret=0,
                            max_ret=1,
                            match_rules=rules.match_uvb_binning_readout_within_7_nights)
     .with_associated_input(soxs_mflat_uvb_task,
-                           [cls.order_tab_uvb_class, cls.order_tab_uvb_shoot_class],
+                           [cls.order_tab_uvb_class],
                            min_ret=1,
                            max_ret=1,
                            match_rules=rules.match_uvb_binning_readout_within_7_nights)
@@ -239,12 +238,12 @@ soxs_stare_object_uvb_task = (task("soxs_stare_object_uvb")
                            max_ret=1,
                            match_rules=rules.match_uvb_binning_readout_within_7_nights)
     .with_associated_input(soxs_mflat_uvb_task,
-                           [cls.master_flat_uvb_class, cls.master_flat_uvb_shoot_class],
+                           [cls.master_flat_uvb_class],
                            min_ret=0,
                            max_ret=1,
                            match_rules=rules.match_uvb_binning_readout_within_7_nights)
     .with_associated_input(soxs_mflat_uvb_task,
-                           [cls.order_tab_uvb_class, cls.order_tab_uvb_shoot_class],
+                           [cls.order_tab_uvb_class],
                            min_ret=1,
                            max_ret=1,
                            match_rules=rules.match_uvb_binning_readout_within_7_nights)
@@ -278,12 +277,12 @@ soxs_stare_std_telluric_uvb_task = (task("soxs_stare_std_telluric_uvb")
                            max_ret=1,
                            match_rules=rules.match_uvb_binning_readout_within_7_nights)
     .with_associated_input(soxs_mflat_uvb_task,
-                           [cls.master_flat_uvb_class, cls.master_flat_uvb_shoot_class],
+                           [cls.master_flat_uvb_class],
                            min_ret=0,
                            max_ret=1,
                            match_rules=rules.match_uvb_binning_readout_within_7_nights)
     .with_associated_input(soxs_mflat_uvb_task,
-                           [cls.order_tab_uvb_class, cls.order_tab_uvb_shoot_class],
+                           [cls.order_tab_uvb_class],
                            min_ret=1,
                            max_ret=1,
                            match_rules=rules.match_uvb_binning_readout_within_7_nights)
