@@ -574,3 +574,37 @@ def test_simulator_interrupted_while_writing_leaves_only_complete_files(tmp_path
                 for hdu in hdul:
                     if hdu.header.get("NAXIS", 0):
                         assert hdu.data is not None and hdu.data.size > 0, path
+
+
+def test_a_run_failing_after_writing_leaves_none_of_its_outputs(night, tmp_path):
+    """Products and plots written before a failure are removed; a plot of an earlier run
+    that this one handed out but did not rewrite stays."""
+    from soxs_core.errors import InputError
+    from soxs_recipes import mbias
+    from soxs_recipes.framework import OutputSpec, execute, frames_from_sof
+
+    root, sofs = night
+    sof, _ = sofs["xsh_vis"]
+    out = tmp_path / "out"
+    out.mkdir()
+    new_plot = OutputSpec("NEW PLOT", "NEW_PLOT", "written by the failing run", kind="plot")
+    old_plot = OutputSpec("OLD PLOT", "OLD_PLOT", "of an earlier run", kind="plot")
+    arm = next(a for a in mbias.SPEC.accepted_arms()
+               if (a.instrument, a.name) == ("XSHOOTER", "VIS"))
+    earlier = out / old_plot.filename_for(arm)
+    earlier.write_text("earlier")
+    written = []
+
+    def reduce_then_fail(context):
+        mbias.reduce(context)
+        written.extend(p.path for p in context.products)
+        context.plot_path(new_plot).write_text("plot")
+        written.append(context.plot_path(new_plot))
+        assert context.plot_path(old_plot) == earlier
+        raise InputError("a step after the products failed")
+
+    with pytest.raises(InputError, match="failed"):
+        execute(mbias.SPEC, frames_from_sof(sof), {}, reduce_then_fail, out)
+    assert len(written) >= 2 and not any(Path(p).exists() for p in written)
+    assert earlier.read_text() == "earlier"
+    assert sorted(p.name for p in out.iterdir()) == [earlier.name]

@@ -8,6 +8,7 @@ per-arm default resolution, DFS product headers, atomic writing — lives here, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -520,6 +521,8 @@ class RecipeContext:
     plots: list[Path] = field(default_factory=list)
     _calib_refs: list[FrameRef] = field(default_factory=list)
     _raw_refs: list[FrameRef] = field(default_factory=list)
+    #: every plot path handed out, for :meth:`remove_outputs` when the run fails
+    _plot_paths: dict[Path, int | None] = field(default_factory=dict)
     #: whether the recipe's acceptable QC ranges are checked (soxs_stare: standards only)
     apply_qc_ranges: bool = True
 
@@ -727,7 +730,26 @@ class RecipeContext:
         path = self.output_dir / output.filename_for(self.arm)
         if find_same_file(path, self._protected()) is not None:
             raise InputError(f"{path}: the {output.label} plot would overwrite an input")
+        try:
+            self._plot_paths.setdefault(path, path.stat().st_mtime_ns)
+        except OSError:
+            self._plot_paths.setdefault(path, None)
         return path
+
+    def remove_outputs(self) -> list[Path]:
+        """Delete what this run wrote (its products, and the plots it wrote at the paths it
+        handed out): a failed run leaves no part of its output."""
+        removed = []
+        for path in [p.path for p in self.products]:
+            with contextlib.suppress(OSError):
+                Path(path).unlink()
+                removed.append(Path(path))
+        for path, before in self._plot_paths.items():
+            with contextlib.suppress(OSError):
+                if path.stat().st_mtime_ns != before:
+                    path.unlink()
+                    removed.append(path)
+        return removed
 
     def record_plot(self, output: OutputSpec, path: Path) -> None:
         self.plots.append(path)
@@ -912,7 +934,12 @@ def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mappi
                                 _raw_refs=raw_refs)
         log.info("%s %s on %d frame(s) of %s %s", spec.name, __version__, len(frames),
                  arm.instrument, arm.name)
-        reduce(context)
+        try:
+            reduce(context)
+        except BaseException:
+            for path in context.remove_outputs():
+                log.info("removed %s: the run that wrote it failed", path)
+            raise
         return context.products
     finally:
         for group in raw.values():
