@@ -326,3 +326,15 @@ def test_night_offset_moves_every_date(tmp_path, capsys):
     assert table["MJD-OBS"] - fits.getheader(n0 / "calib" / "DISP_TAB_NIR.fits")[
         "MJD-OBS"] == pytest.approx(3.0, abs=1e-7)
     assert (d0 != d3).mean() > 0.5  # another night's noise
+
+
+def test_a_uvb_arm_gets_the_two_orders_its_flats_are_stitched_on():
+    """One order per arm would leave the UVB's D2 and QTH flats nothing to stitch on
+    (soxs_mflat fails on it): the simulated UVB arm always has at least two."""
+    from soxs_core.detector.instruments import get_arm
+    from soxs_core.simulate.archive import _normalised_orders, central_orders
+
+    uvb, vis = get_arm("XSHOOTER", "UVB"), get_arm("XSHOOTER", "VIS")
+    chosen = _normalised_orders([uvb, vis], 1)
+    assert chosen == {uvb.code: central_orders(uvb, 2), vis.code: central_orders(vis, 1)}
+    assert len(chosen[uvb.code]) == 2

@@ -571,6 +571,10 @@ def _expected_steps(entries: list[dict[str, Any]]
     return steps, impossible
 
 
+#: fewest orders of a simulated UVB arm (the flats' stitching needs two)
+UVB_MIN_ORDERS = 2
+
+
 def _normalised_orders(arms: list[Arm], orders: int | Mapping[str, Sequence[int]] | None
                        ) -> dict[str, list[int] | None]:
     if orders is None:
@@ -578,7 +582,10 @@ def _normalised_orders(arms: list[Arm], orders: int | Mapping[str, Sequence[int]
     if isinstance(orders, int):
         if orders < 1:
             raise InputError(f"orders: need at least 1 order per arm, got {orders}")
-        return {a.code: central_orders(a, orders) for a in arms}
+        # the UVB's D2 and QTH master flats are stitched on the orders both show: one order
+        # is too few for soxs_mflat to reduce
+        return {a.code: central_orders(a, max(orders, UVB_MIN_ORDERS) if a.name == "UVB"
+                                       else orders) for a in arms}
     out: dict[str, list[int] | None] = {}
     for a in arms:
         chosen = orders.get(a.code)

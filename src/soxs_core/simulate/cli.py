@@ -156,8 +156,9 @@ def build_archive_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=opt.SEED, default=1,
                    help="master seed: the same seed gives the same archive")
     p.add_argument("--orders", type=_order_count, default=None,
-                   help="number of central orders illuminated per arm, or 'all' (default: 1, "
-                        "with --full all)")
+                   help="number of central orders illuminated per arm (at least 2 on "
+                        "UVB, whose D2 and QTH flats are stitched on common orders), or 'all' "
+                        "(default: 1, with --full all)")
     p.add_argument("--full", action="store_true",
                    help=f"realistic frame counts per night and arm ({counts(FULL_COUNTS)}) "
                         f"instead of the small test archive's ({counts(SMALL_COUNTS)})")
