@@ -52,7 +52,6 @@ _SCHEMA = "soxs-catalogue-1:" + ",".join(f.name for f in fields(FrameRecord))
 _CHUNK = 1 << 22
 
 
-
 @functools.cache
 def _distinguishing_keywords() -> tuple[str, ...]:
     """The header cards that recipe declarations add to tell products of one PRO CATG apart
@@ -61,6 +60,7 @@ def _distinguishing_keywords() -> tuple[str, ...]:
 
     return tuple(dict.fromkeys(k for module in RECIPES.values() for o in module.SPEC.outputs
                                for k, _, _ in o.keywords))
+
 
 def night_of(mjd: float) -> str:
     """Observing night ``YYYY-MM-DD`` of an ``MJD-OBS``."""

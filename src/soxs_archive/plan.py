@@ -60,7 +60,7 @@ from typing import Any
 import yaml
 
 from soxs_core.calib import static_dir
-from soxs_core.detector.instruments import get_arm
+from soxs_core.detector.instruments import INSTRUMENT_NAMES, get_arm
 from soxs_core.errors import InputError
 from soxs_core.io.safety import write_atomically
 from soxs_recipes.framework import InputSpec, RecipeSpec
@@ -275,9 +275,6 @@ def _group(spec: RecipeSpec, raws: list[FrameRecord], unused: dict[str, str],
 
 Member = tuple[FrameRecord, InputSpec]
 
-#: INSTRUME -> its short name in step ids
-INSTRUMENT_CODES = {"XSHOOTER": "XSH", "SOXS": "SOXS"}
-
 
 def _exposure_sets(members: list[Member], where: str,
                    unused: dict[str, str]) -> list[tuple[str, list[Member]]]:
@@ -339,7 +336,7 @@ def _draft(spec: RecipeSpec, members: list[Member], night: str, instrument: str,
         return None
     label = "_".join(p for p in (_setup_label(spec, setup, kind), exposures) if p)
     # the instrument too: X-shooter's and SOXS's VIS arms may share a night and a setup
-    where_id = f"{night}_{INSTRUMENT_CODES.get(instrument, _slug(instrument))}_{arm}"
+    where_id = f"{night}_{INSTRUMENT_NAMES[instrument].upper()}_{arm}"
     step = Step(step_id=f"{where_id}_{label}_{spec.name}" if label else
                 f"{where_id}_{spec.name}", recipe=spec.name, night=night,
                 instrument=instrument, arm=arm, setup=setup)

@@ -730,10 +730,7 @@ class RecipeContext:
         path = self.output_dir / output.filename_for(self.arm)
         if find_same_file(path, self._protected()) is not None:
             raise InputError(f"{path}: the {output.label} plot would overwrite an input")
-        try:
-            self._plot_paths.setdefault(path, path.stat().st_mtime_ns)
-        except OSError:
-            self._plot_paths.setdefault(path, None)
+        self._plot_paths.setdefault(path, path.stat().st_mtime_ns if path.exists() else None)
         return path
 
     def remove_outputs(self) -> list[Path]:
