@@ -263,12 +263,19 @@ class QcSpec:
         What the value is and how it is measured.
     unit : str
         Unit of the value, empty for counts and ratios.
+    products : tuple of str
+        Labels of the outputs that carry it (e.g. only the stitched UVB master flat); empty:
+        every product the QC measurements are written with.
+    arms : tuple of str
+        The arms whose products carry it.
     """
 
     name: str
     comment: str
     description: str
     unit: str = ""
+    products: tuple[str, ...] = ()
+    arms: tuple[str, ...] = ("UVB", "VIS", "NIR")
 
     def __post_init__(self) -> None:
         room = qc_comment_room(self.name)
@@ -295,6 +302,19 @@ class QcSpec:
         middle = name[len(head):len(name) - len(tail)] if len(name) > len(head) + len(
             tail) else ""
         return name.startswith(head) and name.endswith(tail) and middle.isdigit()
+
+    @property
+    def scope(self) -> str:
+        """Where it is written when not on every product (``"UVB MFLAT, ORDER LOC only"``),
+        else ``""``."""
+        arms = "" if set(self.arms) >= {"UVB", "VIS", "NIR"} else "/".join(self.arms) + " "
+        products = ", ".join(self.products) + " " if self.products else ""
+        return f"{arms}{products}only" if arms or products else ""
+
+    def carried_by(self, arm: Arm, label: str | None) -> bool:
+        """Whether the output labelled ``label`` of ``arm`` carries it (None: any output)."""
+        return arm.name in self.arms and (not self.products or label is None
+                                          or label in self.products)
 
 
 @dataclass(frozen=True)
@@ -479,7 +499,9 @@ def man_page(spec: RecipeSpec, include_header: bool = True) -> str:
         out += ["", "QC KEYWORDS"]
         for q in spec.qc:
             unit = f" [{q.unit}]" if q.unit else ""
-            text = f"ESO QC {q.name}{unit}: {q.description}{_qc_ranges_text(spec, q)}."
+            only = f" ({q.scope})" if q.scope else ""
+            text = (f"ESO QC {q.name}{unit}{only}: {q.description}"
+                    f"{_qc_ranges_text(spec, q)}.")
             out += textwrap.wrap(text, 88, initial_indent="  ", subsequent_indent="      ")
         out += [f"  ESO QC {name}: {meaning}." for name, meaning in QC_SUMMARY]
         out += ["  A QC value that cannot be computed is left out, and the log says why."]
@@ -592,8 +614,12 @@ class RecipeContext:
             if all(ref.path != path for ref in self._calib_refs):
                 self._calib_refs.append(FrameRef(path=path, tag=tag, md5=None))
 
-    def declared_qc(self, qc: QcMeasurements) -> dict[str, QcValue]:
+    def declared_qc(self, qc: QcMeasurements, output: str | None = None
+                    ) -> dict[str, QcValue]:
         """Each declared QC with its value (or why it has none), comment and range.
+
+        ``output`` is the label of the product being written: a QC declared for other
+        products only is neither required nor allowed there.
 
         Raises
         ------
@@ -601,8 +627,9 @@ class RecipeContext:
             When ``qc`` holds a name the recipe does not declare, or leaves a declared QC
             without a value or a reason: a bug in the recipe, which the tests catch.
         """
-        declared = {q.name: q for q in self.spec.qc if not q.is_template}
-        templates = [q for q in self.spec.qc if q.is_template]
+        own = [q for q in self.spec.qc if q.carried_by(self.arm, output)]
+        declared = {q.name: q for q in own if not q.is_template}
+        templates = [q for q in own if q.is_template]
         for name in sorted(qc.names() - set(declared)):
             template = next((q for q in templates if q.matches(name)), None)
             if template is not None:
@@ -639,7 +666,7 @@ class RecipeContext:
         name their own lamp's frames only); all raw frames by default.
         """
         catg = output.catg_for(self.arm)
-        header_qc = self.declared_qc(qc)
+        header_qc = self.declared_qc(qc, output.label)
         for name, item in header_qc.items():
             if item.out_of_range:
                 low, high = item.valid_range

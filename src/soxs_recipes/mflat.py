@@ -75,6 +75,8 @@ _FLAT_DOC = ("Raw lamp flats (at least 5) of one exposure time, slit and readout
 #: the card that tells a UVB per-lamp product from the stitched one of the same PRO CATG
 _DLAMP = (("ESO PRO FLAT LAMP", "D2", "flats of this lamp only, not stitched"),)
 _QLAMP = (("ESO PRO FLAT LAMP", "QTH", "flats of this lamp only, not stitched"),)
+#: the stitched UVB master flat and its order table (the label of the VIS/NIR products too)
+_STITCHED = ("MFLAT", "ORDER LOC")
 
 
 SPEC = RecipeSpec(
@@ -193,6 +195,18 @@ SPEC = RecipeSpec(
                description="orders whose edges were found and fitted"),
         QcSpec("DETECTOR TEMP", "detector temp.", unit="K",
                description="detector temperature from the first frame's header, when present"),
+        QcSpec("STITCH ORDER", "D2/QTH crossover order", products=_STITCHED, arms=("UVB",),
+               description="order where the D2 and QTH masters are joined: it and the bluer "
+               "orders come from the D2 master"),
+        QcSpec("STITCH SCALE", "QTH/D2 flux ratio", products=_STITCHED, arms=("UVB",),
+               description="median QTH over median D2 flux in the centre-order-window square "
+               "at the centre of the crossover order; the D2 part is multiplied by it when "
+               "scale-d2-to-qth is true"),
+        QcSpec("STITCH WIN X", "scale window x", unit="px", products=_STITCHED,
+               arms=("UVB",), description="x of that square's centre (unbinned, 0-based, "
+               "the order table's coordinates): the middle of the crossover order's range"),
+        QcSpec("STITCH WIN Y", "scale window y", unit="px", products=_STITCHED,
+               arms=("UVB",), description="y of that square's centre"),
     ),
 )
 

@@ -64,7 +64,8 @@ def qual_table() -> str:
 def qc_table(specs: Sequence[RecipeSpec] | None = None) -> str:
     """Every recipe's QC keywords with unit and meaning, and the range-check summary."""
     specs = _specs() if specs is None else list(specs)
-    rows = [(spec.name, f"`ESO QC {q.name}`", q.unit, q.description)
+    rows = [(spec.name, f"`ESO QC {q.name}`", q.unit,
+             f"{q.description} ({q.scope})" if q.scope else q.description)
             for spec in specs for q in spec.qc]
     rows += [("every recipe", f"`ESO QC {name}`", "", meaning) for name, meaning in QC_SUMMARY]
     return _table(("recipe", "keyword", "unit", "meaning"), rows)

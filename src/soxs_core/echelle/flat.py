@@ -882,12 +882,25 @@ def crossover_order(d_goodness: Mapping[int, float], q_goodness: Mapping[int, fl
     return int(best_n)
 
 
+def stitch_window_centre(order_table: OrderTable, order: int) -> tuple[float, float]:
+    """``(b, a)``: unbinned along- and across-order position of the centre of ``order``,
+    where the UVB lamps' fluxes are compared.
+
+    The middle of the order's range in ``order_table``: pass the order-centre table (the
+    input ORDER_TAB, or the self-traced orders' widest extent), not a lamp's fitted edge
+    table, whose range ends where that lamp's light fades.  The QTH / D2 ratio changes by
+    about 0.05 % per pixel along an order, so a window 10 px off would misscale the D2 orders
+    by half a percent.
+    """
+    b0, b1 = order_table.along_range(order)
+    b = 0.5 * (b0 + b1)
+    return b, float(order_table.centre(float(order), b))
+
+
 def _window(image: DetectorImage, order_table: OrderTable, order: int, binx: int, biny: int,
             side: float) -> np.ndarray:
     """Good FLUX values of a square of ``side`` unbinned px at the centre of ``order``."""
-    b0, b1 = order_table.along_range(order)
-    b = 0.5 * (b0 + b1)
-    a = float(order_table.centre(float(order), b))
+    b, a = stitch_window_centre(order_table, order)
     n_along, n_across, bb, ba = order_table.image_axes(image.shape, binx, biny)
     ib = to_binned(b, bb)
     ia = to_binned(a, ba)
@@ -912,7 +925,7 @@ def find_uvb_overlap_order_and_scale(d_master: DetectorImage, q_master: Detector
     d_master, q_master : DetectorImage
         The D2 and QTH master flats (same geometry).
     order_table : OrderTable
-        Order centres used for the window (either lamp's table).
+        Order centres and ranges that place the window (:func:`stitch_window_centre`).
     binx, biny : int
     d_goodness, q_goodness : mapping
         Per order, the number of positions that contributed to each lamp's edge fit (or

@@ -294,10 +294,11 @@ def _order_light(lamp: _LampReduction) -> dict[int, float]:
 def _union_centres(first: OrderTable, second: OrderTable) -> OrderTable:
     """One order-centre table over the orders of two (the self-traced D2 and QTH tables)."""
     ns, bs, as_ = [], [], []
-    rows = {}
+    rows: dict[int, tuple[float, float]] = {}
     for table in (first, second):
         for n, b0, b1 in zip(table.orders, table.b_min, table.b_max):
-            if int(n) in rows:
+            if int(n) in rows:  # each order's widest extent; its centres from one table
+                rows[int(n)] = (min(rows[int(n)][0], b0), max(rows[int(n)][1], b1))
                 continue
             b = np.linspace(b0, b1, 64)
             ns.append(np.full(b.size, float(n)))
@@ -357,16 +358,23 @@ def make_master_flat(inputs: FlatInputs, params: FlatParameters,
     d, q = reduced["DLAMP"], reduced["QLAMP"]
     # each order from the lamp that gives it more light; the edge-fit sample counts the
     # seed page names tie whenever both lamps' edges are found along a whole order
+    centres = inputs.order_table or _union_centres(d.table, q.table)
     order, scale = flat.find_uvb_overlap_order_and_scale(
-        d.master, q.master, d.table, *binning, _order_light(d), _order_light(q),
+        d.master, q.master, centres, *binning, _order_light(d), _order_light(q),
         window=params.centre_order_window)
     log.info("UVB: D2 and QTH flats stitched at order %d, D2 scaled by %.4g%s", order, scale,
              "" if params.scale_d2_to_qth else " (not applied: scale-d2-to-qth is false)")
     stitched = flat.stitch_uv_mflats(d.master, q.master, d.table, order, scale, *binning,
                                      params.scale_d2_to_qth)
-    centres = inputs.order_table or _union_centres(d.table, q.table)
     table, report, samples = _edges(stitched, centres, arm, binning, params)
     frames = [*inputs.flats["LAMP_DFLAT"], *inputs.flats["LAMP_QFLAT"]]
-    results.append(_finish(stitched, table, report, samples, None, params, binning, frames,
-                           "", plots, {}, in_place=True))
+    result = _finish(stitched, table, report, samples, None, params, binning, frames, "",
+                     plots, {}, in_place=True)
+    window_b, window_a = flat.stitch_window_centre(centres, order)
+    x, y = (window_a, window_b) if arm.dispersion_axis == "y" else (window_b, window_a)
+    result.qc.add("STITCH ORDER", order)
+    result.qc.add("STITCH SCALE", scale)
+    result.qc.add("STITCH WIN X", x)
+    result.qc.add("STITCH WIN Y", y)
+    results.append(result)
     return results
