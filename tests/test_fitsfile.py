@@ -16,12 +16,14 @@ from soxs_core.errors import InputError
 from soxs_core.io.compressed import scaled_float32
 from soxs_core.io.fits import (
     BLOCK_SIZE,
+    BinTable,
     Card,
     FitsFile,
     Header,
     checksum_encode,
     read_header,
     read_image_data,
+    read_table,
     scan_hdus,
     write_fits,
 )
@@ -471,3 +473,69 @@ def test_recipe_path_does_not_import_astropy(tmp_path):
             assert hdul[0].header["DATAMD5"] == data_md5(hdul)
             assert hdul[0].header["DATAMD5"] == hashlib.md5(
                 b"".join(_hdu_data_bytes(product))).hexdigest()
+
+
+# ------------------------------------------------------------------------------ binary tables
+def _table_columns():
+    rng = np.random.default_rng(5)
+    return {"order": np.arange(7, dtype=np.int64), "x": rng.normal(size=7),
+            "f": rng.normal(size=7).astype(np.float32), "n": np.arange(7, dtype=np.int32),
+            "ok": rng.random(7) > 0.5, "name": np.array(["a", "bcd", "", "e", "f", "g", "h"]),
+            "v": rng.normal(size=(7, 3))}
+
+
+def test_our_binary_table_read_by_astropy_with_valid_checksums(tmp_path):
+    columns = _table_columns()
+    path = tmp_path / "t.fits"
+    head = Header()
+    head["EXTNAME"] = "ORDERS"
+    head["TFORM1"] = "junk"  # a caller's field description is replaced by the table's own
+    write_fits(path, [(Header(), None), (head, BinTable(columns, units={"x": "px"}))])
+    with fits.open(path, checksum=True) as hdul:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            hdul.verify("exception")
+            assert hdul[1].verify_checksum() == 1 and hdul[1].verify_datasum() == 1
+        data = hdul["ORDERS"].data
+        assert hdul[1].columns["x"].unit == "px"
+        for name, values in columns.items():
+            got = data[name]
+            if values.dtype.kind == "U":
+                assert got.tolist() == values.tolist()
+            else:
+                np.testing.assert_array_equal(got, values)
+
+
+def test_astropy_binary_table_read_by_us(tmp_path):
+    columns = _table_columns()
+    cols = [fits.Column(name=k, format={"order": "K", "x": "D", "f": "E", "n": "J", "ok": "L",
+                                        "name": "3A", "v": "3D"}[k], array=v)
+            for k, v in columns.items()]
+    cols.append(fits.Column(name="u", format="J", bzero=2 ** 31,
+                            array=np.array([0, 1, 2, 3, 4, 5, 2 ** 32 - 1], np.uint32)))
+    path = tmp_path / "a.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols)]).writeto(path)
+    table = read_table(path, 1)
+    for name, values in columns.items():
+        if values.dtype.kind == "U":
+            assert table[name].tolist() == values.tolist()
+        else:
+            np.testing.assert_array_equal(table[name], values)
+    assert table["u"].tolist() == [0, 1, 2, 3, 4, 5, 2 ** 32 - 1]
+    # and round trip through our writer
+    write_fits(tmp_path / "b.fits", [(Header(), None), (Header(), table)])
+    again = read_table(tmp_path / "b.fits", 1)
+    for name in columns:
+        np.testing.assert_array_equal(again[name], table[name])
+
+
+def test_table_hdu_errors_are_one_line_input_errors(tmp_path):
+    path = tmp_path / "img.fits"
+    write_fits(path, [(Header(), np.zeros((2, 2), np.float32))])
+    with pytest.raises(InputError, match="not a binary table"):
+        read_table(path, 0)
+    cols = [fits.Column(name="p", format="PJ()", array=[np.arange(3)])]
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols)]).writeto(
+        tmp_path / "var.fits")
+    with pytest.raises(InputError, match="does not take"):
+        read_table(tmp_path / "var.fits", 1)

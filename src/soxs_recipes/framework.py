@@ -730,8 +730,8 @@ class RecipeContext:
 
     def save_table(self, output: OutputSpec, hdul_for: Callable[[Any], Any],
                    qc: QcMeasurements, frames: Sequence[RawFrame] | None = None) -> Product:
-        """Write a table product: ``hdul_for(primary_header)`` returns its
-        ``astropy.io.fits.HDUList`` (e.g. :meth:`OrderTable.to_hdus`)."""
+        """Write a table product: ``hdul_for(primary_header)`` returns its HDUs, ``(header,
+        data)`` pairs (e.g. :meth:`OrderTable.to_hdus`) or an ``astropy.io.fits.HDUList``."""
         header, filename, header_qc = self._product_header(output, qc, frames)
         path = write_table_product_atomic(hdul_for(header), self.output_dir / filename,
                                           overwrite=self.overwrite,

@@ -22,6 +22,7 @@ import numpy as np
 
 from soxs_core.echelle.polynomial import OrderPolynomial
 from soxs_core.errors import InputError
+from soxs_core.io.fits import BinTable, FitsFile, Header, write_fits
 
 __all__ = ["OrderTable", "read_order_table", "to_binned", "to_unbinned"]
 
@@ -176,22 +177,22 @@ class OrderTable:
         return mask_t if self.dispersion_axis == "y" else mask_t.T
 
     # ------------------------------------------------------------------ FITS
-    def to_hdus(self, primary_header: Any = None):
-        """``astropy.io.fits.HDUList`` in soxspipe's layout (HDU0 header, HDU1 one row of
-        coefficients, HDU2 one row per order)."""
-        from astropy.io import fits
+    def to_hdus(self, primary_header: Any = None) -> list[tuple[Header, BinTable | None]]:
+        """``(header, data)`` HDUs in soxspipe's layout (HDU0 header, HDU1 one row of
+        coefficients, HDU2 one row per order), for :func:`soxs_core.io.fits.write_fits`.
 
+        ``primary_header`` (ours or astropy's) is HDU0's; the table's own cards
+        (:attr:`header`) are added where it has none of the same keyword.
+        """
         b, a = self.along, self.across
-        cols = []
+        coeffs: dict[str, np.ndarray] = {}
 
         def poly_cols(poly: OrderPolynomial, name: str, prefix: str) -> None:
-            cols.append(fits.Column(name=f"degorder_{name}", format="K",
-                                    array=[poly.order_deg]))
-            cols.append(fits.Column(name=f"deg{b}_{name}", format="K", array=[poly.along_deg]))
+            coeffs[f"degorder_{name}"] = np.array([poly.order_deg], np.int64)
+            coeffs[f"deg{b}_{name}"] = np.array([poly.along_deg], np.int64)
             for i in range(poly.order_deg + 1):
                 for j in range(poly.along_deg + 1):
-                    cols.append(fits.Column(name=f"{prefix}{i}{j}", format="D",
-                                            array=[float(poly.coeffs[i, j])]))
+                    coeffs[f"{prefix}{i}{j}"] = np.array([float(poly.coeffs[i, j])])
 
         poly_cols(self.centre, "cent", "cent_")
         # soxspipe evaluates std_ij with the centre's degrees, so it is written with them
@@ -206,12 +207,6 @@ class OrderTable:
         if self.has_edges:
             poly_cols(self.edge_up, "edgeup", "edgeup_c")
             poly_cols(self.edge_low, "edgelow", "edgelow_c")
-        coeff_hdu = fits.BinTableHDU.from_columns(cols)
-        ocols = [fits.Column(name="order", format="K", array=self.orders),
-                 fits.Column(name=f"{b}min", format="K",
-                             array=np.floor(self.b_min).astype(np.int64)),
-                 fits.Column(name=f"{b}max", format="K",
-                             array=np.ceil(self.b_max).astype(np.int64))]
         amin, amax = [], []
         for n, b0, b1 in zip(self.orders, self.b_min, self.b_max):
             along = np.linspace(b0, b1, 64)
@@ -219,47 +214,26 @@ class OrderTable:
             # mirrored (frame width - value), as soxspipe 0.17.4 writes them
             amin.append(int(round(self.n_across - np.min(cen))))
             amax.append(int(round(self.n_across - np.max(cen))))
-        ocols += [fits.Column(name=f"{a}min", format="K", array=np.array(amin, np.int64)),
-                  fits.Column(name=f"{a}max", format="K", array=np.array(amax, np.int64))]
+        rows = {"order": np.asarray(self.orders, np.int64),
+                f"{b}min": np.floor(self.b_min).astype(np.int64),
+                f"{b}max": np.ceil(self.b_max).astype(np.int64),
+                f"{a}min": np.array(amin, np.int64), f"{a}max": np.array(amax, np.int64)}
         if self.has_edges:
             nrow = self.orders.size
-            lo = (np.full(nrow, np.nan) if self.min_threshold is None
-                  else np.asarray(self.min_threshold, float))
-            hi = (np.full(nrow, np.nan) if self.max_threshold is None
-                  else np.asarray(self.max_threshold, float))
-            ocols += [fits.Column(name="minThreshold", format="D", array=lo),
-                      fits.Column(name="maxThreshold", format="D", array=hi)]
-        order_hdu = fits.BinTableHDU.from_columns(ocols)
-        primary = fits.PrimaryHDU()
-        if primary_header is not None:
-            for card in _cards(primary_header):
-                primary.header.append(card, end=True)
+            rows["minThreshold"] = (np.full(nrow, np.nan) if self.min_threshold is None
+                                    else np.asarray(self.min_threshold, float))
+            rows["maxThreshold"] = (np.full(nrow, np.nan) if self.max_threshold is None
+                                    else np.asarray(self.max_threshold, float))
+        primary = Header(primary_header if primary_header is not None else ())
         for key, value in self.header.items():
-            if key not in primary.header:
-                val, comment = value if isinstance(value, tuple) else (value, "")
-                primary.header[key if len(key) <= 8 else f"HIERARCH {key}"] = (val, comment)
-        return fits.HDUList([primary, coeff_hdu, order_hdu])
+            if key not in primary:
+                primary[key] = value if isinstance(value, tuple) else (value, "")
+        return [(primary, None), (Header(), BinTable(coeffs)), (Header(), BinTable(rows))]
 
     def write(self, path: str | os.PathLike, primary_header: Any = None) -> Path:
         """Write the table (not atomically: products go through the recipe framework)."""
-        hdul = self.to_hdus(primary_header)
-        hdul.writeto(path, overwrite=True, checksum=True)
+        write_fits(path, self.to_hdus(primary_header))
         return Path(path)
-
-
-def _cards(header: Any):
-    """(keyword, value, comment) cards of an astropy or soxs_core header."""
-    from astropy.io import fits
-
-    for card in (header.cards if hasattr(header, "cards") else header):
-        key, value, comment = card[0], card[1], card[2]
-        if key in ("SIMPLE", "BITPIX", "EXTEND", "END") or key.startswith("NAXIS"):
-            continue
-        if key in ("COMMENT", "HISTORY", ""):
-            yield fits.Card(key, value)
-            continue
-        yield fits.Card(key if len(key) <= 8 and " " not in key else f"HIERARCH {key}",
-                        value, comment)
 
 
 def _poly_from_row(row: dict, name: str, prefix: str, along: str, path: Path
@@ -292,25 +266,22 @@ def read_order_table(path: str | os.PathLike) -> OrderTable:
     InputError
         Naming the file and what is wrong with its layout.
     """
-    from astropy.io import fits
-
     path = Path(path)
     try:
-        with fits.open(path, memmap=False) as hdul:
-            if len(hdul) < 3:
-                raise InputError(f"{path}: an order table has 3 HDUs (header, coefficients, "
-                                 f"orders), this file has {len(hdul)}")
-            primary = hdul[0].header.copy()
-            coeffs, meta = hdul[1], hdul[2]
-            if not isinstance(coeffs, fits.BinTableHDU) or not isinstance(
-                    meta, fits.BinTableHDU):
-                raise InputError(f"{path}: HDU1 and HDU2 of an order table must be binary "
-                                 "tables")
-            if len(coeffs.data) != 1:
-                raise InputError(f"{path}: HDU1 of an order table has one row, this has "
-                                 f"{len(coeffs.data)}")
-            row = {name: coeffs.data[name][0] for name in coeffs.columns.names}
-            metacols = {name: np.asarray(meta.data[name]) for name in meta.columns.names}
+        hdus = FitsFile(path)
+        if len(hdus) < 3:
+            raise InputError(f"{path}: an order table has 3 HDUs (header, coefficients, "
+                             f"orders), this file has {len(hdus)}")
+        primary = hdus[0].header
+        if hdus[1].xtension != "BINTABLE" or hdus[2].xtension != "BINTABLE":
+            raise InputError(f"{path}: HDU1 and HDU2 of an order table must be binary "
+                             "tables")
+        coeffs, meta = hdus.read_table(1), hdus.read_table(2)
+        if coeffs.n_rows != 1:
+            raise InputError(f"{path}: HDU1 of an order table has one row, this has "
+                             f"{coeffs.n_rows}")
+        row = {name: coeffs[name][0] for name in coeffs.names}
+        metacols = dict(meta.columns)
     except InputError:
         raise
     except (OSError, ValueError, TypeError, KeyError) as exc:
@@ -340,7 +311,7 @@ def read_order_table(path: str | os.PathLike) -> OrderTable:
     header = {}
     for key in ("MJD-OBS", "DATE-OBS", "EXPTIME", "ESO SEQ ARM", "INSTRUME", "ESO PRO CATG"):
         if key in primary:
-            header[key] = (primary[key], primary.comments[key])
+            header[key] = (primary[key], primary.comment(key))
     return OrderTable(
         dispersion_axis=along, orders=metacols["order"].astype(int),
         b_min=metacols[f"{along}min"].astype(float),

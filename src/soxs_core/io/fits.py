@@ -27,7 +27,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -40,6 +40,8 @@ __all__ = [
     "Header",
     "HDUInfo",
     "FitsFile",
+    "BinTable",
+    "read_table",
     "scan_hdus",
     "read_image_data",
     "read_header",
@@ -58,6 +60,8 @@ _NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
 _INT = re.compile(r"[+-]?[0-9]+\Z")
 _REAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[EeDd][+-]?[0-9]+)?\Z")
 _AXIS_KEY = re.compile(r"NAXIS[0-9]{1,3}\Z")
+#: a table's field descriptions, generated from its :class:`BinTable` when written
+_TABLE_KEY = re.compile(r"(TFIELDS|(TTYPE|TFORM|TUNIT|TSCAL|TZERO|TNULL|TDIM|TDISP)[0-9]{1,3})\Z")
 #: written by :func:`write_fits` itself, ignored in the headers it is given
 _GENERATED = frozenset(("SIMPLE", "XTENSION", "BITPIX", "NAXIS", "EXTEND", "PCOUNT", "GCOUNT",
                         "GROUPS", "END", "CHECKSUM", "DATASUM"))
@@ -575,6 +579,147 @@ def _scan(read_at, size: int, name: str) -> list[HDUInfo]:
     return hdus
 
 
+#: binary-table field codes (TFORM) <-> big-endian numpy types, for the fields read/written
+_TFORM_DTYPES = {"L": "S1", "B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4",
+                 "D": ">f8", "A": "S"}
+_TFORM = re.compile(r"\s*([0-9]*)([A-Z])")
+
+
+def _tform_of(values: np.ndarray) -> tuple[str, np.dtype]:
+    """TFORM and stored (big-endian) dtype of a column of ``values`` (rows first)."""
+    repeat = math.prod(values.shape[1:]) if values.ndim > 1 else 1
+    kind, size = values.dtype.kind, values.dtype.itemsize
+    if kind == "b":
+        code = "L"
+    elif kind in "SU":
+        width = max(1, max((len(v) for v in values.reshape(-1).tolist()), default=1)
+                    if kind == "U" else size)
+        return f"{width * repeat}A", np.dtype(f"S{width}")
+    else:
+        code = {("u", 1): "B", ("i", 2): "I", ("i", 4): "J", ("i", 8): "K", ("f", 4): "E",
+                ("f", 8): "D"}.get((kind, size), "")
+        if not code:
+            raise ValueError(f"cannot write {values.dtype} values in a FITS binary table")
+    return (f"{repeat}{code}" if repeat != 1 else code), np.dtype(_TFORM_DTYPES[code])
+
+
+@dataclass
+class BinTable:
+    """The data of a binary-table extension: named columns, one value (or a fixed-size
+    array: a 2-D column) per row, all of the same length.
+
+    Read with :meth:`FitsFile.read_table`; written by :func:`write_fits` as a ``BINTABLE``
+    HDU, with TTYPEn/TFORMn (and TUNITn when ``units`` names one) generated.  Logical
+    columns read as bool, character columns as str (trailing blanks removed); TSCALn/TZEROn
+    are applied.
+    """
+
+    columns: dict[str, np.ndarray]
+    units: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.columns = {k: np.asarray(v) for k, v in self.columns.items()}
+        lengths = {v.shape[0] if v.ndim else 1 for v in self.columns.values()}
+        if len(lengths) > 1:
+            raise ValueError(f"binary-table columns of different lengths {sorted(lengths)}")
+        self.columns = {k: (v.reshape(1) if v.ndim == 0 else v)
+                        for k, v in self.columns.items()}
+
+    @property
+    def n_rows(self) -> int:
+        return next(iter(self.columns.values())).shape[0] if self.columns else 0
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.columns
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.columns)
+
+    def structural_cards(self) -> list[Card]:
+        """TFIELDS and the TTYPEn/TFORMn (TUNITn) cards of the layout :meth:`records`
+        writes."""
+        cards = [Card("TFIELDS", len(self.columns), "number of fields in each row")]
+        for i, (name, values) in enumerate(self.columns.items(), start=1):
+            tform, _ = _tform_of(values)
+            cards.append(Card(f"TTYPE{i}", name, f"label for field {i}"))
+            cards.append(Card(f"TFORM{i}", tform, f"data format of field {i}"))
+            if self.units.get(name):
+                cards.append(Card(f"TUNIT{i}", self.units[name], f"physical unit of field {i}"))
+        return cards
+
+    def records(self) -> np.ndarray:
+        """The rows as stored: a big-endian structured array."""
+        fields = []
+        for name, values in self.columns.items():
+            _, dtype = _tform_of(values)
+            fields.append((name, dtype, values.shape[1:]) if values.ndim > 1
+                          else (name, dtype))
+        out = np.zeros(self.n_rows, np.dtype(fields))
+        for name, values in self.columns.items():
+            if values.dtype.kind == "b":
+                out[name] = np.where(values, b"T", b"F")
+            elif values.dtype.kind == "U":
+                out[name] = np.char.encode(values, "ascii")
+            else:
+                out[name] = values
+        return out
+
+    @classmethod
+    def from_hdu(cls, header: Header, raw: bytes) -> BinTable:
+        """Columns of a BINTABLE data unit (``raw``, padding excluded) described by its
+        ``header``."""
+        n_fields = _int_value(header, "TFIELDS")
+        row_bytes, n_rows = _int_value(header, "NAXIS1"), _int_value(header, "NAXIS2")
+        fields, names, units = [], [], {}
+        for i in range(1, n_fields + 1):
+            name = str(header.get(f"TTYPE{i}", f"col{i}")).strip()
+            match = _TFORM.match(str(header.get(f"TFORM{i}", "")).upper())
+            if not match or match.group(2) not in _TFORM_DTYPES:
+                raise ValueError(f"field {name!r} has the format {header.get(f'TFORM{i}')!r}, "
+                                 "which this reader does not take")
+            repeat = int(match.group(1) or 1)
+            code = match.group(2)
+            if code == "A":
+                fields.append((name, np.dtype(f"S{repeat}")))
+            elif repeat == 1:
+                fields.append((name, np.dtype(_TFORM_DTYPES[code])))
+            else:
+                fields.append((name, np.dtype(_TFORM_DTYPES[code]), (repeat,)))
+            names.append((name, code, i))
+            if header.get(f"TUNIT{i}"):
+                units[name] = str(header[f"TUNIT{i}"]).strip()
+        dtype = np.dtype(fields)
+        if dtype.itemsize != row_bytes:
+            raise ValueError(f"NAXIS1 = {row_bytes} but the fields take {dtype.itemsize} bytes")
+        rows = np.frombuffer(raw, dtype, n_rows)
+        columns = {}
+        for name, code, i in names:
+            values = rows[name]
+            if code == "L":
+                values = values == b"T"
+            elif code == "A":
+                values = np.char.rstrip(np.char.decode(values, "ascii", "replace"))
+            else:
+                values = values.astype(values.dtype.newbyteorder("="))
+                scale, zero = header.get(f"TSCAL{i}", 1), header.get(f"TZERO{i}", 0)
+                if scale != 1 or zero != 0:  # e.g. unsigned integers stored with an offset
+                    whole = (values.dtype.kind in "iu" and scale == 1
+                             and float(zero).is_integer())
+                    values = (values.astype(np.int64) + int(zero) if whole
+                              else values.astype(np.float64) * scale + zero)
+            columns[name] = values
+        return cls(columns, units)
+
+
+def read_table(path: str | os.PathLike, hdu: int | str = 1) -> BinTable:
+    """The columns of one binary-table HDU of a plain or gzip-compressed FITS file."""
+    return FitsFile(path).read_table(hdu)
+
+
 def _open_error(path: Path, exc: OSError) -> InputError:
     if isinstance(exc, FileNotFoundError):
         return InputError(f"{path}: file not found")
@@ -689,6 +834,38 @@ class FitsFile(HduSequence):
             if got != out.nbytes:
                 raise InputError(f"{self.name}: truncated FITS data in HDU {hdu.name}")
         return out
+
+    def _data_bytes(self, hdu: HDUInfo) -> bytes:
+        """The data unit of ``hdu`` as stored (padding excluded)."""
+        if self._buffer is not None:
+            raw = self._buffer[hdu.data_offset:hdu.data_offset + hdu.data_size]
+        else:
+            try:
+                with open(self.path, "rb") as fh:
+                    raw = os.pread(fh.fileno(), hdu.data_size, hdu.data_offset)
+            except OSError as exc:
+                raise _open_error(self.path, exc) from None
+        if len(raw) != hdu.data_size:
+            raise InputError(f"{self.name}: truncated FITS data in HDU {hdu.name}")
+        return raw
+
+    def read_table(self, key: int | str | HDUInfo = 1) -> BinTable:
+        """The columns of a binary-table HDU (fixed-size fields; :class:`BinTable`).
+
+        Raises
+        ------
+        InputError
+            When the HDU is not a binary table, or has a field this reader does not take
+            (variable-length arrays, bit fields, complex numbers).
+        """
+        hdu = key if isinstance(key, HDUInfo) else self[key]
+        if hdu.xtension != "BINTABLE" or hdu.compressed:
+            raise InputError(f"{self.name}: HDU {hdu.name or hdu.xtension or 'PRIMARY'} is "
+                             "not a binary table")
+        try:
+            return BinTable.from_hdu(hdu.header, self._data_bytes(hdu))
+        except ValueError as exc:
+            raise InputError(f"{self.name}: HDU {hdu.name or len(self.hdus)}: {exc}") from None
 
     def close(self) -> None:
         self._buffer = None
@@ -817,10 +994,30 @@ def _bitpix_of(data: np.ndarray) -> int:
                          "int32, int64, float32 or float64)") from None
 
 
-def _full_header(user: Header | None, data: np.ndarray | None, primary: bool,
+def _full_header(user: Header | None, data: np.ndarray | BinTable | None, primary: bool,
                  stamp: str) -> Header:
     """Structural cards, the user's cards (structural ones dropped), DATASUM/CHECKSUM."""
     cards = []
+    if isinstance(data, BinTable):
+        if primary:
+            raise ValueError("a binary table cannot be the primary HDU")
+        records = data.records()
+        cards += [Card("XTENSION", "BINTABLE", "binary table extension"),
+                  Card("BITPIX", 8, "array data type"),
+                  Card("NAXIS", 2, "number of array dimensions"),
+                  Card("NAXIS1", records.dtype.itemsize, "length of dimension 1"),
+                  Card("NAXIS2", data.n_rows, "length of dimension 2"),
+                  Card("PCOUNT", 0, "number of group parameters"),
+                  Card("GCOUNT", 1, "number of groups"),
+                  *data.structural_cards()]
+        for card in (user.cards if user is not None else ()):
+            key = card.keyword.upper()
+            if key in _GENERATED or _AXIS_KEY.match(key) or _TABLE_KEY.match(key):
+                continue
+            cards.append(card)
+        cards.append(Card("DATASUM", "0", f"data unit checksum {stamp}"))
+        cards.append(Card("CHECKSUM", "0" * 16, f"HDU checksum {stamp}"))
+        return Header(cards)
     if primary:
         cards.append(Card("SIMPLE", True, "conforms to the FITS standard"))
     else:
@@ -873,9 +1070,9 @@ def _write_data(fh: BinaryIO, data: np.ndarray, md5: _Md5Thread | None) -> int:
 
 
 def write_fits(target: str | os.PathLike | BinaryIO,
-               hdus: Sequence[tuple[Header | None, np.ndarray | None]]) -> None:
-    """Write image HDUs with checksums: the first as the primary HDU, the rest as IMAGE
-    extensions.
+               hdus: Sequence[tuple[Header | None, np.ndarray | BinTable | None]]) -> None:
+    """Write HDUs with checksums: the first as the primary HDU, the rest as IMAGE
+    extensions, or BINTABLE ones for :class:`BinTable` data.
 
     Parameters
     ----------
@@ -898,9 +1095,13 @@ def write_fits(target: str | os.PathLike | BinaryIO,
     if not hdus:
         raise ValueError("no HDU to write")
     stamp = time.strftime("updated %Y-%m-%dT%H:%M:%S", time.gmtime())
-    arrays = [None if data is None else np.asarray(data) for _, data in hdus]
+    given = [data if isinstance(data, BinTable) or data is None else np.asarray(data)
+             for _, data in hdus]
     headers = [_full_header(header, data, i == 0, stamp)
-               for i, ((header, _), data) in enumerate(zip(hdus, arrays))]
+               for i, ((header, _), data) in enumerate(zip(hdus, given))]
+    # a table's data unit is its rows as bytes
+    arrays = [data.records().view(np.uint8) if isinstance(data, BinTable) else data
+              for data in given]
     with_md5 = "DATAMD5" in headers[0]
     if with_md5:
         headers[0]["DATAMD5"] = "0" * 32

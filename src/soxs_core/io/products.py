@@ -536,9 +536,15 @@ def _write_via_temporary(path: Path, write: Any) -> Path:
 
 def write_table_product_atomic(hdul: Any, path: str | os.PathLike, overwrite: bool = False,
                                protected: Iterable[Path] = ()) -> Path:
-    """Write a table product (an ``astropy.io.fits.HDUList``) as
-    :func:`write_product_atomic` writes images: atomically, never over an input, with
-    ``DATAMD5`` (the MD5 of the data units as on disk) and CHECKSUM/DATASUM on every HDU."""
+    """Write a table product as :func:`write_product_atomic` writes images: atomically,
+    never over an input, with ``DATAMD5`` (the MD5 of the data units as on disk) and
+    CHECKSUM/DATASUM on every HDU.
+
+    ``hdul`` is a sequence of ``(header, data)`` pairs (:class:`soxs_core.io.fits.BinTable`
+    data for the tables, see :func:`soxs_core.io.fits.write_fits`), or an
+    ``astropy.io.fits.HDUList``."""
+    if all(isinstance(hdu, tuple) for hdu in hdul):  # an HDUList is a list of HDUs
+        return write_product_atomic(hdul, path, overwrite=overwrite, protected=protected)
     import io
     import warnings
 
