@@ -150,17 +150,25 @@ class OrderTable:
 
     def order_label_image(self, shape: tuple[int, int], binx: int = 1, biny: int = 1,
                           widen: float = 0.0) -> np.ndarray:
-        """int16 image: the order number of each pixel between its edges, 0 elsewhere."""
-        out = np.zeros(shape, dtype=np.int16)
-        for n in self.orders:
-            out[self._band(shape, binx, biny, [n], lambda o, b: (
-                self.edge_low(o, b) - widen, self.edge_up(o, b) + widen))] = n
-        return out
-
-    def _band(self, shape, binx, biny, orders, limits, extend: float = 0.0) -> np.ndarray:
+        """int16 image: the order number of each pixel between its edges, 0 elsewhere (a
+        pixel between two orders' widened edges takes the later order of the table)."""
         n_along, n_across, bb, ba = self.image_axes(shape, binx, biny)
-        mask_t = np.zeros((n_along, n_across), dtype=bool)
-        cols = np.arange(n_across)
+        out = np.zeros((n_along, n_across), dtype=np.int16)
+        for n, ib, first, last in self._runs(shape, binx, biny, None, lambda o, b: (
+                self.edge_low(o, b) - widen, self.edge_up(o, b) + widen)):
+            c0, c1 = int(first.min()), int(last.max()) + 1  # the order's bounding box only
+            cols = np.arange(c0, c1)
+            inside = (cols[None, :] >= first[:, None]) & (cols[None, :] <= last[:, None])
+            box = out[ib, c0:c1]
+            box[inside] = n
+            out[ib, c0:c1] = box
+        return out if self.dispersion_axis == "y" else out.T
+
+    def _runs(self, shape, binx, biny, orders, limits, extend: float = 0.0):
+        """Per order with pixels on the frame: ``(order, rows, first, last)``, the
+        (along-order) rows of the binned frame and the first and last (across-order) pixel
+        between ``limits`` on each, ``first <= last``."""
+        n_along, n_across, bb, ba = self.image_axes(shape, binx, biny)
         for n in (self.orders if orders is None else orders):
             b0, b1 = self.along_range(int(n))
             b0, b1 = b0 - extend, b1 + extend
@@ -172,8 +180,19 @@ class OrderTable:
             lo_b, up_b = to_binned(lo, ba), to_binned(up, ba)
             first = np.clip(np.ceil(lo_b).astype(int), 0, n_across)
             last = np.clip(np.floor(up_b).astype(int), -1, n_across - 1)
-            inside = (cols[None, :] >= first[:, None]) & (cols[None, :] <= last[:, None])
-            mask_t[ib] |= inside
+            run = first <= last
+            if run.any():
+                yield int(n), ib[run], first[run], last[run]
+
+    def _band(self, shape, binx, biny, orders, limits, extend: float = 0.0) -> np.ndarray:
+        n_along, n_across, _, _ = self.image_axes(shape, binx, biny)
+        # +1 where a run of in-order pixels starts, -1 after it ends, summed along each row:
+        # one pass over the frame instead of a full-frame comparison per order
+        steps = np.zeros((n_along, n_across + 1), dtype=np.int16)
+        for _, ib, first, last in self._runs(shape, binx, biny, orders, limits, extend):
+            np.add.at(steps, (ib, first), 1)
+            np.add.at(steps, (ib, last + 1), -1)
+        mask_t = np.cumsum(steps, axis=1, dtype=np.int16)[:, :n_across] > 0
         return mask_t if self.dispersion_axis == "y" else mask_t.T
 
     # ------------------------------------------------------------------ FITS
