@@ -8,6 +8,7 @@ from soxs_core.echelle.masterflat import (
     make_master_flat,
     verify_flat_inputs,
 )
+from soxs_core.io.preload import preload
 
 from .compat import ui
 from .framework import InputSpec, OutputSpec, Param, QcSpec, RecipeContext, RecipeSpec
@@ -211,6 +212,11 @@ SPEC = RecipeSpec(
 )
 
 
+#: imported beside the frame reading: the QC plots' and the background fit's modules
+PRELOAD = ("scipy.interpolate", "scipy.ndimage", "matplotlib.figure",
+           "matplotlib.backends.backend_pdf")
+
+
 def _output(label: str) -> OutputSpec:
     return next(o for o in SPEC.outputs if o.label == label)
 
@@ -242,6 +248,7 @@ def verify(context: RecipeContext) -> None:
 
 def reduce(context: RecipeContext) -> None:
     """Make the master flat(s) and order table(s) and write them with their QC plots."""
+    preload(PRELOAD)
     inputs = flat_inputs(context)
     verify_flat_inputs(inputs, SPEC.inputs[0].min_count)
     plots = {o.label: context.plot_path(o) for o in SPEC.outputs
