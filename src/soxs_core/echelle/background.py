@@ -757,7 +757,7 @@ def _block_reduce(image: np.ndarray, weight: np.ndarray | None, factor: int,
 
 
 def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
-                     in_order: np.ndarray, title: str, cuts: int) -> None:
+                     in_order: np.ndarray, title: str, cuts: int, unit: str) -> None:
     # a bare Figure: pyplot's import and figure manager cost a third of a second per run
     from matplotlib.backends.backend_pdf import PdfPages
     from matplotlib.figure import Figure
@@ -779,27 +779,29 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
         resid_small).any() else 1.0
     spread = max(spread, 1e-3)
 
+    # titles are placed at y=1.0 below: left to itself matplotlib measures every tick label
+    # of an axes to place its title, a third of the drawing time
     fig = Figure(figsize=(11.69, 8.27), dpi=100)
     grid = fig.add_gridspec(2, 4, height_ratios=[1.25, 1.0], hspace=0.32, wspace=0.45)
     fig.suptitle(title, fontsize=13)
     panels = [
-        ("frame (log10 e-)", np.log10(np.clip(frame_small, max(vmax * 1e-2, 1e-3), None)),
-         "gray", None, None, "log10 e-"),
-        ("inter-order pixels used (e-)", data_small, "viridis", 0.0, 1.15 * vmax, "e-"),
-        ("background model (e-)", model_small, "viridis", 0.0, 1.15 * vmax, "e-"),
-        ("data - model, used (e-)", resid_small, "RdBu_r", -spread, spread, "e-"),
+        (f"frame (log10 {unit})",
+         np.log10(np.clip(frame_small, max(vmax * 1e-2, 1e-3), None)), "gray", None, None),
+        (f"inter-order pixels used ({unit})", data_small, "viridis", 0.0, 1.15 * vmax),
+        (f"background model ({unit})", model_small, "viridis", 0.0, 1.15 * vmax),
+        (f"data - model, used ({unit})", resid_small, "RdBu_r", -spread, spread),
     ]
-    for k, (name, img, cmap, lo, hi, unit) in enumerate(panels):
+    for k, (name, img, cmap, lo, hi) in enumerate(panels):
         ax = fig.add_subplot(grid[0, k])
         shown = ax.imshow(img, origin="lower", cmap=cmap, vmin=lo, vmax=hi, extent=extent,
                           aspect="auto", interpolation="nearest", rasterized=True)
-        ax.set_title(name, fontsize=10)
+        ax.set_title(name, fontsize=10, y=1.0)
         ax.set_xlabel("x [px]", fontsize=8)
-        ax.set_ylabel("y [px]", fontsize=8)
+        if k == 0:  # the others' would run into the colour bar on their left
+            ax.set_ylabel("y [px]", fontsize=8)
         ax.tick_params(labelsize=7)
         bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
         bar.ax.tick_params(labelsize=7)
-        del unit
 
     # cuts across the orders (canonical rows)
     cf = _canonical(flux, axis)
@@ -835,9 +837,9 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
         ax.plot(x, mod, color="tab:red", lw=1.2, label="model")
         ax.set_ylim(min(-0.1 * top, float(np.nanmin(mod)) - 0.1 * top), top)
         ax.set_xlim(-0.5, cols - 0.5)
-        ax.set_title(f"cut at {disp} = {r} (median of {r1 - r0} px)", fontsize=9)
+        ax.set_title(f"cut at {disp} = {r} (median of {r1 - r0} px)", fontsize=9, y=1.0)
         ax.set_xlabel(f"{across} [px] (grey bands: orders, masked)", fontsize=8)
-        ax.set_ylabel("e-", fontsize=8)
+        ax.set_ylabel(unit, fontsize=8)
         ax.tick_params(labelsize=7)
         if k == 0:
             ax.legend(fontsize=7, loc="upper left", markerscale=4)
@@ -856,16 +858,16 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
     ax.plot(y, cm[:, c], color="tab:red", lw=1.2, label="model")
     top = 1.6 * max(float(cm[:, c].max()), 1e-3)
     ax.set_ylim(-0.1 * top, top)
-    ax.set_title(f"along the dispersion at {across} = {c}", fontsize=9)
+    ax.set_title(f"along the dispersion at {across} = {c}", fontsize=9, y=1.0)
     ax.set_xlabel(f"{disp} [px]", fontsize=8)
-    ax.set_ylabel("e-", fontsize=8)
+    ax.set_ylabel(unit, fontsize=8)
     ax.tick_params(labelsize=7)
     fig.text(0.01, 0.005,
              f"used pixels {stats.get('used_fraction', 0.0) * 100:.1f} %   "
-             f"model max {stats.get('model_max', 0.0):.1f} e-   "
-             f"median {stats.get('model_median', 0.0):.1f} e-   "
-             f"model error (median) {stats.get('uncertainty_median', 0.0):.2f} e-   "
-             f"cell rms {stats.get('residual_rms', 0.0):.2f} e- "
+             f"model max {stats.get('model_max', 0.0):.4g} {unit}   "
+             f"median {stats.get('model_median', 0.0):.4g} {unit}   "
+             f"model error (median) {stats.get('uncertainty_median', 0.0):.3g} {unit}   "
+             f"cell rms {stats.get('residual_rms', 0.0):.3g} {unit} "
              f"(chi {stats.get('chi_rms', 0.0):.2f})   clipped cells {stats.get('n_clipped', 0)}   "
              f"bspline_deg {model.parameters.get('bspline_deg')}   "
              f"gaussian_blur_sigma {model.parameters.get('gaussian_blur_sigma')} px",
@@ -875,7 +877,8 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
 
 
 def plot_background(path: str | os.PathLike, flux: np.ndarray, model: BackgroundModel,
-                    in_order: np.ndarray, title: str, *, cuts: int = 3) -> Path:
+                    in_order: np.ndarray, title: str, *, cuts: int = 3,
+                    unit: str = "e-") -> Path:
     """Write the BKGROUND QC plot (one PDF page, written atomically).
 
     Top: the frame (log stretch), the inter-order pixels used (block means), the model on the
@@ -898,6 +901,8 @@ def plot_background(path: str | os.PathLike, flux: np.ndarray, model: Background
         Title of the page (arm, lamp...).
     cuts : int
         Number of cuts across the orders (1 to 3).
+    unit : str
+        Unit of ``flux`` on the axes (a stacked flat is in units of its exposure level).
 
     Returns
     -------
@@ -908,4 +913,4 @@ def plot_background(path: str | os.PathLike, flux: np.ndarray, model: Background
 
     cuts = int(min(max(cuts, 1), 3))
     return write_atomically(Path(path), lambda tmp: _draw_background(
-        tmp, flux, model, in_order, title, cuts))
+        tmp, flux, model, in_order, title, cuts, unit))

@@ -252,7 +252,8 @@ def _reduce_lamp(frames: list[RawFrame], inputs: FlatInputs, params: FlatParamet
         if label in plots:
             written[label] = background.plot_background(
                 plots[label], master.data, model, in_order,
-                f"{arm.instrument} {arm.name}{suffix}: scattered light of the master flat")
+                f"{arm.instrument} {arm.name}{suffix}: scattered light of the master flat",
+                unit="flat level")
         master = background.subtract_background(master, model)
         # the edges again, on the flat without its scattered-light pedestal
         table, report, samples = _edges(master, centres, arm, binning, params)
