@@ -164,7 +164,6 @@ class _LampReduction:
     table: OrderTable
     report: tracing.EdgeFitReport
     samples: edges.EdgeSamples
-    background: background.BackgroundModel | None
 
 
 def _full_frame(calibrated: flat.CalibratedFlats, k: int) -> np.ndarray:
@@ -239,7 +238,6 @@ def _reduce_lamp(frames: list[RawFrame], inputs: FlatInputs, params: FlatParamet
     if traced:
         centres = _centre_between_edges(centres, samples, params)
         table, report, samples = _edges(master, centres, arm, binning, params)
-    model = None
     if params.subtract_background:
         # an order's light goes on beyond where its edges could be measured (its faint
         # ends): masked too, or it would count as scattered light
@@ -254,10 +252,12 @@ def _reduce_lamp(frames: list[RawFrame], inputs: FlatInputs, params: FlatParamet
                 plots[label], master.data, model, in_order,
                 f"{arm.instrument} {arm.name}{suffix}: scattered light of the master flat",
                 unit="flat level")
-        master = background.subtract_background(master, model)
+        # in place, and the model dropped: two full-frame planes each off the memory peak
+        master = background.subtract_background(master, model, overwrite=True)
+        del model, in_order
         # the edges again, on the flat without its scattered-light pedestal
         table, report, samples = _edges(master, centres, arm, binning, params)
-    return _LampReduction(calibrated, norm, master, table, report, samples, model)
+    return _LampReduction(calibrated, norm, master, table, report, samples)
 
 
 def _finish(master: DetectorImage, table: OrderTable, report: tracing.EdgeFitReport,
