@@ -66,7 +66,8 @@ def fit(arm: str, binning: str = "1x1", seed: int = 1, **kwargs):
     flux, err = noisy(orders + scattered, seed)
     mask = true_mask(arm, binning)
     model = bg.fit_background(flux, np.zeros(flux.shape, np.uint8), mask,
-                              sim.format.dispersion_axis, **kwargs)
+                              sim.format.dispersion_axis,
+                              binning=(sim.detector.binx, sim.detector.biny), **kwargs)
     return sim, orders, scattered, flux, err, mask, model
 
 
@@ -166,7 +167,8 @@ def test_model_error_matches_scatter_between_realisations() -> None:
     models, stated = [], []
     for seed in range(8):
         flux, _ = noisy((orders + scattered)[crop], 100 + seed)
-        m = bg.fit_background(flux, None, mask[crop], "y")
+        m = bg.fit_background(flux, None, mask[crop], "y",
+                              binning=(sim.detector.binx, sim.detector.biny))
         models.append(m.model)
         stated.append(m.band_statistical_error)
     scatter = np.std(np.array(models, np.float64), axis=0, ddof=1)

@@ -66,7 +66,8 @@ PARAMS = (
           "Degree of the smoothing spline fitted across the orders to the inter-order "
           "(scattered) light.", minimum=1, maximum=5),
     Param("gaussian-blur-sigma", int,
-          "Sigma (pixels) of the Gaussian smoothing of the scattered-light model along the "
+          "Sigma (unbinned pixels: the halo's scale on the detector does not change with "
+          "the binning) of the Gaussian smoothing of the scattered-light model along the "
           "dispersion.", minimum=0),
 )
 

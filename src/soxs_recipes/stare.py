@@ -106,8 +106,8 @@ PARAMS = (
           synonyms=("residual_floor_percentile",)),
     Param("bspline-deg", int, "Degree of the smoothing spline fitted across the orders to "
           "the inter-order (scattered) light.", minimum=1, maximum=5),
-    Param("gaussian-blur-sigma", int, "Sigma (pixels) of the smoothing of the scattered-light "
-          "model along the dispersion.", minimum=0),
+    Param("gaussian-blur-sigma", int, "Sigma (unbinned pixels) of the smoothing of the "
+          "scattered-light model along the dispersion.", minimum=0),
     Param("response-max-iteration", int, "Maximum clipping iterations of the response fit "
           "(flux standards).", minimum=1, synonyms=("max_iteration",)),
     Param("response-poly-order", int, "Degree in wavelength of the response polynomial of "

@@ -7,7 +7,8 @@ dispersion position (image rows when the orders run along ``y``, image columns f
 which disperses along ``x``).
 
 Method (all but two steps work on a grid of bands, so a 4000 x 2048 frame costs a fraction of
-a second):
+a second).  The smoothing scales are given in unbinned px, as the halo's size is fixed on the
+detector, and converted with the frame's binning:
 
 1. **Cells.**  The canonical rows are grouped into bands of ``band_rows`` rows (a quarter of
    ``gaussian_blur_sigma``: the model is smoothed over far more than a band along the
@@ -469,7 +470,8 @@ def fit_background(flux: np.ndarray, qual: np.ndarray | None, in_order: np.ndarr
                    gaussian_blur_sigma: float = 65.0, errors: np.ndarray | None = None, *,
                    smoothing_length: float | None = None, band_rows: int | None = None,
                    clip_sigma: float = 5.0, clip_iterations: int = 1,
-                   reject_bits: int = REJECT_ALL) -> BackgroundModel:
+                   reject_bits: int = REJECT_ALL,
+                   binning: tuple[int, int] = (1, 1)) -> BackgroundModel:
     """Model the scattered light of a frame from its inter-order pixels.
 
     Parameters
@@ -486,16 +488,17 @@ def fit_background(flux: np.ndarray, qual: np.ndarray | None, in_order: np.ndarr
         Degree of the spline fitted across the orders (along each row of constant dispersion
         position).
     gaussian_blur_sigma : float
-        Sigma (px) of the Gaussian smoothing of the model along the dispersion direction.
+        Sigma (unbinned px) of the Gaussian smoothing of the model along the dispersion
+        direction.
     errors : ndarray, optional
         1-sigma errors of ``flux``: weights and the model's error then come from them,
         otherwise from the scatter of the inter-order pixels themselves.
     smoothing_length : float, optional
-        Scale (px) over which the spline smooths across the orders where the inter-order
-        pixels are dense; default ``gaussian_blur_sigma / 6`` (at least 4 px).
+        Scale (unbinned px) over which the spline smooths across the orders where the
+        inter-order pixels are dense; default ``gaussian_blur_sigma / 6`` (at least 4 px).
     band_rows : int, optional
-        Rows of constant dispersion position per band; default ``gaussian_blur_sigma / 4``
-        (at least 2).
+        Rows (of the frame, binned) of constant dispersion position per band; default a
+        quarter of ``gaussian_blur_sigma`` in binned rows (at least 2).
     clip_sigma : float
         Cells whose median lies further than this many expected sigma from the fit are
         rejected.
@@ -503,6 +506,13 @@ def fit_background(flux: np.ndarray, qual: np.ndarray | None, in_order: np.ndarr
         Maximum number of fit-and-clip cycles.
     reject_bits : int
         QUAL bits that exclude a pixel.
+    binning : (binx, biny)
+        Binning of the frame.  The halo's structure is fixed on the detector, so the two
+        smoothing scales are given in unbinned px and converted here, each with the binning
+        of its own axis; a binned frame smoothed by the same number of binned px would be
+        smoothed over twice the halo's scale (the model then falls short under the
+        outermost orders, where the halo curves most, and overshoots at the orders' faint
+        ends).
 
     Returns
     -------
@@ -533,6 +543,14 @@ def fit_background(flux: np.ndarray, qual: np.ndarray | None, in_order: np.ndarr
     length = float(smoothing_length if smoothing_length is not None else max(4.0, sigma / 6))
     if not (math.isfinite(length) and length > 0):
         raise ValueError(f"smoothing_length must be positive, not {smoothing_length}")
+    binx, biny = (int(b) for b in binning)
+    if binx < 1 or biny < 1:
+        raise ValueError(f"binning must be positive, not {binning}")
+    bin_along, bin_across = (biny, binx) if dispersion_axis == "y" else (binx, biny)
+    # from here on in binned px of the frame
+    sigma_unbinned, length_unbinned = sigma, length
+    sigma /= bin_along
+    length /= bin_across
 
     cflux = _canonical(flux, dispersion_axis)
     cqual = _canonical(np.asarray(qual), dispersion_axis)
@@ -640,9 +658,10 @@ def fit_background(flux: np.ndarray, qual: np.ndarray | None, in_order: np.ndarr
                  uncertainty_median=float(np.median(smooth_err[:, ::7])),
                  statistical_error_median=float(np.median(stat_err[:, ::7])),
                  systematic_error_median=float(np.median(sys_err[:, ::7])))
-    params = dict(bspline_deg=deg, gaussian_blur_sigma=sigma, smoothing_length=length,
-                  band_rows=h, clip_sigma=float(clip_sigma),
-                  clip_iterations=int(clip_iterations), reject_bits=int(reject_bits))
+    params = dict(bspline_deg=deg, gaussian_blur_sigma=sigma_unbinned,
+                  smoothing_length=length_unbinned, band_rows=h, clip_sigma=float(clip_sigma),
+                  clip_iterations=int(clip_iterations), reject_bits=int(reject_bits),
+                  binning=(binx, biny))
     return BackgroundModel(model=model, uncertainty=unc, used=used,
                            dispersion_axis=dispersion_axis, band_rows=h, band_centres=centres,
                            band_model=smooth, band_statistical_error=stat_err,

@@ -245,7 +245,8 @@ def _reduce_lamp(frames: list[RawFrame], inputs: FlatInputs, params: FlatParamet
                                        extend=BACKGROUND_MASK_EXTEND)
         model = background.fit_background(master.data, master.qual, in_order,
                                           arm.dispersion_axis, params.bspline_deg,
-                                          params.gaussian_blur_sigma, errors=master.error)
+                                          params.gaussian_blur_sigma, errors=master.error,
+                                          binning=binning)
         label = "BKGROUND" + suffix
         if label in plots:
             written[label] = background.plot_background(

@@ -445,7 +445,7 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
                                    extend=BACKGROUND_MASK_EXTEND)
         bkg = background.fit_background(image.data, image.qual, mask, axis,
                                         params.bspline_deg, params.gaussian_blur_sigma,
-                                        errors=image.error)
+                                        errors=image.error, binning=(binx, biny))
         if "BKGROUND" in plots:
             written["BKGROUND"] = background.plot_background(
                 plots["BKGROUND"], image.data, bkg, mask,
