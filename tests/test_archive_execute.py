@@ -164,7 +164,7 @@ def test_full_run_gives_the_products_and_qc_of_the_steps_run_by_hand(full_run, n
                                   if not k.startswith(("ESO QC NFAIL", "ESO QC FAIL"))}
         for name, value in result.qc.items():
             assert value == next(c[f"ESO QC {name}"] for c in truth_qc
-                                 if f"ESO QC {name}" in c)
+                                 if f"ESO QC {name}" in c), (step.step_id, name)
         assert [Path(p).name for p in result.plots] == sorted(
             p.name for p in by_hand_dir(night, step).glob("*.pdf"))
         assert result.seconds > 0 and result.peak_rss_mib > 50 and result.worker

@@ -539,3 +539,19 @@ def test_table_hdu_errors_are_one_line_input_errors(tmp_path):
         tmp_path / "var.fits")
     with pytest.raises(InputError, match="does not take"):
         read_table(tmp_path / "var.fits", 1)
+
+
+def test_table_products_write_floats_as_image_products_do(tmp_path):
+    """A product written through astropy (the stare tables) carries each float exactly as our
+    writer does: astropy's own 16-digit text reads back a different double for some values,
+    and the same QC keyword then differs between the products of one recipe run."""
+    from soxs_core.io.products import astropy_primary_hdu
+
+    rng = np.random.default_rng(3)
+    values = [0.000763405869742909, 1.0 / 3.0, *rng.random(200)]
+    header = [(f"ESO QC V{i}", v, "a value") for i, v in enumerate(values)]
+    fits.HDUList([astropy_primary_hdu(header)]).writeto(tmp_path / "t.fits")
+    write_fits(tmp_path / "i.fits", [(Header(header), None)])
+    ours, theirs = read_header(tmp_path / "i.fits"), fits.getheader(tmp_path / "t.fits")
+    assert [ours[f"ESO QC V{i}"] for i in range(len(values))] == values
+    assert [theirs[f"ESO QC V{i}"] for i in range(len(values))] == values

@@ -123,7 +123,7 @@ def _format_value(keyword: str, value: Any) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError(f"{keyword}: {value} is not representable in a FITS header")
-        return repr(value).upper()  # shortest text that reads back to the same double
+        return repr(float(value)).upper()  # shortest text that reads back to the same double
     if isinstance(value, str):
         _check_text(keyword, value, "value")
         return "'" + f"{value.replace(chr(39), chr(39) * 2):<8}" + "'"

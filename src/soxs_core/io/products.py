@@ -581,6 +581,13 @@ def astropy_primary_hdu(header: Any):
         if key in ("COMMENT", "HISTORY", ""):
             hdu.header.append(fits.Card(key, value))
             continue
+        if isinstance(value, float):
+            # our card text, not astropy's: its 16 digits do not always read back to the same
+            # double, and the QC values of the image and table products must agree
+            from soxs_core.io.fits import card_images
+
+            hdu.header.append(fits.Card.fromstring(card_images((key, value, comment))[0]))
+            continue
         hdu.header.append(fits.Card(key if len(key) <= 8 and " " not in key
                                     else f"HIERARCH {key}", value, comment))
     return hdu
