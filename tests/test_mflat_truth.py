@@ -479,13 +479,7 @@ def background_errors(n: Night, lamp: str, extra: float = 0.0) -> list[dict]:
 
 #: (test, set-up[, mode]) -> why the product fails it today.  Marked strict xfail, so a fix
 #: shows as XPASS and the entry must go; the tests themselves are not weakened.
-KNOWN_FAILURES = {
-    ("test_every_order_found_and_numbered", "xsh_uvb", "selftrace"):
-        "self-traced D2 table lacks order 18 (lit at ~40 % of its brightest order); the "
-        "stitched table is complete",
-    ("test_edges_match_truth", "xsh_uvb", "selftrace"):
-        "self-traced D2 table lacks order 18",
-}
+KNOWN_FAILURES: dict[tuple[str, ...], str] = {}
 
 
 def known_failure(request, *key: str) -> None:

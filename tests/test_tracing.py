@@ -358,3 +358,18 @@ def test_a_dark_with_a_glow_is_no_order():
     dark = (glow[None, :] + rng.normal(0, 4, (600, 500))).astype(np.float32)
     with pytest.raises(InputError, match=r"dark\.fits: no echelle order found"):
         trace_orders(dark, None, "y", source="dark.fits")
+
+
+@pytest.mark.parametrize("where", [0, 17, 58])
+def test_a_stray_trace_point_is_dropped_and_the_curvature_kept(where):
+    """One cut that caught part of an order (33 px off, as the first cut of the D2 flat's
+    faintest UVB order did) is found wherever it lies, and nothing else is, on an order
+    curved by hundreds of px; a clean trace loses no point."""
+    from soxs_core.echelle.tracing import _local_outliers
+
+    b = np.linspace(54.0, 2996.0, 59)
+    a = 1290.0 - 340.0 * ((b - 1700.0) / 1650.0) ** 2 + 0.02 * np.sin(b / 90.0)
+    assert not _local_outliers(b, a).any()
+    a_bad = a.copy()
+    a_bad[where] -= 33.5
+    assert np.flatnonzero(_local_outliers(b, a_bad)).tolist() == [where]

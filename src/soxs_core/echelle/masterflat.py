@@ -204,6 +204,10 @@ def _edges(master: DetectorImage, table: OrderTable, arm: Arm, binning: tuple[in
     fitted, report = tracing.fit_order_edges(
         samples, table, params.order_deg, params.disp_axis_deg,
         params.poly_fitting_residual_clipping_sigma, params.poly_clipping_iteration_limit)
+    if report.dropped_orders:
+        log.warning("%s: order(s) %s left out of the order table: too few slices with both "
+                    "edges found", table.source or "the flat",
+                    ", ".join(str(n) for n in report.dropped_orders))
     return fitted, report, samples
 
 

@@ -689,6 +689,46 @@ def _link(positions: np.ndarray, cuts: list[CutPeaks], start: int, max_misses: i
     return traces
 
 
+def _local_outliers(b: np.ndarray, a: np.ndarray, neighbours: int = 3,
+                    floor: float = 1.0, sigma: float = 5.0) -> np.ndarray:
+    """Points of one trace (sorted by ``b``) that stray from the line of their neighbours.
+
+    Each point is compared with a quadratic through up to ``neighbours`` points on each side
+    of it (itself left out), so that the order's curvature, however strong, is no outlier;
+    a point is off when it is further than ``sigma`` robust deviations of these differences
+    and than ``floor`` px.  (A cut where the trace caught part of an order at the frame's
+    end is such a point: left in, the global fit bends to it and its clipping, judging every
+    order by the others' hundredths of a pixel, then rejects the whole order.)
+
+    Returns
+    -------
+    ndarray of bool
+        True for the outliers.
+    """
+    m = b.size
+    if m < 5:
+        return np.zeros(m, bool)
+    dev = np.zeros(m)
+    for i in range(m):
+        lo, hi = max(0, i - neighbours), min(m, i + neighbours + 1)
+        k = np.r_[lo:i, i + 1:hi]
+        deg = min(2, k.size - 1)
+        coef = np.polyfit(b[k] - b[i], a[k], deg)
+        dev[i] = a[i] - coef[-1]
+    scale = 1.4826 * float(np.median(np.abs(dev - np.median(dev))))
+    bad = np.abs(dev) > max(sigma * scale, floor)
+    # an outlier also spoils the predictions of its neighbours: keep only the worst of a
+    # run of flagged points unless they are far off on their own
+    if bad.any():
+        worst = np.zeros(m, bool)
+        for i in np.flatnonzero(bad):
+            lo, hi = max(0, i - neighbours), min(m, i + neighbours + 1)
+            if np.abs(dev[i]) >= np.abs(dev[lo:hi][bad[lo:hi]]).max():
+                worst[i] = True
+        bad = worst
+    return bad
+
+
 def _trace_fit(t: _Trace):
     """Clipped polynomial ``A(B)`` of one trace (a callable, in a scaled basis)."""
     from numpy.polynomial import Polynomial
@@ -1003,6 +1043,14 @@ def trace_orders(flux: np.ndarray, qual: np.ndarray | None = None, dispersion_ax
     tb = [to_unbinned(np.asarray(t.b), bin_along) for t in traces]
     ta = [to_unbinned(np.asarray(t.a), bin_across) for t in traces]
     tw = [float(np.median(t.w)) * bin_across for t in traces]
+    # where each order was seen (its table range), stray points included
+    seen = [(float(b.min()), float(b.max())) for b in tb]
+    for k in range(len(tb)):
+        for _ in range(5):  # two neighbouring outliers: one at a time
+            bad = _local_outliers(tb[k], ta[k])
+            if not bad.any():
+                break
+            tb[k], ta[k] = tb[k][~bad], ta[k][~bad]
     shift = float("nan")
     missing: list[int] = []
     if arm is not None:
@@ -1017,6 +1065,7 @@ def trace_orders(flux: np.ndarray, qual: np.ndarray | None = None, dispersion_ax
             raise InputError(f"{where}: no traced order matches the predicted orders of "
                              f"{arm}")
         tb, ta, tw = [tb[k] for k in keep], [ta[k] for k in keep], [tw[k] for k in keep]
+        seen = [seen[k] for k in keep]
         numbers_final = [int(numbers[k]) for k in keep]
         poly, _, orders_fmt = predicted_order_centres(arm)
         numbering = (f"numbered with the predicted positions of {PINHOLE_TABLES[arm]} "
@@ -1041,9 +1090,8 @@ def trace_orders(flux: np.ndarray, qual: np.ndarray | None = None, dispersion_ax
     od, ad = _capped_degrees(n_all, b_all, order_deg, along_deg)
     fit = fit_order_polynomial(n_all, b_all, a_all, od, ad, clip_sigma, max_iterations)
     step = float(np.median(np.diff(positions))) * bin_along
-    b_lo = np.array([max(0.0, float(b.min()) - 0.5 * step) for b in tb])
-    b_hi = np.array([min(float(n_along * bin_along - 1), float(b.max()) + 0.5 * step)
-                     for b in tb])
+    b_lo = np.array([max(0.0, lo - 0.5 * step) for lo, _ in seen])
+    b_hi = np.array([min(float(n_along * bin_along - 1), hi + 0.5 * step) for _, hi in seen])
     srt = np.argsort(numbers_final)
     table = OrderTable(dispersion_axis=dispersion_axis,
                        orders=np.asarray(numbers_final)[srt], b_min=b_lo[srt], b_max=b_hi[srt],
