@@ -9,6 +9,7 @@ amplitude everywhere on the frame, under the orders too (issue 8).
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -135,6 +136,24 @@ def test_binned_rows_and_transposed_frame_agree() -> None:
                               "y")
     np.testing.assert_array_equal(other.model, model.model.T)
     np.testing.assert_array_equal(other.uncertainty, model.uncertainty.T)
+
+
+@pytest.mark.parametrize("arm", ["soxs_nir", "xsh_nir"])
+def test_uncertainty_in_row_bands_is_the_full_plane_cut(arm) -> None:
+    """The model error made for a band of rows (the in-place subtraction's way, no
+    full-frame plane) is exactly those rows of the whole plane, along either dispersion
+    axis, and the in-place subtraction gives the copying one's planes."""
+    sim, orders, scattered, flux, err, mask, model = fit(arm)
+    full = model.uncertainty
+    for start, stop in ((0, 1), (0, 256), (100, 357), (full.shape[0] - 5, full.shape[0] + 9)):
+        np.testing.assert_array_equal(model.uncertainty_rows(start, stop), full[start:stop])
+    image = DetectorImage(data=flux.astype(np.float32), error=err.astype(np.float32),
+                          qual=np.zeros(flux.shape, np.uint8))
+    copied = bg.subtract_background(image, model)
+    in_place = bg.subtract_background(replace(image, data=image.data.copy(),
+                                              error=image.error.copy()), model, overwrite=True)
+    np.testing.assert_array_equal(in_place.data, copied.data)
+    np.testing.assert_allclose(in_place.error, copied.error, rtol=1e-6)
 
 
 def test_subtraction_propagates_errors_and_keeps_qual(tmp_path) -> None:

@@ -8,6 +8,7 @@ per-arm default resolution, DFS product headers, atomic writing — lives here, 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -16,6 +17,7 @@ import math
 import os
 import re
 import textwrap
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -780,10 +782,45 @@ class RecipeContext:
         log.info("%s: wrote %s (%s)", self.spec.name, path, output.label)
 
 
+def _md5_key(path: str | os.PathLike) -> tuple[str, int, int]:
+    stat = os.stat(path)
+    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+
+
+#: MD5s being computed in the background (:func:`prefetch_md5`), by :func:`_md5_key`
+_MD5_PENDING: dict[tuple[str, int, int], concurrent.futures.Future] = {}
+_MD5_LOCK = threading.Lock()
+
+
 def file_md5(path: str | os.PathLike) -> str:
     """Hex MD5 of a file's bytes (as stored: a compressed file's compressed bytes)."""
-    stat = os.stat(path)
-    return _file_md5(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    key = _md5_key(path)
+    with _MD5_LOCK:
+        pending = _MD5_PENDING.pop(key, None)
+    if pending is not None:
+        return pending.result()  # (its value is in _file_md5's cache from now on)
+    return _file_md5(*key)
+
+
+def prefetch_md5(paths: Iterable[str | os.PathLike]) -> None:
+    """Start hashing the files in a background thread, so that their MD5s (every product's
+    processing record names its inputs' MD5s) are ready when the products are written: a
+    few tenths of a second of reading and hashing that overlap the reduction, hashlib
+    releasing the GIL.  Files that cannot be looked up are left to :func:`file_md5`."""
+    keys = []
+    for path in paths:
+        try:
+            keys.append(_md5_key(path))
+        except OSError:
+            continue
+    if not keys:
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="soxs-md5")
+    with _MD5_LOCK:
+        for key in dict.fromkeys(keys):
+            if key not in _MD5_PENDING:
+                _MD5_PENDING[key] = pool.submit(_file_md5, *key)
+    pool.shutdown(wait=False)
 
 
 @functools.lru_cache(maxsize=256)
@@ -958,6 +995,7 @@ def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mappi
                                 _raw_refs=raw_refs)
         log.info("%s %s on %d frame(s) of %s %s", spec.name, __version__, len(frames),
                  arm.instrument, arm.name)
+        prefetch_md5(p for p, _ in frames)
         try:
             reduce(context)
         except BaseException:

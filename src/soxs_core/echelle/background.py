@@ -122,16 +122,36 @@ class BackgroundModel:
     """
 
     model: np.ndarray
-    uncertainty: np.ndarray
     used: np.ndarray
     dispersion_axis: str
     band_rows: int
     band_centres: np.ndarray
     band_model: np.ndarray
-    band_statistical_error: np.ndarray | None = None
-    band_systematic_error: np.ndarray | None = None
+    band_statistical_error: np.ndarray
+    band_systematic_error: np.ndarray
     stats: dict[str, float] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uncertainty(self) -> np.ndarray:
+        """1-sigma error (e-, float32) of ``model`` at every pixel, made on each access from
+        the band errors (a full-frame plane that the recipes need only in row bands: see
+        :meth:`uncertainty_rows`)."""
+        return self.uncertainty_rows(0, self.model.shape[0])
+
+    def uncertainty_rows(self, start: int, stop: int) -> np.ndarray:
+        """``uncertainty`` of the frame's rows ``start:stop`` (float32)."""
+        rows, cols = self.model.shape
+        start, stop = max(0, int(start)), min(rows, int(stop))
+        err = np.hypot(self.band_statistical_error, self.band_systematic_error)
+        out = np.empty((max(stop - start, 0), cols), np.float32)
+        if self.dispersion_axis == "y":  # canonical rows are the frame's rows
+            _expand(err, self.band_centres, out, extrapolate=False, first_row=start,
+                    total_rows=rows)
+        else:  # the frame's rows are canonical columns
+            _expand(np.ascontiguousarray(err[:, start:stop]), self.band_centres, out.T,
+                    extrapolate=False)
+        return out
 
 
 # ---------------------------------------------------------------------------------- cells
@@ -255,12 +275,15 @@ def _interpolation_weights(centres: np.ndarray, rows: int) -> tuple[np.ndarray, 
 
 
 def _expand(values: np.ndarray, centres: np.ndarray, out: np.ndarray,
-            extrapolate: bool = True) -> None:
+            extrapolate: bool = True, first_row: int = 0, total_rows: int | None = None
+            ) -> None:
     """Fill ``out`` (canonical rows x columns, possibly a transposed view) by interpolation;
     without ``extrapolate`` rows beyond the outer band centres take those bands' values (an
-    error must not be extrapolated through zero)."""
+    error must not be extrapolated through zero).  ``out`` may be the canonical rows
+    ``first_row ..`` of a frame of ``total_rows`` rows (default: all of them)."""
     rows = out.shape[0]
-    j, t = _interpolation_weights(centres, rows)
+    j, t = _interpolation_weights(centres, total_rows or rows)
+    j, t = j[first_row:first_row + rows], t[first_row:first_row + rows]
     if not extrapolate:
         t = np.clip(t, 0.0, 1.0)
     try:
@@ -644,11 +667,6 @@ def fit_background(flux: np.ndarray, qual: np.ndarray | None, in_order: np.ndarr
     sys_err = _misfit(y, smooth, cell_var, active & band_ok[:, None], h, sigma, length)
     smooth_err = np.hypot(stat_err, sys_err)
 
-    model = np.empty(flux.shape, np.float32)
-    unc = np.empty(flux.shape, np.float32)
-    _expand(smooth, centres, _canonical(model, dispersion_axis))
-    _expand(smooth_err, centres, _canonical(unc, dispersion_axis), extrapolate=False)
-
     n_used = int(np.count_nonzero(used))
     stats = dict(n_used=n_used, used_fraction=n_used / flux.size, n_cells=n_used_cells,
                  n_clipped=n_clipped, n_bands_fitted=int(band_ok.sum()),
@@ -662,7 +680,13 @@ def fit_background(flux: np.ndarray, qual: np.ndarray | None, in_order: np.ndarr
                   smoothing_length=length_unbinned, band_rows=h, clip_sigma=float(clip_sigma),
                   clip_iterations=int(clip_iterations), reject_bits=int(reject_bits),
                   binning=(binx, biny))
-    return BackgroundModel(model=model, uncertainty=unc, used=used,
+    # the fit's band-sized work arrays (~15 of bands x columns float64, 60 MiB on a VIS
+    # frame) go before the two full-frame planes are made: off the recipes' memory peak
+    del (med, iqr, count, mean_var, pix_var, cell_var, y, w, info, rhs, system, fit, z, zb,
+         fit_var, active, good, sel, resid, chi, weight, spread, srt)
+    model = np.empty(flux.shape, np.float32)
+    _expand(smooth, centres, _canonical(model, dispersion_axis))
+    return BackgroundModel(model=model, used=used,
                            dispersion_axis=dispersion_axis, band_rows=h, band_centres=centres,
                            band_model=smooth, band_statistical_error=stat_err,
                            band_systematic_error=sys_err, stats=stats, parameters=params)
@@ -685,19 +709,18 @@ def subtract_background(image: DetectorImage, model: BackgroundModel,
     if model.model.shape != image.shape:
         raise ValueError(f"background model of shape {model.model.shape} for an image of "
                          f"shape {image.shape}")
-    unc = np.asarray(model.uncertainty, np.float32)
     in_place = (overwrite and isinstance(image.data, np.ndarray)
                 and isinstance(image.error, np.ndarray) and image.data.dtype == np.float32
                 and image.error.dtype == np.float32)
     if in_place:
         data, err = image.data, image.error
         np.subtract(data, model.model, out=data)
-        for r0 in range(0, err.shape[0], 256):  # in bands: no full-frame temporary
+        for r0 in range(0, err.shape[0], 256):  # in bands: no full-frame plane
             band = err[r0:r0 + 256]
-            np.hypot(band, unc[r0:r0 + 256], out=band)
+            np.hypot(band, model.uncertainty_rows(r0, r0 + 256), out=band)
         return replace(image, data=data, error=err)
     data = (np.asarray(image.data, np.float32) - model.model).astype(np.float32)
-    err = np.sqrt(np.asarray(image.error, np.float32) ** 2 + unc ** 2).astype(np.float32)
+    err = np.hypot(np.asarray(image.error, np.float32), model.uncertainty).astype(np.float32)
     return DetectorImage(data=data, error=err, qual=np.array(image.qual, np.uint8, copy=True),
                          header=image.header.copy())
 

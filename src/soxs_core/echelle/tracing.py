@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -189,11 +190,22 @@ def _measured_extent(b: np.ndarray, res_up: np.ndarray, res_low: np.ndarray,
     b, res_up, res_low, used = b[srt], res_up[srt], res_low[srt], used[srt]
     detected = np.flatnonzero(np.isfinite(res_up) & np.isfinite(res_low))
     agree = np.zeros(b.size, bool)
-    for j, i in enumerate(detected):
-        win = detected[max(0, j - half_window):j + half_window + 1]
-        local = _robust_scale(np.concatenate([res_up[win], res_low[win]]))
-        agree[i] = (abs(res_up[i]) <= clip_sigma * max(local, scales[0])
-                    and abs(res_low[i]) <= clip_sigma * max(local, scales[1]))
+    if detected.size:
+        # the windows of nearest detected samples, as rows (NaN beyond the ends)
+        j = np.arange(detected.size)[:, None] + np.arange(-half_window, half_window + 1)
+        inside = (j >= 0) & (j < detected.size)
+        win = detected[np.clip(j, 0, detected.size - 1)]
+        both = np.where(np.concatenate([inside, inside], axis=1),
+                        np.concatenate([res_up[win], res_low[win]], axis=1), np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            dev = np.abs(both - np.nanmedian(both, axis=1)[:, None])
+            local = 1.4826 * np.nanmedian(dev, axis=1)
+        local = np.where(np.count_nonzero(np.isfinite(both), axis=1) > 1, local, 0.0)
+        agree[detected] = ((np.abs(res_up[detected]) <= clip_sigma * np.maximum(local,
+                                                                                 scales[0]))
+                           & (np.abs(res_low[detected]) <= clip_sigma
+                              * np.maximum(local, scales[1])))
     agree |= used
     u = np.flatnonzero(used)
     ends = []

@@ -257,9 +257,14 @@ def scaling(header, source: str = "image") -> tuple[float, float]:
     return values[0], values[1]
 
 
-def scaled_float32(stored: np.ndarray, header, source: str = "image") -> np.ndarray:
+def scaled_float32(stored: np.ndarray, header, source: str = "image",
+                   consume: bool = False) -> np.ndarray:
     """Stored FITS values as float32 physical values: ``stored * BSCALE + BZERO``, in float32
     and in that order (the ``_prepare`` kernel rounds the same way).
+
+    With ``consume``, a float32 ``stored`` of the caller's own (freshly read) is converted
+    in place and returned: no second full-frame plane, and none of the page faults of
+    filling one (a tenth of a second per VIS plane on this kind of machine).
 
     Raises
     ------
@@ -267,8 +272,14 @@ def scaled_float32(stored: np.ndarray, header, source: str = "image") -> np.ndar
         Naming ``source`` and the keyword, when BSCALE or BZERO is unusable (see
         :func:`scaling`).
     """
-    out = np.asarray(stored).astype(np.float32)
     bscale, bzero = scaling(header, source)
+    stored = np.asarray(stored)
+    if (consume and stored.dtype.kind == "f" and stored.dtype.itemsize == 4
+            and stored.flags.writeable and stored.flags.c_contiguous):
+        out = stored if stored.dtype.isnative else stored.byteswap(inplace=True).view(
+            stored.dtype.newbyteorder("="))
+    else:
+        out = stored.astype(np.float32)
     if bscale != 1.0:
         out *= np.float32(bscale)
     if bzero != 0.0:

@@ -97,9 +97,11 @@ def read_image_product(path: str | os.PathLike) -> DetectorImage:
         if flux is None or qual is None or errs is None:
             raise InputError(f"{path}: not an image product with FLUX, QUAL and ERRS planes")
         header = primary.header.copy()
-        data = scaled_float32(hdul.read(flux), hdul[flux].header, f"{path} FLUX")
-        quality = hdul.read(qual).astype(np.uint8)
-        error = scaled_float32(hdul.read(errs), hdul[errs].header, f"{path} ERRS")
+        data = scaled_float32(hdul.read(flux), hdul[flux].header, f"{path} FLUX",
+                              consume=True)
+        quality = hdul.read(qual).astype(np.uint8, copy=False)
+        error = scaled_float32(hdul.read(errs), hdul[errs].header, f"{path} ERRS",
+                               consume=True)
     if not (data.shape == quality.shape == error.shape):
         raise InputError(f"{path}: FLUX, QUAL and ERRS planes differ in shape")
     return DetectorImage(data=data, error=error, qual=quality, header=header)
