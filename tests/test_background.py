@@ -278,3 +278,23 @@ def test_band_solver_equals_dense_algebra() -> None:
     ab = np.zeros((1, 3, 5))
     ab[0, 0] = -1.0
     assert bg._band_solve(ab, np.ones((1, 5)), True)[2][0] == 1
+
+
+@pytest.mark.parametrize("n, degree, spacing", [(2106, 2, 10.8), (4000, 3, 7.0), (50, 1, 3.0),
+                                                (2048, 5, 20.0), (9, 2, 2.0)])
+def test_spline_basis_is_scipys(n, degree, spacing) -> None:
+    """Our B-spline values (no scipy.interpolate import on the recipe path) are scipy's
+    design matrix, and sum to one at every pixel."""
+    from scipy.interpolate import BSpline
+
+    first, vals, starts, nbasis = bg._spline_basis(n, degree, spacing)
+    segments = nbasis - degree
+    inner = np.linspace(-0.5, n - 0.5, segments + 1)
+    step = inner[1] - inner[0]
+    knots = np.concatenate([-0.5 - step * np.arange(degree, 0, -1), inner,
+                            n - 0.5 + step * np.arange(1, degree + 1)])
+    design = BSpline.design_matrix(np.arange(n, dtype=float), knots, degree).toarray()
+    expected = np.stack([design[np.arange(n), first + p] for p in range(degree + 1)], axis=1)
+    np.testing.assert_allclose(vals, expected, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(vals.sum(axis=1), 1.0, rtol=0, atol=1e-14)
+    assert np.count_nonzero(design, axis=1).max() <= degree + 1

@@ -214,8 +214,7 @@ SPEC = RecipeSpec(
 
 
 #: imported beside the frame reading: the QC plots' and the background fit's modules
-PRELOAD = ("scipy.interpolate", "scipy.ndimage", "matplotlib.figure",
-           "matplotlib.backends.backend_pdf")
+PRELOAD = ("scipy.ndimage", "matplotlib.figure", "matplotlib.backends.backend_pdf")
 
 
 def _output(label: str) -> OutputSpec:

@@ -300,6 +300,33 @@ def _expand(values: np.ndarray, centres: np.ndarray, out: np.ndarray,
 
 
 # ---------------------------------------------------------------------------------- spline
+def _nonzero_basis_values(x: np.ndarray, knots: np.ndarray, span: np.ndarray, degree: int
+                          ) -> np.ndarray:
+    """Values of the ``degree + 1`` B-splines that are non-zero at each ``x``: those of index
+    ``span - degree .. span``, where ``knots[span] <= x < knots[span + 1]`` (Cox-de Boor's
+    recursion, all points at once; scipy.interpolate's import would cost a sixth of a
+    second of every run for this).
+
+    Returns
+    -------
+    ndarray, shape (x.size, degree + 1)
+    """
+    out = np.zeros((x.size, degree + 1))
+    out[:, 0] = 1.0
+    left = np.zeros((x.size, degree + 1))
+    right = np.zeros((x.size, degree + 1))
+    for j in range(1, degree + 1):
+        left[:, j] = x - knots[span + 1 - j]
+        right[:, j] = knots[span + j] - x
+        saved = np.zeros(x.size)
+        for r in range(j):
+            temp = out[:, r] / (right[:, r + 1] + left[:, j - r])
+            out[:, r] = saved + right[:, r + 1] * temp
+            saved = left[:, j - r] * temp
+        out[:, j] = saved
+    return out
+
+
 def _spline_basis(n: int, degree: int, spacing: float
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Uniform-knot B-spline basis over pixel centres ``0 .. n-1``.
@@ -308,9 +335,6 @@ def _spline_basis(n: int, degree: int, spacing: float
     function there has the same index), the ``degree + 1`` non-zero basis values at every
     pixel, the first pixel of every interval and the number of basis functions.
     """
-    # scipy.interpolate imported here, not at module load (~1 s for every soxs-esorex run)
-    from scipy.interpolate import BSpline
-
     segments = max(1, min(n, int(math.ceil(n / spacing))))
     lo, hi = -0.5, n - 0.5
     inner = np.linspace(lo, hi, segments + 1)
@@ -319,9 +343,7 @@ def _spline_basis(n: int, degree: int, spacing: float
                             hi + step * np.arange(1, degree + 1)])
     x = np.arange(n, dtype=np.float64)
     first = np.clip(np.searchsorted(inner, x, side="right") - 1, 0, segments - 1)
-    design = BSpline.design_matrix(x, knots, degree).toarray()
-    rows = np.arange(n)
-    vals = np.stack([design[rows, first + p] for p in range(degree + 1)], axis=1)
+    vals = _nonzero_basis_values(x, knots, first + degree, degree)
     starts = np.flatnonzero(np.diff(first, prepend=-1))
     if starts.size != segments:
         raise ValueError("knot spacing below one pixel")
