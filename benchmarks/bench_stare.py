@@ -54,7 +54,9 @@ def make_night(workdir: Path, arm: str) -> Path:
 
 def run_ours(night: Path, outdir: Path) -> dict:
     """soxs_stare on the night's truth SOF in a fresh process: time, memory, accuracy."""
-    esorex = shutil.which("soxs-esorex") or "soxs-esorex"
+    # the runner of the interpreter that runs the benchmark (its install), else PATH's
+    beside = Path(sys.executable).parent / "soxs-esorex"
+    esorex = str(beside) if beside.exists() else shutil.which("soxs-esorex") or str(beside)
     cmd = [esorex, "--output-dir", str(outdir), "--overwrite", "--msg-level", "warning",
            "soxs_stare", str(night / "stare_truth.sof")]
     report = outdir.parent / f"{outdir.name}.rss"
