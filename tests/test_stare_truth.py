@@ -248,3 +248,46 @@ def test_science_target_calibrated_with_the_response(night: Night, chain: str,
                      np.asarray(truth["flux"])[order])
     ratio = np.asarray(spec["FLUX_CALIBRATED"])[good] / true
     assert abs(np.median(ratio) - 1) < FLUX_TOL, (night.name, chain, np.median(ratio))
+
+
+#: INSTRUMENTS.md 5.5: the extracted-orders columns and their units ("" none) beside the
+#: trace columns, and the merged table's
+ORDERS_LAYOUT = {"order": "", "wavelengthMean": "nm", "pixelScaleNm": "nm pix-1",
+                 "varianceSpectrum": "electron2", "snr": "", "extractedFluxOptimal": "electron",
+                 "extractedFluxBoxcar": "electron", "extractedFluxBoxcarRobust": "electron",
+                 "skyFlux": "electron"}
+MERGED_LAYOUT = {"WAVE": "nm", "FLUX_COUNTS": "electron", "VARIANCE": "electron2",
+                 "SKY_COUNTS": "electron", "SNR": ""}
+
+
+def _columns_and_units(path: Path) -> dict[str, str]:
+    header = fits.getheader(path, 1)
+    return {header[f"TTYPE{i}"]: str(header.get(f"TUNIT{i}", ""))
+            for i in range(1, header["TFIELDS"] + 1)}
+
+
+def test_extracted_tables_have_soxspipes_columns_and_units(night: Night) -> None:
+    """Scripts written for soxspipe's tables read ours: the columns of INSTRUMENTS.md 5.5 with
+    their units in TUNIT (astropy drops non-FITS units like electron unless told), the
+    trace columns named after the arm's axes, the merged grid's step, and SNR what it says."""
+    along_y = night.arm.dispersion_axis == "y"
+    across, along = ("xcoord_centre", "ycoord") if along_y else ("ycoord_centre", "xcoord")
+    orders_path = night.product("sci", "sci_slit_flux_{arm}_extracted_orders.fits")
+    units = _columns_and_units(orders_path)
+    assert {k: units.get(k) for k in ORDERS_LAYOUT} == ORDERS_LAYOUT, (night.name, units)
+    assert units.get(across) == "pix" and units.get(along) == "pix", (night.name, units)
+    merged_path = night.product("sci", "sci_slit_flux_{arm}_extracted_merged.fits")
+    units = _columns_and_units(merged_path)
+    assert {k: units.get(k) for k in MERGED_LAYOUT} == MERGED_LAYOUT, (night.name, units)
+    with fits.open(orders_path) as hdul:
+        rows = hdul[1].data
+        ok = rows["varianceSpectrum"] > 0
+        np.testing.assert_allclose(rows["snr"][ok], rows["extractedFluxOptimal"][ok]
+                                   / np.sqrt(rows["varianceSpectrum"][ok]), rtol=1e-6)
+    with fits.open(merged_path) as hdul:
+        merged = hdul[1].data
+        step = {"NIR": 0.06}.get(night.arm.name, 0.02)
+        np.testing.assert_allclose(np.diff(merged["WAVE"]), step, rtol=0, atol=1e-6)
+        ok = np.isfinite(merged["SNR"]) & (merged["VARIANCE"] > 0)
+        np.testing.assert_allclose(merged["SNR"][ok], merged["FLUX_COUNTS"][ok]
+                                   / np.sqrt(merged["VARIANCE"][ok]), rtol=1e-6)

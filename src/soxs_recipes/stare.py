@@ -11,7 +11,7 @@ from soxs_core.extraction.stare import (
     reduce_stare,
     verify_stare_inputs,
 )
-from soxs_core.io.products import astropy_primary_hdu
+from soxs_core.io.products import astropy_primary_hdu, astropy_table_hdu
 
 from .compat import ui
 from .framework import InputSpec, OutputSpec, Param, QcSpec, RecipeContext, RecipeSpec
@@ -353,15 +353,9 @@ def reduce(context: RecipeContext) -> None:
 def _table_hdus(table):
     """``hdul_for(primary_header)`` writing one astropy table as HDU1."""
     def build(header):
-        import warnings
-
         from astropy.io import fits
-        from astropy.utils.exceptions import AstropyUserWarning
 
-        with warnings.catch_warnings():
-            # e-^2 and e-/nm are not FITS-standard units: the TUNIT cards keep them as text
-            warnings.simplefilter("ignore", AstropyUserWarning)
-            return fits.HDUList([astropy_primary_hdu(header), fits.table_to_hdu(table)])
+        return fits.HDUList([astropy_primary_hdu(header), astropy_table_hdu(table)])
     return build
 
 

@@ -310,6 +310,13 @@ def detrend_frames(inputs: StareInputs, params: StareParameters,
                      n_cosmics=n_cosmics)
 
 
+#: units of the extracted-orders table's columns (INSTRUMENTS.md 5.5)
+EXTRACTED_UNITS = {"wavelengthMean": "nm", "pixelScaleNm": "nm / pix",
+                   "varianceSpectrum": "electron2", "extractedFluxOptimal": "electron",
+                   "extractedFluxBoxcar": "electron", "extractedFluxBoxcarRobust": "electron",
+                   "skyFlux": "electron", "varianceBoxcar": "electron2"}
+
+
 def _flag_cosmics(data: np.ndarray, qual: np.ndarray, read_noise: float, sigma: float,
                   threads: int | None = None) -> int:
     """Flag L.A.Cosmic detections in ``qual`` (in place); the data are left as measured."""
@@ -607,7 +614,7 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
             "varianceBoxcar": np.asarray(ext.var_boxcar, float) * c**2,
             "nRejected": np.asarray(ext.n_rejected, np.int16),
             "qual": row_qual,
-        }))
+        }, units=EXTRACTED_UNITS | {across_col: "pix", along_col: "pix"}))
     qc.add("APCOR MEDIAN", float(np.median([corrections.get(n, 1.0) for n, _ in extractions]))
            if extractions else None, "no order extracted")
     if not pieces:

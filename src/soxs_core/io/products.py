@@ -37,6 +37,7 @@ __all__ = [
     "dfs_header",
     "write_product_atomic",
     "write_table_product_atomic",
+    "astropy_table_hdu",
     "data_md5",
     "PIPE_ID",
     "NO_CPL_DRS_ID",
@@ -566,6 +567,27 @@ def write_table_product_atomic(hdul: Any, path: str | os.PathLike, overwrite: bo
                     digest.update(raw[info["datLoc"]:info["datLoc"] + info["datSpan"]])
             hdul[0].header["DATAMD5"] = digest.hexdigest()
         return _write_via_temporary(path, lambda fh: hdul.writeto(fh, checksum=True))
+
+
+def astropy_table_hdu(table: Any):
+    """``astropy.io.fits.table_to_hdu(table)`` with every column's unit in its TUNITn card.
+
+    astropy leaves out the units that are not FITS-standard (``electron``, ``electron2``,
+    ``electron / nm``: the units of an extracted spectrum, as soxspipe's tables carry them)
+    with a warning; they are written here as astropy spells them, so that they are not lost.
+    """
+    import warnings
+
+    from astropy.io import fits
+    from astropy.utils.exceptions import AstropyUserWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AstropyUserWarning)
+        hdu = fits.table_to_hdu(table)
+    for i, column in enumerate(table.itercols(), start=1):
+        if column.unit is not None and f"TUNIT{i}" not in hdu.header:
+            hdu.header.insert(f"TFORM{i}", (f"TUNIT{i}", column.unit.to_string()), after=True)
+    return hdu
 
 
 def astropy_primary_hdu(header: Any):
