@@ -307,3 +307,46 @@ def test_soxspipe_organiser_mflat_sof_runs_unchanged(nights, tmp_path, monkeypat
         res = poly(n, b) - truth[column][inside]
         # issue 8's accuracy: 0.1 px RMS, 0.5 px max over the usable length
         assert np.sqrt(np.mean(res ** 2)) < 0.1 and np.max(np.abs(res)) < 0.5, column
+
+
+# ---------------------------------------------------------------------- (c) the other way
+ORDERS_STARE = [18, 19, 20, 21, 22, 23, 24]
+
+
+def test_our_stare_reads_soxspipes_order_table(tmp_path):
+    """Our soxs_stare takes the ORDER_TAB that soxspipe's own mflat wrote (``..._OLOC``,
+    soxspipe's layout and degrees) and still extracts the simulated object's true electrons
+    to 1 % in every order (the rest of the calibrations are the simulator's truth, so only
+    the order table comes from the other pipeline).  Seven orders: soxspipe fits its edges
+    with degree 6 in the order number, and on fewer orders its own reader evaluates them to
+    1e9 px."""
+    from astropy.table import Table
+
+    night = tmp_path / "night"
+    result = simulate_night(night, arm="xsh_vis", binning="1x1", n_bias=3, n_dark=0,
+                            n_flat=5, n_science=1, n_std=0, orders=ORDERS_STARE)
+    assert esorex(["--output-dir", str(reduction_dir(night, "soxs_mbias")), "soxs_mbias",
+                   str(result.sofs["bias"])]) == 0
+    runner = Path(__file__).parents[1] / "benchmarks" / "soxspipe_mflat_runner.py"
+    work = tmp_path / "soxspipe"
+    done = subprocess.run([str(SPVENV), str(runner), str(result.sofs["flat"]), str(work)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = sorted(work.glob("reduced/*/soxs-mflat/*_OLOC.fits"))
+    assert theirs, done.stdout[-2000:]
+    lines = [ln for ln in result.sofs["stare_truth"].read_text().splitlines()
+             if not ln.split()[-1].startswith("ORDER_TAB")]
+    sof = tmp_path / "stare_soxspipe_order_tab.sof"
+    sof.write_text("\n".join([*lines, f"{theirs[0]} ORDER_TAB_VIS"]) + "\n")
+    out = tmp_path / "stare"
+    assert esorex(["--output-dir", str(out), "soxs_stare", str(sof)]) == 0
+    ext = Table.read(out / "sci_slit_flux_vis_extracted_orders.fits")
+    truth = Table.read(night / "truth" / "object_truth.fits")
+    for n in ORDERS_STARE:
+        t, rows = truth[truth["order"] == n], ext[ext["order"] == n]
+        counts = dict(zip(np.asarray(t["pixel"]).tolist(), np.asarray(t["counts"]).tolist()))
+        c = np.array([counts.get(int(p), np.nan) for p in rows["ycoord"]])
+        ok = (rows["qual"] == 0) & np.isfinite(c) & (c > 0)
+        assert ok.sum() > 0.8 * len(t), (n, int(ok.sum()), len(t))
+        ratio = float(np.median(rows["extractedFluxOptimal"][ok] / c[ok]))
+        assert abs(ratio - 1) < 0.01, (n, ratio)
