@@ -94,6 +94,22 @@ def test_order_table_whose_orders_are_not_on_the_frame(night, tmp_path, capsys) 
              "not", "frame")
 
 
+def test_order_table_whose_edges_are_nonsense(night, tmp_path, capsys) -> None:
+    """Edges that evaluate to 1e9 px (soxspipe 0.17.4's own table of a three-order night)
+    are refused in one line naming the table, not used to extract."""
+    _, vis, _ = night
+    tab = [p for p, t in _sof_lines(vis.sofs["stare_truth"]) if t.startswith("ORDER_TAB")][0]
+    wild = tmp_path / "order_tab_wild_edges.fits"
+    with fits.open(tab) as hdul:
+        row = hdul[1].data
+        row["edgeup_c01"] = row["edgeup_c01"] + 3e5  # +3e5 px per unbinned px along
+        hdul.writeto(wild)
+    lines = [(wild if t.startswith("ORDER_TAB") else p, t)
+             for p, t in _sof_lines(vis.sofs["stare_truth"])]
+    _refused(capsys, _write(tmp_path / "w.sof", lines), tmp_path / "out", str(wild),
+             "edges of order 21", "not usable")
+
+
 def test_response_of_another_arm(night, tmp_path, capsys) -> None:
     from soxs_core.spectrum.fluxcal import Response
 

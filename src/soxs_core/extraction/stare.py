@@ -223,6 +223,15 @@ def verify_stare_inputs(inputs: StareInputs) -> None:
             to_binned(b, bb) <= n_along - 1)
         if inside.any():
             on_frame.append(int(n))
+            # an edge fit with more freedom in the order number than it had orders (soxspipe
+            # 0.17.4's degree 6 on three orders) evaluates to nonsense: refused, not used
+            width = up - lo
+            if not np.all(np.isfinite(width) & (width > 0) & (width < 0.5 * n_across)):
+                k = int(np.argmax(~(np.isfinite(width) & (width > 0)
+                                    & (width < 0.5 * n_across))))
+                raise InputError(f"{tpath}: the edges of order {int(n)} are not usable "
+                                 f"({lo[k]:.4g} to {up[k]:.4g} px across at {b[k]:.0f} px "
+                                 "along, binned); is the edge fit sound?")
     if not on_frame:
         raise InputError(f"{tpath}: none of the order table's orders "
                          f"({table.orders.min()}-{table.orders.max()}) falls on the "
