@@ -111,6 +111,8 @@ class BackgroundModel:
         inter-order pixels, and the local rms misfit of the model to the inter-order cells
         beyond their noise (how well the smooth model can follow the light; it stands for the
         error of bridging under the orders too).
+    band_uncertainty : ndarray
+        The two in quadrature: ``uncertainty`` at the band centres.
     stats : dict
         Fit statistics: ``n_used`` (pixels), ``used_fraction``, ``n_cells``, ``n_clipped``
         (cells rejected by the clipping), ``n_bands_fitted``, ``residual_rms`` (e-, robust rms
@@ -129,6 +131,7 @@ class BackgroundModel:
     band_model: np.ndarray
     band_statistical_error: np.ndarray
     band_systematic_error: np.ndarray
+    band_uncertainty: np.ndarray
     stats: dict[str, float] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
 
@@ -143,7 +146,7 @@ class BackgroundModel:
         """``uncertainty`` of the frame's rows ``start:stop`` (float32)."""
         rows, cols = self.model.shape
         start, stop = max(0, int(start)), min(rows, int(stop))
-        err = np.hypot(self.band_statistical_error, self.band_systematic_error)
+        err = self.band_uncertainty
         out = np.empty((max(stop - start, 0), cols), np.float32)
         if self.dispersion_axis == "y":  # canonical rows are the frame's rows
             _expand(err, self.band_centres, out, extrapolate=False, first_row=start,
@@ -711,7 +714,8 @@ def fit_background(flux: np.ndarray, qual: np.ndarray | None, in_order: np.ndarr
     return BackgroundModel(model=model, used=used,
                            dispersion_axis=dispersion_axis, band_rows=h, band_centres=centres,
                            band_model=smooth, band_statistical_error=stat_err,
-                           band_systematic_error=sys_err, stats=stats, parameters=params)
+                           band_systematic_error=sys_err, band_uncertainty=smooth_err,
+                           stats=stats, parameters=params)
 
 
 # ---------------------------------------------------------------------------------- subtract

@@ -226,9 +226,9 @@ def verify_stare_inputs(inputs: StareInputs) -> None:
             # an edge fit with more freedom in the order number than it had orders (soxspipe
             # 0.17.4's degree 6 on three orders) evaluates to nonsense: refused, not used
             width = up - lo
-            if not np.all(np.isfinite(width) & (width > 0) & (width < 0.5 * n_across)):
-                k = int(np.argmax(~(np.isfinite(width) & (width > 0)
-                                    & (width < 0.5 * n_across))))
+            usable = np.isfinite(width) & (width > 0) & (width < 0.5 * n_across)
+            if not usable.all():
+                k = int(np.argmin(usable))
                 raise InputError(f"{tpath}: the edges of order {int(n)} are not usable "
                                  f"({lo[k]:.4g} to {up[k]:.4g} px across at {b[k]:.0f} px "
                                  "along, binned); is the edge fit sound?")
