@@ -290,9 +290,11 @@ class SkyModel:
 
 
 # ---------------------------------------------------------------------------- B-splines
-def _design(knots: np.ndarray, degree: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def design_reference(knots: np.ndarray, degree: int, x: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """Basis values ``(n, degree + 1)`` and first coefficient index ``(n,)`` at ``x`` (inside
-    the knots' base interval): Cox-de Boor's recursion, vectorised over ``x``."""
+    the knots' base interval): Cox-de Boor's recursion, vectorised over ``x`` (the numpy twin
+    of the ``_skyfit`` kernel's ``design``)."""
     t = np.asarray(knots, float)
     x = np.asarray(x, float)
     nc = t.size - degree - 1
@@ -316,6 +318,42 @@ def _design(knots: np.ndarray, degree: int, x: np.ndarray) -> tuple[np.ndarray, 
     return out, (span - degree).astype(np.intp)
 
 
+def _kernel():
+    """The ``_skyfit`` kernels, or None where the build has none (the twins then serve)."""
+    try:
+        from soxs_core import _skyfit
+    except ImportError:  # pragma: no cover - the kernel is part of the build
+        return None
+    return _skyfit
+
+
+def _design(knots: np.ndarray, degree: int, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`design_reference` through the kernel."""
+    kernel = _kernel()
+    if kernel is None:
+        return design_reference(knots, degree, x)
+    x = np.ascontiguousarray(x, float)
+    values = np.empty((x.size, degree + 1))
+    first = np.empty(x.size, np.intp)
+    kernel.design(np.ascontiguousarray(knots, float), int(degree), x, values, first)
+    return values, first
+
+
+def evaluate_reference(values: np.ndarray, first: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """The spline at the points of a design: ``sum_j values[:, j] coef[first + j]`` (numpy
+    twin of the kernel's ``evaluate``)."""
+    return np.sum(values * coef[first[:, None] + np.arange(values.shape[1])], axis=1)
+
+
+def _evaluate(values: np.ndarray, first: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    kernel = _kernel()
+    if kernel is None:
+        return evaluate_reference(values, first, coef)
+    out = np.empty(values.shape[0])
+    kernel.evaluate(values, first, np.ascontiguousarray(coef, float), out)
+    return out
+
+
 def _spline_eval(knots: np.ndarray, coef: np.ndarray, degree: int, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, float)
     out = np.zeros(x.shape)
@@ -323,8 +361,7 @@ def _spline_eval(knots: np.ndarray, coef: np.ndarray, degree: int, x: np.ndarray
     ok = np.isfinite(x)
     xc = np.clip(x[ok], lo, hi)
     values, first = _design(knots, degree, xc)
-    idx = first[:, None] + np.arange(degree + 1)[None, :]
-    out[ok] = np.sum(values * coef[idx], axis=1)
+    out[ok] = _evaluate(values, first, np.asarray(coef, float))
     return out
 
 
@@ -332,10 +369,14 @@ def _full_knots(breaks: np.ndarray, degree: int) -> np.ndarray:
     return np.concatenate([np.full(degree, breaks[0]), breaks, np.full(degree, breaks[-1])])
 
 
-def _banded_normal(values: np.ndarray, first: np.ndarray, weight: np.ndarray,
-                   target: np.ndarray, n_coef: int) -> tuple[np.ndarray, np.ndarray]:
-    """Normal equations of a B-spline fit in lower banded storage ``ab[d, i] = N[i+d, i]``
-    and the right-hand side."""
+def banded_normal_reference(values: np.ndarray, first: np.ndarray, weight: np.ndarray,
+                            target: np.ndarray, n_coef: int,
+                            scale: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Normal equations of a B-spline fit (basis ``values`` times ``scale`` per point, when
+    given) in lower banded storage ``ab[d, i] = N[i+d, i]`` and the right-hand side (numpy
+    twin of the kernel's ``banded_normal``)."""
+    if scale is not None:
+        values = values * scale[:, None]
     k1 = values.shape[1]
     ab = np.zeros((k1, n_coef))
     rhs = np.zeros(n_coef)
@@ -344,6 +385,22 @@ def _banded_normal(values: np.ndarray, first: np.ndarray, weight: np.ndarray,
         rhs += np.bincount(first + a, wv[:, a] * target, minlength=n_coef)
         for d in range(k1 - a):
             ab[d] += np.bincount(first + a, wv[:, a] * values[:, a + d], minlength=n_coef)
+    return ab, rhs
+
+
+def _banded_normal(values: np.ndarray, first: np.ndarray, weight: np.ndarray,
+                   target: np.ndarray, n_coef: int, scale: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    kernel = _kernel()
+    if kernel is None:
+        return banded_normal_reference(values, first, weight, target, n_coef, scale)
+    ab = np.zeros((values.shape[1], n_coef))
+    rhs = np.zeros(n_coef)
+    kernel.banded_normal(np.ascontiguousarray(values, float), np.ascontiguousarray(first),
+                         np.ascontiguousarray(weight, float),
+                         np.ascontiguousarray(target, float),
+                         np.ascontiguousarray(scale if scale is not None else np.zeros(1),
+                                              float), scale is not None, ab, rhs)
     return ab, rhs
 
 
@@ -363,9 +420,10 @@ def _add_penalty(ab: np.ndarray, strength: float) -> None:
                 np.add.at(ab[off2 - off], rows + off, strength * c * c2)
 
 
-def _banded_inverse_band(chol: np.ndarray) -> np.ndarray:
+def banded_inverse_band_reference(chol: np.ndarray) -> np.ndarray:
     """Band of ``N^-1`` (same storage as ``chol``, ``S[d, i] = inv[i+d, i]``) from the lower
-    banded Cholesky factor of ``N`` (Takahashi et al. 1973 recursion)."""
+    banded Cholesky factor of ``N`` (Takahashi et al. 1973 recursion; the numpy twin of the
+    kernel's ``banded_inverse_band``)."""
     p = chol.shape[0] - 1
     n = chol.shape[1]
     diag = chol[0].copy()
@@ -391,6 +449,37 @@ def _banded_inverse_band(chol: np.ndarray) -> np.ndarray:
         sl[0][i] = acc
     s[:] = np.array(sl)
     return s
+
+
+def _banded_inverse_band(chol: np.ndarray) -> np.ndarray:
+    kernel = _kernel()
+    if kernel is None:
+        return banded_inverse_band_reference(chol)
+    out = np.empty(chol.shape)
+    kernel.banded_inverse_band(np.ascontiguousarray(chol, float), out)
+    return out
+
+
+def band_variance_reference(values: np.ndarray, first: np.ndarray, sinv: np.ndarray
+                            ) -> np.ndarray:
+    """Variance ``b^T S b`` of the fitted spline at the points of a design, ``S`` the inverse
+    normal matrix whose band ``sinv`` holds (numpy twin of the kernel's ``band_variance``)."""
+    k1 = values.shape[1]
+    out = np.zeros(values.shape[0])
+    for a in range(k1):
+        for b in range(a, k1):
+            term = values[:, a] * values[:, b] * sinv[b - a, first + a]
+            out += term if a == b else 2.0 * term
+    return out
+
+
+def _band_variance(values: np.ndarray, first: np.ndarray, sinv: np.ndarray) -> np.ndarray:
+    kernel = _kernel()
+    if kernel is None:
+        return band_variance_reference(values, first, sinv)
+    out = np.empty(values.shape[0])
+    kernel.band_variance(values, first, np.ascontiguousarray(sinv, float), out)
+    return out
 
 
 def _solve(ab: np.ndarray, rhs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -715,13 +804,13 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
         w = 1.0 / variance(used, model_s)
         found_object = False
         for alt in range(2 if nj else 1):
-            ab, rhs = _banded_normal(bv * jv[used][:, None], bf, w, d_s[used],
-                                     knots.size - k - 1)
+            ab, rhs = _banded_normal(bv, bf, w, d_s[used], knots.size - k - 1,
+                                     scale=jv[used])
             coef, _ = _solve(ab, rhs)
             if it == 0 and alt == 0:
                 # an untraced object, looked for before J can take it in: whole slit
                 # ranges whose residual stands out over the order
-                model0 = np.sum(bv_s * coef[bf_s[:, None] + np.arange(k + 1)], axis=1)
+                model0 = _evaluate(bv_s, bf_s, coef)
                 r0 = (d_s[sky_i] - model0) / np.sqrt(var_data[sky_i])
                 hit = _object_profile(s_s[sky_i], r0, use, s_lo, s_hi)
                 if hit.any():
@@ -731,7 +820,7 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
                     found_object = True
                     break
             if nj and alt < 1:
-                g_used = np.sum(bv * coef[bf[:, None] + np.arange(k + 1)], axis=1)
+                g_used = _evaluate(bv, bf, coef)
                 # J from the brighter half of the sky: an object's wings beyond any mask
                 # add light, which is a smaller fraction of a brighter sky
                 hi_sky = g_used >= np.median(g_used)
@@ -739,10 +828,9 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
                 cj = _fit_illumination(jv_all[uj], jf_all[uj], g_used[hi_sky], d_s[uj],
                                        w[hi_sky], nj, prior_j)
                 cj, coef = _normalise_illumination(tj, ill_deg, cj, coef, s_lo, s_hi)
-                jv = np.sum(jv_all * cj[jf_all[:, None] + np.arange(ill_deg + 1)], axis=1)
+                jv = _evaluate(jv_all, jf_all, cj)
         # during the iterations the model is needed at the sky points only
-        model_s[sky_i] = (np.sum(bv_s * coef[bf_s[:, None] + np.arange(k + 1)], axis=1)
-                          * jv[sky_i])
+        model_s[sky_i] = _evaluate(bv_s, bf_s, coef) * jv[sky_i]
         r = (d_s[sky_i] - model_s[sky_i]) / np.sqrt(variance(sky_i, model_s))
         q = float(np.percentile(np.abs(r[use]), p.residual_floor_percentile))
         floor = max(q / _half_normal_quantile(p.residual_floor_percentile), 0.5)
@@ -797,16 +885,12 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
     knots = _full_knots(breaks, k)
     bv, bf = _design(knots, k, lam_s[used])
     w = 1.0 / variance(used, model_s)
-    ab, rhs = _banded_normal(bv * jv[used][:, None], bf, w, d_s[used], knots.size - k - 1)
+    ab, rhs = _banded_normal(bv, bf, w, d_s[used], knots.size - k - 1, scale=jv[used])
     coef, chol = _solve(ab, rhs)
     sinv = _banded_inverse_band(chol)
     bv_all, bf_all = _design(knots, k, np.clip(lam_s, knots[k], knots[-k - 1]))
-    g_all = np.sum(bv_all * coef[bf_all[:, None] + np.arange(k + 1)], axis=1)
-    var_g = np.zeros(n_px)
-    for a in range(k + 1):
-        for b in range(a, k + 1):
-            term = bv_all[:, a] * bv_all[:, b] * sinv[b - a, bf_all + a]
-            var_g += term if a == b else 2.0 * term
+    g_all = _evaluate(bv_all, bf_all, coef)
+    var_g = _band_variance(bv_all, bf_all, sinv)
     model_s = g_all * jv
     var_model = np.maximum(var_g, 0.0) * jv**2
     if nj:
@@ -992,9 +1076,17 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
     finite = np.isfinite(wavelength) & np.isfinite(slit)
     obj_in = obj_out.copy()
 
+    # every order's pixels at once (a stable sort of the labels keeps each order's pixels in
+    # frame order), rather than a full-frame comparison and search per order
+    labels = np.where(finite, oimg, 0).ravel()
+    by_order = np.argsort(labels.astype(np.int16) if labels.max(initial=0) < 2**15
+                          else labels, kind="stable")
+    bounds = np.searchsorted(labels[by_order], [[int(n), int(n) + 1] for n in orders])
+    pixels_of = {int(n): by_order[a:b] for n, (a, b) in zip(orders, bounds)}
+    del labels, by_order
+
     def one(n: int) -> None:
-        member = (oimg == int(n)) & finite
-        idx = np.flatnonzero(member)
+        idx = pixels_of[int(n)]
         if idx.size == 0:
             return
         lam = wavelength.ravel()[idx].astype(float)
@@ -1008,9 +1100,11 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
         e = np.where(np.isfinite(e) & (e > 0), e, 1.0)
         scale = (None if poisson_scale is None
                  else np.broadcast_to(np.asarray(poisson_scale, float), shape).ravel()[idx])
-        rows_, cols_ = np.nonzero(member)
+        rows_, cols_ = np.divmod(idx, shape[1])
         box = (slice(rows_.min(), rows_.max() + 1), slice(cols_.min(), cols_.max() + 1))
-        mview = member[box] if axis == "y" else member[box].T
+        member = np.zeros((box[0].stop - box[0].start, box[1].stop - box[1].start), bool)
+        member[rows_ - box[0].start, cols_ - box[1].start] = True
+        mview = member if axis == "y" else member.T
         wview = wavelength[box] if axis == "y" else wavelength[box].T
         step, span = _sampling(wview, mview)
         try:
