@@ -963,6 +963,41 @@ def _expanded(sub: OrderExtraction, rows: np.ndarray, centre: np.ndarray,
         first=spread(sub.first, 0), rejected=rejected, profile=sub.profile)
 
 
+def _masked_row_medians(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``np.median(values[i][mask[i]])`` for every row ``i``, with one sort of the whole array.
+
+    A median per row called from Python cost more than the rest of the aperture correction
+    (some 4000 rows per order).
+
+    Parameters
+    ----------
+    values : ndarray, shape (n, m)
+        Float values.
+    mask : ndarray of bool, shape (n, m)
+        The entries of each row to take the median of.
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        The medians; NaN for a row without a masked entry, or with a NaN among its masked
+        entries (as ``np.median``).
+    """
+    values = np.asarray(values, float)
+    mask = np.asarray(mask, bool)
+    count = np.count_nonzero(mask, axis=1)
+    # NaN sorts last: the masked entries of a row come first, in order
+    s = np.sort(np.where(mask, values, np.nan), axis=1)
+    if s.shape[1] == 0:
+        return np.full(s.shape[0], np.nan)
+    lower = np.take_along_axis(s, np.maximum(count - 1, 0)[:, None] // 2, axis=1)[:, 0]
+    upper = np.take_along_axis(s, np.minimum(count // 2, s.shape[1] - 1)[:, None],
+                               axis=1)[:, 0]
+    # as np.median: the middle value itself for an odd count, (a + b) / 2 for an even one
+    out = np.where(count % 2 == 1, lower, (lower + upper) / 2)
+    out[(count == 0) | np.any(mask & np.isnan(values), axis=1)] = np.nan
+    return out
+
+
 def aperture_correction(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.ndarray | None,
                         centre: np.ndarray, rows: np.ndarray, slit_length: float,
                         lower: np.ndarray, upper: np.ndarray, margin: float = 1.0,
@@ -1030,8 +1065,9 @@ def aperture_correction(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.n
     far = use & ~near
     level = 0.0
     if np.count_nonzero(far) >= 20:
-        per_row = [np.median(d[i][far[i]]) for i in np.flatnonzero(far.sum(axis=1) >= 3)]
-        level = float(np.mean(per_row)) if per_row else 0.0
+        measured = far.sum(axis=1) >= 3
+        per_row = _masked_row_medians(d[measured], far[measured])
+        level = float(np.mean(per_row)) if per_row.size else 0.0
     use &= near
     d = d - level
     in_ap = float(np.sum(np.where(use, a * d, 0.0)))

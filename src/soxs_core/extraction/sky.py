@@ -1065,25 +1065,28 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
         raise ValueError(f"object_mask has shape {object_mask.shape}, the frame {shape}")
     oimg = np.where(np.isfinite(order_image), order_image, 0).astype(np.int32) \
         if np.issubdtype(np.asarray(order_image).dtype, np.floating) \
-        else np.asarray(order_image, np.int32)
+        else np.asarray(order_image)
     axis = dispersion_axis or _infer_axis(wavelength, oimg, orders)
+    finite = np.isfinite(wavelength) & np.isfinite(slit)
+    # every order's pixels at once (a stable sort of the labels keeps each order's pixels in
+    # frame order), rather than a full-frame comparison and search per order
+    labels = np.where(finite, oimg, 0).ravel()
+    if labels.size and 0 <= labels.min() and labels.max() < 2**15:
+        labels = labels.astype(np.int16)    # numpy's stable sort of 16-bit keys is a radix sort
+    by_order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[by_order], [[int(n), int(n) + 1] for n in orders])
+    index_type = np.int32 if labels.size < 2**31 else np.intp
+    pixels_of = {int(n): by_order[a:b].astype(index_type)
+                 for n, (a, b) in zip(orders, bounds)}
+    del labels, by_order
+
     sky = np.zeros(shape, np.float32)
     err_out = np.zeros(shape, np.float32)
     used = np.zeros(shape, bool)
     rejected = np.zeros(shape, bool)
     obj_out = np.zeros(shape, bool) if object_mask is None else object_mask.astype(bool).copy()
     fits_out: dict[int, OrderSkyFit] = {}
-    finite = np.isfinite(wavelength) & np.isfinite(slit)
     obj_in = obj_out.copy()
-
-    # every order's pixels at once (a stable sort of the labels keeps each order's pixels in
-    # frame order), rather than a full-frame comparison and search per order
-    labels = np.where(finite, oimg, 0).ravel()
-    by_order = np.argsort(labels.astype(np.int16) if labels.max(initial=0) < 2**15
-                          else labels, kind="stable")
-    bounds = np.searchsorted(labels[by_order], [[int(n), int(n) + 1] for n in orders])
-    pixels_of = {int(n): by_order[a:b] for n, (a, b) in zip(orders, bounds)}
-    del labels, by_order
 
     def one(n: int) -> None:
         idx = pixels_of[int(n)]
@@ -1098,8 +1101,10 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
         cand = good & ~obj_in.ravel()[idx]
         d = np.where(np.isfinite(d), d, 0.0)
         e = np.where(np.isfinite(e) & (e > 0), e, 1.0)
+        # the order's pixels first, then double precision: not a float64 copy of the frame
         scale = (None if poisson_scale is None
-                 else np.broadcast_to(np.asarray(poisson_scale, float), shape).ravel()[idx])
+                 else np.broadcast_to(np.asarray(poisson_scale), shape).ravel()[idx]
+                 .astype(float))
         rows_, cols_ = np.divmod(idx, shape[1])
         box = (slice(rows_.min(), rows_.max() + 1), slice(cols_.min(), cols_.max() + 1))
         member = np.zeros((box[0].stop - box[0].start, box[1].stop - box[1].start), bool)

@@ -15,6 +15,7 @@ background and object) instead of the noisy data, as Horne (1986) prescribes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -309,8 +310,9 @@ def detrend_frames(inputs: StareInputs, params: StareParameters,
     if n == 1 and params.use_lacosmic:
         n_cosmics = _flag_cosmics(data, qual, float(np.sqrt(ron2)), params.lacosmic_sigma)
     k = np.full(shape, 1.0 / n, np.float32)
-    image = DetectorImage(data=data.astype(np.float32), error=err.astype(np.float32),
-                          qual=qual.astype(np.uint8), header=first.header.copy()
+    image = DetectorImage(data=data.astype(np.float32, copy=False),
+                          error=err.astype(np.float32, copy=False),
+                          qual=qual.astype(np.uint8, copy=False), header=first.header.copy()
                           if hasattr(first.header, "copy") else first.header)
     flat = inputs.master_flat if params.use_flat else None
     if flat is not None:
@@ -339,6 +341,10 @@ def _flag_cosmics(data: np.ndarray, qual: np.ndarray, read_noise: float, sigma: 
 #: whole frame: its filters reach a few pixels, and each iteration's cleaning a few more
 LACOSMIC_BAND_PAD = 16 * (LACOSMIC_NITER + 1)
 
+#: largest band (pixels) L.A.Cosmic is run on: a full X-shooter VIS frame in two bands took
+#: 440 MB of working arrays at once, in four bands (two at a time) half that
+LACOSMIC_BAND_PIXELS = 2_500_000
+
 
 def lacosmic_mask(data: np.ndarray, inmask: np.ndarray, read_noise: float, sigma: float,
                   threads: int | None = None) -> np.ndarray:
@@ -361,31 +367,49 @@ def lacosmic_mask(data: np.ndarray, inmask: np.ndarray, read_noise: float, sigma
         return mask[r0 - a:r1 - a]
 
     rows = data.shape[0]
-    n = max(1, min(default_threads(threads), rows // (8 * LACOSMIC_BAND_PAD)))
+    most = max(1, rows // (8 * LACOSMIC_BAND_PAD))     # bands not much thinner than context
+    workers = max(1, min(default_threads(threads), most))
+    # each band's working arrays (a dozen float32 planes of it) are live at once in every
+    # worker: bands of at most LACOSMIC_BAND_PIXELS bound that peak whatever the frame
+    per_worker = -(-data.size // (workers * LACOSMIC_BAND_PIXELS))
+    n = max(1, min(workers * per_worker, most))
     edges = np.linspace(0, rows, n + 1).round().astype(int)
     if n == 1:
         return detect(0, rows)
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(n) as pool:
+    with ThreadPoolExecutor(workers) as pool:
         return np.concatenate(list(pool.map(detect, edges[:-1], edges[1:])))
 
 
 def _divide_by_flat(image: DetectorImage, read_var: np.ndarray, k: np.ndarray,
                     flat: DetectorImage) -> tuple[DetectorImage, np.ndarray, np.ndarray]:
-    f = np.asarray(flat.data, np.float32)
+    """Divide the detrended frame (its own arrays: they are changed in place, which keeps
+    the recipe's peak memory a few full-frame planes lower) by the master flat."""
+    f = np.array(flat.data, np.float32)
     # a faint flat (the blue end of a lamp) is still a measurement: its error propagates
     usable = np.isfinite(f) & (f > 0)
-    f = np.where(usable, f, np.float32(1.0))
-    data = image.data / f
-    rel = np.where(usable, flat.error / f, 0.0).astype(np.float32)
-    err = np.sqrt((image.error / f) ** 2 + (data * rel) ** 2).astype(np.float32)
-    qual = image.qual | flat.qual
+    f[~usable] = 1.0
+    data = image.data
+    data /= f
+    # (data * flat error / f)^2: the flat's share of the variance, in both planes
+    flat_var = np.divide(flat.error, f, dtype=np.float32)
+    flat_var[~usable] = 0.0
+    flat_var *= data
+    flat_var **= 2
+    err = image.error
+    err /= f
+    err **= 2
+    err += flat_var
+    np.sqrt(err, out=err)
+    qual = image.qual
+    qual |= flat.qual
     qual[~usable] |= np.uint8(Qual.NO_DATA)
-    read_var = (read_var / (f * f) + (data * rel) ** 2).astype(np.float32)
-    k = (k / f).astype(np.float32)
-    return DetectorImage(data=data.astype(np.float32), error=err, qual=qual,
-                         header=image.header), read_var, k
+    k /= f
+    f **= 2
+    read_var /= f
+    read_var += flat_var
+    return DetectorImage(data=data, error=err, qual=qual, header=image.header), read_var, k
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +418,9 @@ def _divide_by_flat(image: DetectorImage, read_var: np.ndarray, k: np.ndarray,
 def _along(a: np.ndarray, axis: str) -> np.ndarray:
     return a if axis == "y" else a.T
 
+
+#: iterations (at most) of the first sky model, which is subtracted only to trace the object
+TRACE_SKY_ITERATIONS = 3
 
 #: the object mask of the sky fit leaves at least this fraction of the slit to the sky
 SKY_SLIT_FRACTION = 0.4
@@ -414,7 +441,6 @@ def _object_mask(shape, trace_table: OrderTable, binx: int, biny: int, half_widt
     mask = np.zeros(shape, bool)
     view = _along(mask, axis)
     n_along, n_across = view.shape
-    cols = np.arange(n_across)
     bin_along, bin_across = (biny, binx) if axis == "y" else (binx, biny)
     for n in trace_table.orders:
         b0, b1 = trace_table.along_range(int(n))
@@ -430,8 +456,52 @@ def _object_mask(shape, trace_table: OrderTable, binx: int, biny: int, half_widt
             width = np.median(order_table.edge_up(float(n), b)
                               - order_table.edge_low(float(n), b)) / bin_across
             hw = min(half_width, 0.5 * (1 - SKY_SLIT_FRACTION) * width)
-        view[rows] |= np.abs(cols[None, :] - c[:, None]) <= hw
+        if np.isfinite(hw):
+            view[_band_pixels(rows, c, hw, n_across)] = True
+        else:  # NaN or inf (never seen): inf <= inf, which the candidate range would miss
+            view[rows] |= np.abs(np.arange(n_across)[None, :] - c[:, None]) <= hw
     return mask
+
+
+def _band_pixels(rows: np.ndarray, centre: np.ndarray, half_width: float, n_across: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels ``(rows[i], j)``, ``0 <= j < n_across``, with
+    ``abs(j - centre[i]) <= half_width``.
+
+    Only a few pixels either side of each row's band are tested: testing every pixel of
+    every row made the object mask a full-frame comparison per order.
+
+    Parameters
+    ----------
+    rows : ndarray of int
+        Along indices.
+    centre : ndarray of float
+        Band centre (across px) at each of ``rows``; a row with a non-finite centre has no
+        pixel.
+    half_width : float
+        Finite.
+    n_across : int
+        Pixels across the frame.
+
+    Returns
+    -------
+    along, across : ndarray of int
+        Indices of the band's pixels in the along view.
+    """
+    rows = np.asarray(rows, np.int64)
+    centre = np.asarray(centre, float)
+    finite = np.isfinite(centre)
+    rows, centre = rows[finite], centre[finite]
+    # candidates 2 px beyond the band's rounded ends: the test below on each candidate,
+    # exactly the full-row test, decides, so the rounding of these ends cannot lose a pixel
+    first = np.clip(np.floor(centre - half_width) - 2, 0, n_across).astype(np.int64)
+    last = np.clip(np.ceil(centre + half_width) + 2, -1, n_across - 1).astype(np.int64)
+    count = np.maximum(last - first + 1, 0)
+    along = np.repeat(rows, count)
+    # a row's k-th candidate is pixel first + k: k is the flat index less the row's start
+    across = np.arange(along.size) + np.repeat(first - (np.cumsum(count) - count), count)
+    hit = np.abs(across - np.repeat(centre, count)) <= half_width
+    return along[hit], across[hit]
 
 
 def _wavelength_at(wave_t: np.ndarray, rows: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -483,7 +553,11 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
     notes: list[str] = []
 
     det = detrend_frames(inputs, params)
+    # the master calibrations are in the frame now: their planes (about 160 MB for an
+    # X-shooter VIS frame) are not kept to the end of the run
+    inputs.master_bias = inputs.master_dark = inputs.master_flat = None
     image = det.image
+    det.image = None
     shape = image.shape
     base_model = np.zeros(shape, np.float32)  # photon-producing light that is not the object
     model_var = np.zeros(shape, np.float32)   # variance of the models subtracted
@@ -499,19 +573,21 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
             written["BKGROUND"] = background.plot_background(
                 plots["BKGROUND"], image.data, bkg, mask,
                 f"{arm.instrument} {arm.name}: scattered light of {first.path.name}")
-        image = background.subtract_background(image, bkg)
-        base_model += np.maximum(bkg.model, 0)
-        model_var += bkg.uncertainty.astype(np.float32) ** 2
+        image = background.subtract_background(image, bkg, overwrite=True)
+        np.add(base_model, np.maximum(bkg.model, 0), out=base_model)
+        for r0 in range(0, shape[0], 256):      # in bands: no full-frame error plane
+            model_var[r0:r0 + 256] += bkg.uncertainty_rows(r0, r0 + 256).astype(np.float32) ** 2
+        del bkg, mask
 
     orders_on_map = [int(n) for n in table.orders if n in set(dm.orders.tolist())]
     sky_params = sky.SkyParameters.from_mapping(params.as_dict())
     trace_params = objecttrace.TraceParameters.from_mapping(params.as_dict())
     half_aperture = 0.5 * params.horne_extraction_slit_length / bin_across
 
-    def fit_the_sky(object_mask):
+    def fit_the_sky(object_mask, params=sky_params):
         model = sky.fit_sky(image.data, image.error, image.qual, dm.wavelength, dm.slit,
                             dm.order, orders_on_map, object_mask=object_mask,
-                            params=sky_params, dispersion_axis=axis,
+                            params=params, dispersion_axis=axis,
                             poisson_scale=det.poisson_scale)
         missing = sorted(set(orders_on_map) - set(model.fits))
         if missing:
@@ -523,8 +599,12 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
 
     sky_model = None
     if params.subtract_sky:
-        sky_model = fit_the_sky(None)
-        skysub, _ = sky.subtract_sky(image, sky_model)
+        # the first pass serves the object's trace only: a sky with fewer refinements of
+        # its knots (the last ones follow faint line wings) is as good for that
+        sky_model = fit_the_sky(None, dataclasses.replace(
+            sky_params, bspline_iteration_limit=min(sky_params.bspline_iteration_limit,
+                                                    TRACE_SKY_ITERATIONS)))
+        skysub = sky.subtract_sky(image, sky_model)[0]
     else:
         skysub = image
     trace = objecttrace.detect_continuum(skysub, table, binx, biny, trace_params)
@@ -540,7 +620,10 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
         # again, with the object (now traced) kept out of the sky
         obj_mask = _object_mask(shape, trace.table, binx, biny, SKY_MASK_WIDEN * half_aperture,
                                 axis, table)
+        # the first pass served the trace only: its planes go before the second is made
+        del sky_model, skysub
         sky_model = fit_the_sky(obj_mask)
+        del obj_mask
         skysub, residuals = sky.subtract_sky(image, sky_model)
         base_model += np.maximum(sky_model.sky, 0).astype(np.float32)
         model_var += np.asarray(sky_model.error, np.float32) ** 2
@@ -572,6 +655,10 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
     pieces = []
     apcor: dict[int, tuple[float, float]] = {}
     extractions = []
+    # the aperture correction's variance (with the object's photon noise), made once
+    apcor_var_t = (_along(base_var + det.poisson_scale * np.maximum(skysub.data, 0), axis)
+                   if params.horne_extraction_aperture_correction and table.has_edges
+                   else None)
     for n in trace.table.orders:
         b0, b1 = trace.table.along_range(int(n))
         r0 = max(int(np.ceil(to_binned(b0, bin_along))), 0)
@@ -592,7 +679,7 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
                 and int(n) in table.orders:
             b = to_unbinned(ext.rows, bin_along)
             apcor[int(n)] = horne.aperture_correction(
-                data_t, var_t + k_t * np.maximum(data_t, 0), qual_t, ext.centre, ext.rows,
+                data_t, apcor_var_t, qual_t, ext.centre, ext.rows,
                 params.horne_extraction_slit_length / bin_across,
                 to_binned(table.edge_low(float(n), b), bin_across),
                 to_binned(table.edge_up(float(n), b), bin_across))
