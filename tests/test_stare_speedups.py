@@ -356,3 +356,42 @@ def test_object_mask_at_rounding_ties(axis):
         ties += int(not np.array_equal(_along(got, axis)[0],
                                        (j >= np.ceil(c - hw)) & (j <= np.floor(c + hw))))
     assert ties > 5, ties
+
+
+def test_sky_quicklook_panels_in_row_bands_equal_the_whole_frame() -> None:
+    """The quicklook's panels, made in bands of whole blocks, are the block means of the
+    whole-frame planes (and its residual rms the whole frame's)."""
+    from types import SimpleNamespace
+
+    from soxs_core.extraction import skyplots
+    from soxs_core.io.image import DetectorImage
+
+    rng = np.random.default_rng(4)
+    shape = (1301, 217)                  # not a whole number of bands nor of blocks
+    order = np.zeros(shape, np.int16)
+    order[:, 20:90], order[:, 120:200] = 7, 8
+    data = rng.normal(50.0, 5.0, shape).astype(np.float32)
+    data[rng.random(shape) < 0.01] = np.nan
+    error = np.full(shape, 5.0, np.float32)
+    sky = rng.normal(40.0, 1.0, shape).astype(np.float32)
+    model = SimpleNamespace(orders=[7, 8], sky=sky, error=np.full(shape, 0.5, np.float32),
+                            used=(order > 0) & (rng.random(shape) < 0.7))
+    image = DetectorImage(data=data, error=error, qual=np.zeros(shape, np.uint8))
+    factor = 3
+    panels, sum_r2, n_r = skyplots._quicklook_panels(image, model, order, factor)
+    in_order = np.isin(order, model.orders)
+    d = np.where(in_order, data, np.nan)
+    s = np.where(in_order, sky, np.nan)
+    err = np.sqrt(error**2 + model.error**2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.where(model.used, (d - s) / err, np.nan)
+        r = (data[model.used] - sky[model.used]) / err[model.used]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = [skyplots._blocks(a, factor) for a in (d, s, d - s, norm)]
+    for got, exp in zip(panels, want):
+        np.testing.assert_array_equal(got, exp)
+    assert n_r == r.size
+    np.testing.assert_allclose(sum_r2, np.sum(r.astype(float) ** 2), rtol=1e-9)
