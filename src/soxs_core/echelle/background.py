@@ -997,8 +997,11 @@ def plot_background(path: str | os.PathLike, flux: np.ndarray, model: Background
     Path
         ``path``.
     """
-    from soxs_core.io.safety import write_atomically
+    from soxs_core.io.safety import release_figures, write_atomically
 
     cuts = int(min(max(cuts, 1), 3))
-    return write_atomically(Path(path), lambda tmp: _draw_background(
-        tmp, flux, model, in_order, title, cuts, unit))
+    try:
+        return write_atomically(Path(path), lambda tmp: _draw_background(
+            tmp, flux, model, in_order, title, cuts, unit))
+    finally:
+        release_figures()    # the pages' figures (see soxs_core.io.safety.save_figure)

@@ -15,7 +15,7 @@ import numpy as np
 
 from soxs_core.echelle.ordertable import OrderTable
 from soxs_core.echelle.tracing import EdgeFitReport
-from soxs_core.io.safety import write_atomically
+from soxs_core.io.safety import save_figure
 
 __all__ = ["plot_order_edges", "render_order_edges"]
 
@@ -168,5 +168,5 @@ def plot_order_edges(path: str | os.PathLike, flux: np.ndarray, table: OrderTabl
     OSError
         When the file cannot be written.
     """
-    fig = render_order_edges(flux, table, report, binning, title, samples)
-    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="pdf", dpi=100))
+    return save_figure(render_order_edges(flux, table, report, binning, title, samples), path,
+                       format="pdf", dpi=100)

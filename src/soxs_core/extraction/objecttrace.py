@@ -1161,7 +1161,6 @@ def plot_object_trace(path: str | os.PathLike, image: DetectorImage, trace: Obje
     OSError
         When the file cannot be written.
     """
-    from soxs_core.io.safety import write_atomically
+    from soxs_core.io.safety import save_figure
 
-    fig = render_object_trace(image, trace, title)
-    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="pdf", dpi=100))
+    return save_figure(render_object_trace(image, trace, title), path, format="pdf", dpi=100)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from soxs_core.io.image import DetectorImage
+from soxs_core.io.safety import save_figure
 
 __all__ = ["plot_sky_model", "plot_sky_quicklook"]
 
@@ -165,9 +166,7 @@ def plot_sky_model(path: str | Path, image: DetectorImage, model: Any, disp_map:
     fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.5 / fig.get_figheight(),
                         bottom=0.5 / fig.get_figheight(), hspace=0.62, wspace=0.22)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, format="pdf", dpi=100)
 
 
 def _blocks(img: np.ndarray, factor: int) -> np.ndarray:
@@ -271,6 +270,4 @@ def plot_sky_quicklook(path: str | Path, image: DetectorImage, model: Any, disp_
                  + f" — sky pixels' residual rms {rms:.3f} σ", fontsize=11)
     fig.subplots_adjust(left=0.06, right=0.97, top=0.9, bottom=0.08, wspace=0.35)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, format="pdf", dpi=100)

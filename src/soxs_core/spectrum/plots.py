@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from soxs_core.io.safety import write_atomically
+from soxs_core.io.safety import save_figure
 from soxs_core.spectrum.fluxcal import TELLURIC_BANDS_NM, Response
 
 __all__ = ["plot_extracted_orders", "plot_merged", "plot_fluxcal", "plot_response",
@@ -61,7 +61,7 @@ def _limits(values: np.ndarray, low: float = 0.5, high: float = 99.5,
 
 
 def _save(path: str | os.PathLike, fig) -> Path:
-    return write_atomically(path, lambda tmp: fig.savefig(tmp, format="pdf", dpi=100))
+    return save_figure(fig, path, format="pdf", dpi=100)
 
 
 def _orders_of(table: Table) -> np.ndarray:
