@@ -966,7 +966,7 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
 
 def plot_background(path: str | os.PathLike, flux: np.ndarray, model: BackgroundModel,
                     in_order: np.ndarray, title: str, *, cuts: int = 3,
-                    unit: str = "e-") -> Path:
+                    unit: str = "e-", release: bool = True) -> Path:
     """Write the BKGROUND QC plot (one PDF page, written atomically).
 
     Top: the frame (log stretch), the inter-order pixels used (block means), the model on the
@@ -991,6 +991,8 @@ def plot_background(path: str | os.PathLike, flux: np.ndarray, model: Background
         Number of cuts across the orders (1 to 3).
     unit : str
         Unit of ``flux`` on the axes (a stacked flat is in units of its exposure level).
+    release : bool
+        Collect the page's figure afterwards (see :func:`soxs_core.io.safety.save_figure`).
 
     Returns
     -------
@@ -1004,4 +1006,5 @@ def plot_background(path: str | os.PathLike, flux: np.ndarray, model: Background
         return write_atomically(Path(path), lambda tmp: _draw_background(
             tmp, flux, model, in_order, title, cuts, unit))
     finally:
-        release_figures()    # the pages' figures (see soxs_core.io.safety.save_figure)
+        if release:      # the pages' figures (see soxs_core.io.safety.save_figure)
+            release_figures()

@@ -261,7 +261,7 @@ def _reduce_lamp(frames: list[RawFrame], inputs: FlatInputs, params: FlatParamet
             written[label] = background.plot_background(
                 plots[label], master.data, model, in_order,
                 f"{arm.instrument} {arm.name}{suffix}: scattered light of the master flat",
-                unit="flat level")
+                unit="flat level", release=False)   # its memory peak is behind it
         # in place, and the model dropped: two full-frame planes each off the memory peak
         master = background.subtract_background(master, model, overwrite=True)
         del model, in_order
@@ -281,7 +281,7 @@ def _finish(master: DetectorImage, table: OrderTable, report: tracing.EdgeFitRep
         written[label] = plot_order_edges(
             plots[label], master.data, table, report, binning,
             title=f"{arm.instrument} {arm.name}{' ' + lamp if lamp else ''}: order edges",
-            samples=samples)
+            samples=samples, release=False)
     # in place (saving three full-frame planes) unless the UVB stitching needs it again
     finished = flat.finish_master_flat(master, table, *binning,
                                        params.low_sensitivity_clipping_sigma,

@@ -160,8 +160,9 @@ def render_order_edges(flux: np.ndarray, table: OrderTable, report: EdgeFitRepor
 
 def plot_order_edges(path: str | os.PathLike, flux: np.ndarray, table: OrderTable,
                      report: EdgeFitReport, binning: tuple[int, int] = (1, 1),
-                     title: str = "", samples: Any = None) -> Path:
-    """Write the ORDER LOC RES plot (PDF) atomically; see :func:`render_order_edges`.
+                     title: str = "", samples: Any = None, release: bool = True) -> Path:
+    """Write the ORDER LOC RES plot (PDF) atomically; see :func:`render_order_edges`
+    (``release``: see :func:`soxs_core.io.safety.save_figure`).
 
     Raises
     ------
@@ -169,4 +170,4 @@ def plot_order_edges(path: str | os.PathLike, flux: np.ndarray, table: OrderTabl
         When the file cannot be written.
     """
     return save_figure(render_order_edges(flux, table, report, binning, title, samples), path,
-                       format="pdf", dpi=100)
+                       release=release, format="pdf", dpi=100)

@@ -160,7 +160,8 @@ def write_atomically(target: str | os.PathLike, write: Callable[[Path], object])
     return target
 
 
-def save_figure(figure: Any, target: str | os.PathLike, **savefig: Any) -> Path:
+def save_figure(figure: Any, target: str | os.PathLike, *, release: bool = True,
+                **savefig: Any) -> Path:
     """Write a matplotlib figure atomically (:func:`write_atomically`), then let it go.
 
     A matplotlib figure is a web of reference cycles that holds its drawing buffers (C++
@@ -168,7 +169,8 @@ def save_figure(figure: Any, target: str | os.PathLike, **savefig: Any) -> Path:
     runs in a recipe, which makes few and large allocations: a run's QC figures used to
     stay in memory to its end, a few hundred MB of a full-frame soxs_stare.  Here the figure
     is closed (pyplot's, if pyplot made it), emptied of its artists and their data (a
-    caller's reference keeps an empty figure only) and the cycles are collected.
+    caller's reference keeps an empty figure only) and, with ``release``, the cycles are
+    collected (a tenth of a second: a recipe whose peak is past passes False).
 
     Raises
     ------
@@ -182,7 +184,8 @@ def save_figure(figure: Any, target: str | os.PathLike, **savefig: Any) -> Path:
         if pyplot is not None:
             pyplot.close(figure)
         figure.clear()
-        release_figures()
+        if release:
+            release_figures()
     return path
 
 
