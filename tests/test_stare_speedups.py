@@ -395,3 +395,45 @@ def test_sky_quicklook_panels_in_row_bands_equal_the_whole_frame() -> None:
         np.testing.assert_array_equal(got, exp)
     assert n_r == r.size
     np.testing.assert_allclose(sum_r2, np.sum(r.astype(float) ** 2), rtol=1e-9)
+
+
+@pytest.mark.parametrize("arm, binning", [("xsh_vis", "1x1"), ("soxs_nir", "1x1"),
+                                          ("xsh_uvb", "2x2")])
+def test_slice_pixels_are_the_trace_slices_rows(tmp_path, arm: str, binning: str) -> None:
+    """The first sky pass is fitted to the pixels :func:`slice_pixels` selects: exactly the
+    pixels of each order within ``margin`` rows of one of detect_continuum's slices of that
+    order (whatever the dispersion axis and binning)."""
+    from soxs_core.echelle.ordertable import read_order_table
+    from soxs_core.extraction import objecttrace as T
+    from soxs_core.simulate.instrument import InstrumentSimulator
+    from soxs_core.simulate.tables import disp_image_arrays
+
+    sim = InstrumentSimulator(arm, binning, seed=3, orders=None)
+    orders = sim.orders[:3]
+    sim = InstrumentSimulator(arm, binning, seed=3, orders=orders)
+    path = tmp_path / "order_tab.fits"
+    sim.order_table(edges=True).writeto(path)
+    table = read_order_table(path)
+    _, _, order_img = disp_image_arrays(sim.format, sim.orders)
+    order_img = np.where(np.isfinite(order_img), order_img, 0).astype(np.int16)
+    binx, biny = (int(v) for v in binning.split("x"))
+    if (binx, biny) != (1, 1):
+        rows, cols = order_img.shape[0] // biny, order_img.shape[1] // binx
+        order_img = order_img[:rows * biny:biny, :cols * binx:binx]
+    params = T.TraceParameters.from_mapping({"order_sample_count": 40, "slice_width": 5})
+    margin = 3
+    got = T.slice_pixels(order_img, table, binx, biny, params, margin)
+    view_o = order_img if table.dispersion_axis == "y" else order_img.T
+    view_g = got if table.dispersion_axis == "y" else got.T
+    n_along, _, bin_along, _ = table.image_axes(order_img.shape, binx, biny)
+    want = np.zeros(view_o.shape, bool)
+    for n in table.orders:
+        rows = T._sample_rows(table, int(n), params.order_sample_count, n_along, bin_along,
+                              params.slice_width)
+        near = np.zeros(n_along, bool)
+        for r in rows:        # the slice covers r - width // 2 ... r + width - 1 - width // 2
+            near[max(0, r - 2 - margin):r + 3 + margin] = True
+        want |= (view_o == int(n)) & near[:, None]
+    assert want.any()
+    np.testing.assert_array_equal(view_g, want)
+    assert 0.1 < got.sum() / max((order_img > 0).sum(), 1) < 0.9

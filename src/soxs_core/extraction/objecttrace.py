@@ -45,7 +45,7 @@ from soxs_core.io.products import QcMeasurements
 
 __all__ = ["TraceParameters", "TraceSamples", "ObjectTrace", "detect_continuum",
            "trace_centre_binned", "plot_object_trace", "render_object_trace",
-           "fit_gaussians", "ARM_DEFAULTS"]
+           "fit_gaussians", "slice_pixels", "ARM_DEFAULTS"]
 
 log = logging.getLogger(__name__)
 
@@ -454,6 +454,47 @@ def _sample_rows(table: OrderTable, n: int, count: int, n_along: int, bin_along:
     if last < first:
         return np.zeros(0, int)
     return np.unique(np.rint(np.linspace(first, last, count)).astype(int))
+
+
+def slice_pixels(order_image: np.ndarray, order_table: OrderTable, binx: int, biny: int,
+                 params: TraceParameters, margin: int) -> np.ndarray:
+    """Pixels that :func:`detect_continuum`'s slices of each order cover, and the ``margin``
+    rows (along the dispersion) either side: what a sky model made only to trace the object
+    must describe.
+
+    Parameters
+    ----------
+    order_image : ndarray of int
+        Order number of each pixel of the (binned) frame, 0 outside the orders.
+    order_table : OrderTable
+    binx, biny : int
+    params : TraceParameters
+        Its ``order_sample_count`` and ``slice_width`` place the slices.
+    margin : int
+        Rows added on each side of every slice.
+
+    Returns
+    -------
+    ndarray of bool
+        Frame-shaped.
+    """
+    order_image = np.asarray(order_image)
+    n_along, _, bin_along, _ = order_table.image_axes(order_image.shape, binx, biny)
+    orders = [int(n) for n in order_table.orders if n > 0]
+    top = max(orders + [int(order_image.max(initial=0))]) + 1
+    wanted = np.zeros((top, n_along), bool)      # [order, along index]
+    width = int(params.slice_width)
+    reach = np.arange(-(width // 2) - margin, width - width // 2 + margin)
+    for n in orders:
+        rows = _sample_rows(order_table, n, params.order_sample_count, n_along, bin_along,
+                            width)
+        covered = (rows[:, None] + reach[None, :]).ravel()
+        wanted[n, covered[(covered >= 0) & (covered < n_along)]] = True
+    wanted[0] = False
+    labels = np.clip(order_image, 0, top - 1).astype(np.intp)
+    if order_table.dispersion_axis == "y":
+        return wanted[labels, np.arange(order_image.shape[0])[:, None]]
+    return wanted[labels, np.arange(order_image.shape[1])[None, :]]
 
 
 def _collapse(view: np.ndarray, err: np.ndarray, bad: np.ndarray, rows: np.ndarray,
