@@ -141,7 +141,8 @@ def test_object_mask_and_subtract_sky():
     assert not model.used[mask].any() and not model.used[10, 5]
     assert model.object_mask[mask].all()
     image = DetectorImage(data, error, qual)
-    sub, res = S.subtract_sky(image, model)
+    sub = S.subtract_sky(image, model)
+    res = S.sky_residuals(sub, model.used)
     np.testing.assert_allclose(sub.data, data - model.sky, rtol=1e-6)
     np.testing.assert_allclose(sub.error ** 2, error**2 + model.error**2, rtol=1e-5)
     assert np.array_equal(sub.qual, qual)

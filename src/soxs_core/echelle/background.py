@@ -877,7 +877,7 @@ def _draw_background(target: Path, flux: np.ndarray, model: BackgroundModel,
     for k, (name, img, cmap, lo, hi) in enumerate(panels):
         ax = fig.add_subplot(grid[0, k])
         shown = ax.imshow(img, origin="lower", cmap=cmap, vmin=lo, vmax=hi, extent=extent,
-                          aspect="auto", interpolation="nearest", rasterized=True)
+                          aspect="auto", interpolation="nearest")
         ax.set_title(name, fontsize=10, y=1.0)
         ax.set_xlabel("x [px]", fontsize=8)
         if k == 0:  # the others' would run into the colour bar on their left

@@ -85,7 +85,7 @@ def render_order_edges(flux: np.ndarray, table: OrderTable, report: EdgeFitRepor
 
     for ax in (ax_det, ax_fit):
         ax.imshow(shown, origin="lower", cmap="gray", extent=extent, aspect="auto",
-                  interpolation="nearest", rasterized=True,
+                  interpolation="nearest",
                   alpha=1.0 if ax is ax_det else 0.6)
         ax.set_xlabel("x [unbinned px]")
         ax.set_ylabel("y [unbinned px]")

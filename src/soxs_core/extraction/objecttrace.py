@@ -1036,14 +1036,14 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
         return (a, b) if along_y else (b, a)
 
     ax_det.imshow(shown, origin="lower", cmap="gray", extent=extent, aspect="auto",
-                  interpolation="nearest", rasterized=True)
+                  interpolation="nearest")
     ax_det.set_xlim(extent[0], extent[1])
     ax_det.set_ylim(extent[2], extent[3])
     ax_det.set_xlabel("x [unbinned px]")
     ax_det.set_ylabel("y [unbinned px]")
     used, clipped = s.used, s.clipped
     ax_det.plot(*xy(s.across[used], s.along[used]), ".", ms=2, color="tab:green",
-                label=f"detected ({int(used.sum())})", rasterized=True)
+                label=f"detected ({int(used.sum())})")
     if clipped.any():
         ax_det.plot(*xy(s.across[clipped], s.along[clipped]), "x", ms=4, color="tab:red",
                     mew=0.8, label=f"clipped ({int(clipped.sum())})")
@@ -1113,7 +1113,7 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
         stack = np.vstack([x for st in strips for x in (st, gap)][:-1])
         ax_strip.imshow(np.clip(np.nan_to_num(stack, nan=0.0), -0.2, 1.0), origin="lower",
                         aspect="auto", cmap="magma", interpolation="nearest",
-                        extent=(0, 1, 0, stack.shape[0]), rasterized=True)
+                        extent=(0, 1, 0, stack.shape[0]))
         step = 2 * half + 1 + 2
         for k, n in enumerate(labels):
             ax_strip.axhline(k * step + half + 0.5, color="cyan", lw=0.6, ls="--")
@@ -1129,8 +1129,7 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
     qc = trace.qc.values
     for n in table.orders:
         mine = used & (s.order == n)
-        ax_res.plot(s.along[mine], res_b[mine], ".", ms=2.5, color=colours[int(n)],
-                    rasterized=True)
+        ax_res.plot(s.along[mine], res_b[mine], ".", ms=2.5, color=colours[int(n)])
     if clipped.any():
         ok = clipped & np.isfinite(res_b)
         ax_res.plot(s.along[ok], res_b[ok], "x", ms=3, color="tab:red", mew=0.6,
@@ -1156,7 +1155,7 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
     for n in table.orders:
         mine = used & (s.order == n)
         ax_ord.plot(np.full(int(mine.sum()), float(n)), res_b[mine], "_", ms=4,
-                    color=colours[int(n)], alpha=0.5, rasterized=True)
+                    color=colours[int(n)], alpha=0.5)
         per_rms.append(float(np.sqrt(np.mean(res_b[mine] ** 2))) if mine.any() else np.nan)
         per_n.append(int(n))
         per_sig.append(float(np.median(s.sigma[mine])) / bin_across if mine.any() else np.nan)
@@ -1174,7 +1173,7 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
     for n in table.orders:
         mine = used & (s.order == n)
         ax_sig.plot(s.along[mine], s.sigma[mine] / bin_across, ".", ms=2,
-                    color=colours[int(n)], rasterized=True)
+                    color=colours[int(n)])
         if table.std is not None:
             b0, b1 = table.along_range(int(n))
             b = np.linspace(b0, b1, 100)

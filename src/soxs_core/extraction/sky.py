@@ -59,7 +59,8 @@ from soxs_core.detector.quality import Qual
 from soxs_core.io.image import DetectorImage
 
 __all__ = ["SkyParameters", "SkyModel", "OrderSkyFit", "fit_sky", "subtract_sky",
-           "object_band_mask", "plot_sky_model", "plot_sky_quicklook", "DEFAULT_REJECT_BITS"]
+           "sky_residuals", "object_band_mask", "plot_sky_model", "plot_sky_quicklook",
+           "DEFAULT_REJECT_BITS"]
 
 log = logging.getLogger(__name__)
 
@@ -1141,27 +1142,39 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
                     object_mask=obj_out, fits=fits_out)
 
 
-def subtract_sky(image: DetectorImage, model: SkyModel) -> tuple[DetectorImage, DetectorImage]:
+def subtract_sky(image: DetectorImage, model: SkyModel) -> DetectorImage:
     """Subtract the sky model.
 
     Returns
     -------
-    skysub : DetectorImage
+    DetectorImage
         ``data - sky``, error ``sqrt(error^2 + model error^2)``, QUAL kept.
-    residuals : DetectorImage
-        The same in the pixels that fitted the sky (``model.used``), NaN elsewhere (error
-        0 there), for the SKY SUB RESIDUALS product.
     """
     data = (image.data.astype(np.float32) - model.sky.astype(np.float32))
     err = np.sqrt(image.error.astype(np.float32) ** 2
                   + model.error.astype(np.float32) ** 2).astype(np.float32)
-    skysub = DetectorImage(data=data, error=err, qual=image.qual.copy(),
-                           header=image.header.copy())
-    res = np.where(model.used, data, np.float32(np.nan)).astype(np.float32)
-    res_err = np.where(model.used, err, np.float32(0)).astype(np.float32)
-    residuals = DetectorImage(data=res, error=res_err, qual=image.qual.copy(),
-                              header=image.header.copy())
-    return skysub, residuals
+    return DetectorImage(data=data, error=err, qual=image.qual.copy(),
+                         header=image.header.copy())
+
+
+def sky_residuals(skysub: DetectorImage, used: np.ndarray) -> DetectorImage:
+    """The SKY SUB RESIDUALS image: the sky-subtracted frame in the pixels that fitted the sky.
+
+    Parameters
+    ----------
+    skysub : DetectorImage
+        From :func:`subtract_sky`.
+    used : ndarray of bool
+        The pixels the sky was fitted to (``SkyModel.used``).
+
+    Returns
+    -------
+    DetectorImage
+        ``skysub`` where ``used``, NaN elsewhere (error 0 there), QUAL kept.
+    """
+    return DetectorImage(data=np.where(used, skysub.data, np.float32(np.nan)).astype(np.float32),
+                         error=np.where(used, skysub.error, np.float32(0)).astype(np.float32),
+                         qual=skysub.qual.copy(), header=skysub.header.copy())
 
 
 def plot_sky_model(path: str | Path, image: DetectorImage, model: SkyModel, disp_map: Any,

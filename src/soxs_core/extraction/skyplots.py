@@ -9,7 +9,10 @@
   side (block means, one stretch for the first two), plus the residual in units of the
   error.
 
-Marker clouds are thinned and rasterized so that a full frame's plot stays small and fast.
+Pixel clouds are drawn as density images (2-D histograms) and the few marker panels are
+thinned, so that a full frame's plot stays small and fast: rasterized artists would cost a
+figure-sized buffer each, held by the PDF writer until the file is complete (about 8 MB
+apiece, 150 MB for this plot).
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ import numpy as np
 from soxs_core.io.image import DetectorImage
 from soxs_core.io.safety import save_figure
 
-__all__ = ["plot_sky_model", "plot_sky_quicklook"]
+__all__ = ["binned_illumination", "plot_sky_model", "plot_sky_quicklook"]
 
-#: most points drawn per panel
-MAX_POINTS = 20000
+#: most markers drawn as vectors (rejected pixels, the zoom on a line)
+MAX_MARKERS = 3000
 
 
 def _pick_orders(orders: list[int], count: int) -> list[int]:
@@ -36,10 +39,62 @@ def _pick_orders(orders: list[int], count: int) -> list[int]:
     return [orders[i] for i in idx]
 
 
-def _thin(n: int, rng: np.random.Generator, limit: int = MAX_POINTS) -> np.ndarray:
+def _thin(n: int, rng: np.random.Generator, limit: int = MAX_MARKERS) -> np.ndarray:
     if n <= limit:
         return np.arange(n)
     return np.sort(rng.choice(n, limit, replace=False))
+
+
+def binned_illumination(slit: np.ndarray, data: np.ndarray, spectrum: np.ndarray,
+                        slit_range: tuple[float, float], n_bins: int = 60,
+                        min_pixels: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """The slit illumination measured from the data: ``sum(data) / sum(G)`` in slit bins.
+
+    A ratio of sums, not an inverse-variance mean of ``data / G``: the frame's errors come
+    from its own counts, so weighting by them favours the pixels that fluctuated low and
+    biases a faint sky's illumination by several per cent.  Only pixels where ``G`` is above
+    its median are used, so that the ratio is not dominated by the noise of the dark
+    continuum between the lines.
+
+    Parameters
+    ----------
+    slit, data, spectrum : ndarray
+        Slit position, data and the fitted sky spectrum ``G(lambda)`` of each sky pixel.
+    slit_range : (float, float)
+        Slit interval the bins span.
+    n_bins : int
+        Number of bins.
+    min_pixels : int
+        Fewest bright pixels to bin at all.
+
+    Returns
+    -------
+    centres, ratio : ndarray
+        Bin centres and the measured illumination (NaN where a bin is empty); both empty
+        when there are too few pixels.
+    """
+    if spectrum.size == 0:
+        return np.zeros(0), np.zeros(0)
+    bright = spectrum > np.median(spectrum)
+    if bright.sum() <= min_pixels:
+        return np.zeros(0), np.zeros(0)
+    edges = np.linspace(*slit_range, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, slit[bright]) - 1, 0, n_bins - 1)
+    num = np.bincount(idx, data[bright], minlength=n_bins)
+    den = np.bincount(idx, spectrum[bright], minlength=n_bins)
+    ratio = np.divide(num, den, out=np.full(n_bins, np.nan), where=den > 0)
+    return 0.5 * (edges[1:] + edges[:-1]), ratio
+
+
+def _density(ax: Any, x: np.ndarray, y: np.ndarray, x_range: tuple[float, float],
+             y_range: tuple[float, float], bins: tuple[int, int]) -> None:
+    """Draw a point cloud as the square root of its 2-D histogram (a grey image)."""
+    if x.size == 0:
+        return
+    counts, _, _ = np.histogram2d(x, y, bins=bins, range=(x_range, y_range))
+    ax.imshow(np.sqrt(counts.T), origin="lower", aspect="auto", cmap="Greys",
+              interpolation="nearest", extent=(*x_range, *y_range),
+              vmax=max(float(np.sqrt(counts.max())), 1.0) * 0.8)
 
 
 def plot_sky_model(path: str | Path, image: DetectorImage, model: Any, disp_map: Any,
@@ -95,24 +150,25 @@ def plot_sky_model(path: str | Path, image: DetectorImage, model: Any, disp_map:
         illum = fit.illumination(s_u)
         flat_u = d_u / np.where(illum > 0, illum, 1.0)     # data at unit illumination
         res_u = (d_u - m_u) / e_u
-        pick = _thin(lam_u.size, rng)
         grid = np.linspace(fit.knots[0], fit.knots[-1], 20000)
         g = fit.spectrum(grid)
-        ax_d.plot(lam_u[pick], flat_u[pick], ",", color="0.45", rasterized=True,
-                  label="sky pixels / J(s)")
+        lam_range = (float(grid[0]), float(grid[-1]))
+        lo, hi = np.percentile(flat_u, [0.5, 99.9]) if flat_u.size else (0, 1)
+        flux_range = (min(lo, 0) - 0.05 * (hi - lo), hi + 0.15 * (hi - lo))
+        _density(ax_d, lam_u, flat_u, lam_range, flux_range, (800, 160))
+        ax_d.plot([], [], "s", color="0.45", ms=4, label="sky pixels / J(s) (density)")
         ax_d.plot(grid, g, "-", color="C0", lw=0.7, label="sky model G(λ)")
         if rej.any():
             lam_r = wave[rej].astype(float)
-            pr = _thin(lam_r.size, rng, 4000)
+            pr = _thin(lam_r.size, rng, MAX_MARKERS)
             ax_d.plot(lam_r[pr], image.data[rej][pr], ",", color="C3", alpha=0.5,
-                      rasterized=True, label="rejected / object")
-        lo, hi = np.percentile(flat_u, [0.5, 99.9]) if flat_u.size else (0, 1)
-        ax_d.set_ylim(min(lo, 0) - 0.05 * (hi - lo), hi + 0.15 * (hi - lo))
+                      label="rejected / object")
+        ax_d.set_ylim(*flux_range)
         ax_d.set_ylabel("e- / pixel")
         ax_d.set_title(f"order {n}: {fit.n_knots} breakpoints, {fit.n_used} pixels used, "
                        f"{fit.n_rejected} rejected, χ²/pixel {fit.chi2:.2f}", fontsize=9)
-        ax_d.legend(fontsize=7, loc="upper left", markerscale=20)
-        ax_r.plot(lam_u[pick], res_u[pick], ",", color="0.3", rasterized=True)
+        ax_d.legend(fontsize=7, loc="upper left", markerscale=2)
+        _density(ax_r, lam_u, res_u, lam_range, (-6, 6), (800, 60))
         for v in (-3, 3):
             ax_r.axhline(v, color="C3", lw=0.6, ls="--")
         ax_r.axhline(0, color="C0", lw=0.6)
@@ -128,42 +184,35 @@ def plot_sky_model(path: str | Path, image: DetectorImage, model: Any, disp_map:
             width = 12 * max(np.median(np.diff(np.unique(fit.knots))), 1e-4)
             zsel = np.abs(lam_u - peak) < width
             zg = np.abs(grid - peak) < width
-            ax_z.plot(lam_u[zsel], flat_u[zsel], ".", ms=1.5, color="0.45", rasterized=True)
+            zsel = np.flatnonzero(zsel)[_thin(int(zsel.sum()), rng, MAX_MARKERS)]
+            ax_z.plot(lam_u[zsel], flat_u[zsel], ".", ms=1.5, color="0.45")
             ax_z.plot(grid[zg], g[zg], "-", color="C0", lw=1)
             br = np.unique(fit.knots)
             br = br[np.abs(br - peak) < width]
             ax_z.plot(br, fit.spectrum(br), "|", color="C1", ms=8, label="breakpoints")
             ax_z.set_title(f"brightest line, {peak:.3f} nm", fontsize=9)
             ax_z.legend(fontsize=7)
-            ax_zr.plot(lam_u[zsel], res_u[zsel], ".", ms=1.5, color="0.3", rasterized=True)
+            ax_zr.plot(lam_u[zsel], res_u[zsel], ".", ms=1.5, color="0.3")
             ax_zr.axhline(0, color="C0", lw=0.6)
             ax_zr.set_ylim(-6, 6)
             ax_zr.set_xlabel("wavelength (nm)")
         # slit illumination: data / G binned along the slit, and J(s)
         s_grid = np.linspace(*fit.slit_range, 400)
-        gm = fit.spectrum(lam_u)
-        bright = gm > np.percentile(gm, 50) if gm.size else np.zeros(0, bool)
-        if bright.sum() > 100:
-            edges = np.linspace(*fit.slit_range, 61)
-            idx = np.clip(np.searchsorted(edges, s_u[bright]) - 1, 0, 59)
-            w = gm[bright] ** 2 / e_u[bright] ** 2
-            num = np.bincount(idx, w * d_u[bright] / gm[bright], minlength=60)
-            den = np.bincount(idx, w, minlength=60)
-            ratio = np.divide(num, den, out=np.full(60, np.nan), where=den > 0)
-            ax_j.plot(0.5 * (edges[1:] + edges[:-1]), ratio, ".", color="0.3",
-                      label="data / G (binned)")
+        centres, ratio = binned_illumination(s_u, d_u, fit.spectrum(lam_u), fit.slit_range)
+        if centres.size:
+            ax_j.plot(centres, ratio, ".", color="0.3", label="data / G (binned)")
         ax_j.plot(s_grid, fit.illumination(s_grid), "-", color="C0", label="J(s)")
         ax_j.set_title("slit illumination", fontsize=9)
         ax_j.set_xlabel("slit position (arcsec)")
         ax_j.legend(fontsize=7)
         # residual against slit position: what the illumination leaves
-        ax_x.plot(s_u[pick], res_u[pick], ",", color="0.3", rasterized=True)
+        _density(ax_x, s_u, res_u, fit.slit_range, (-6, 6), (120, 60))
         ax_x.axhline(0, color="C0", lw=0.6)
         ax_x.set_ylim(-6, 6)
         ax_x.set_xlabel("slit position (arcsec)")
     fig.suptitle(title or "Sky model (B-spline in wavelength x slit illumination)",
-                 fontsize=11)
-    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.5 / fig.get_figheight(),
+                 fontsize=11, y=1 - 0.12 / fig.get_figheight())
+    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.75 / fig.get_figheight(),
                         bottom=0.5 / fig.get_figheight(), hspace=0.62, wspace=0.22)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_figure(fig, path, format="pdf", dpi=100)
@@ -259,7 +308,7 @@ def plot_sky_quicklook(path: str | Path, image: DetectorImage, model: Any, disp_
                              squeeze=False)
     for ax, (label, arr, cmap, vmin, vmax) in zip(axes[0], specs):
         im = ax.imshow(arr, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax,
-                       interpolation="nearest", aspect="auto", rasterized=True,
+                       interpolation="nearest", aspect="auto",
                        extent=(0, image.data.shape[1], 0, image.data.shape[0]))
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("x (px)")

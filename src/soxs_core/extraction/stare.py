@@ -162,7 +162,8 @@ class StareResult:
 
     skysub: DetectorImage
     sky_model: DetectorImage
-    sky_residuals: DetectorImage
+    #: the pixels the sky was fitted to (None: no sky subtracted)
+    sky_used: np.ndarray | None
     object_trace: Any
     orders: Any  # astropy Table: extracted orders
     merged: Any  # astropy Table
@@ -172,6 +173,16 @@ class StareResult:
     efficiency: Any = None
     plots: dict[str, Path] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def sky_residuals(self) -> DetectorImage:
+        """SKY SUB RESIDUALS: made when it is written, not carried through the extraction."""
+        from soxs_core.extraction.sky import sky_residuals
+
+        if self.sky_used is None:
+            zeros = np.zeros(self.skysub.shape, np.float32)
+            return DetectorImage(zeros, zeros.copy(), self.skysub.qual.copy())
+        return sky_residuals(self.skysub, self.sky_used)
 
 
 def _slit(frame: RawFrame) -> str:
@@ -587,8 +598,8 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
     trace_params = objecttrace.TraceParameters.from_mapping(params.as_dict())
     half_aperture = 0.5 * params.horne_extraction_slit_length / bin_across
 
-    def fit_the_sky(object_mask, params=sky_params):
-        model = sky.fit_sky(image.data, image.error, image.qual, dm.wavelength, dm.slit,
+    def fit_the_sky(frame, object_mask, params=sky_params):
+        model = sky.fit_sky(frame.data, frame.error, frame.qual, dm.wavelength, dm.slit,
                             dm.order, orders_on_map, object_mask=object_mask,
                             params=params, dispersion_axis=axis,
                             poisson_scale=det.poisson_scale)
@@ -607,11 +618,11 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
         # (the last ones follow faint line wings), is as good for that at a third the cost
         beside = objecttrace.slice_pixels(dm.order, table, binx, biny, trace_params,
                                           TRACE_SKY_MARGIN)
-        sky_model = fit_the_sky(~beside, dataclasses.replace(
+        sky_model = fit_the_sky(image, ~beside, dataclasses.replace(
             sky_params, bspline_iteration_limit=min(sky_params.bspline_iteration_limit,
                                                     TRACE_SKY_ITERATIONS)))
         del beside
-        skysub = sky.subtract_sky(image, sky_model)[0]
+        skysub = sky.subtract_sky(image, sky_model)
     else:
         skysub = image
     trace = objecttrace.detect_continuum(skysub, table, binx, biny, trace_params)
@@ -626,9 +637,9 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
                                 axis, table)
         # the first pass served the trace only: its planes go before the second is made
         del sky_model, skysub
-        sky_model = fit_the_sky(obj_mask)
+        sky_model = fit_the_sky(image, obj_mask)
         del obj_mask
-        skysub, residuals = sky.subtract_sky(image, sky_model)
+        skysub = sky.subtract_sky(image, sky_model)
         base_model += np.maximum(sky_model.sky, 0).astype(np.float32)
         model_var += np.asarray(sky_model.error, np.float32) ** 2
         for label, func in (("SKY MODEL QC PLOTS", sky.plot_sky_model),
@@ -638,9 +649,10 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
         sky_image = DetectorImage(data=np.asarray(sky_model.sky, np.float32),
                                   error=np.asarray(sky_model.error, np.float32),
                                   qual=image.qual.copy())
+        sky_used = sky_model.used
+        del sky_model
     else:
-        residuals = DetectorImage(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
-                                  image.qual.copy())
+        sky_used = None
         sky_image = DetectorImage(np.zeros(shape, np.float32), np.zeros(shape, np.float32),
                                   image.qual.copy())
 
@@ -649,8 +661,11 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
         written["OBJECT TRACE RES"] = objecttrace.plot_object_trace(
             plots["OBJECT TRACE RES"], skysub, trace)
 
-    # ---- extraction
+    # ---- extraction: the frame before the sky and the models' planes are done with
+    del image
     base_var = det.read_var + det.poisson_scale * base_model + model_var
+    del base_model, model_var
+    det.read_var = None
     data_t = _along(skysub.data, axis)
     var_t = _along(base_var, axis)
     k_t = _along(det.poisson_scale, axis)
@@ -781,7 +796,7 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
         written[label] = spectrum_plots.plot_fluxcal(
             plots[label], fluxcal_table, title,
             standard=standard if inputs.is_standard else None)
-    return StareResult(skysub=skysub, sky_model=sky_image, sky_residuals=residuals,
+    return StareResult(skysub=skysub, sky_model=sky_image, sky_used=sky_used,
                        object_trace=trace, orders=orders, merged=merged, qc=qc,
                        fluxcal=fluxcal_table, response=response, efficiency=efficiency,
                        plots=written, notes=notes)
