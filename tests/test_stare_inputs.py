@@ -166,3 +166,17 @@ def test_truncated_dispersion_map(night, tmp_path, capsys) -> None:
     _refused(capsys, _write(tmp_path / "g.sof", lines), tmp_path / "out", str(cut),
              "truncated")
     assert cut.read_bytes() == before
+
+
+def test_dispersion_map_orders_follow_the_order_plane():
+    """The remembered order list is found again when the order plane is replaced."""
+    from soxs_core.echelle.dispersion import DispersionMap
+
+    order = np.zeros((20, 8), np.int16)
+    order[2:5], order[9:12] = 17, 16
+    dm = DispersionMap(np.zeros((20, 8), np.float32), np.zeros((20, 8), np.float32), order)
+    assert dm.orders.tolist() == [16, 17]
+    dm.orders[0] = 99                      # a caller's copy: the map's list is unchanged
+    assert dm.orders.tolist() == [16, 17]
+    dm.order = np.where(order == 16, 0, order).astype(np.int16)
+    assert dm.orders.tolist() == [17]
