@@ -159,6 +159,31 @@ def test_non_finite_qc_is_left_out_and_logged(caplog):
     assert any(m.startswith("QC STRUCTX not written") for m in messages)
 
 
+def test_an_omitted_qc_is_reported_once_per_run_not_once_per_product(tmp_path, caplog):
+    spec = RECIPES["soxs_mbias"].SPEC
+    context = RecipeContext(spec=spec, arm=ARMS["soxs_vis"], params={}, raw={}, calib={},
+                            output_dir=tmp_path)
+    qc = QcMeasurements()
+    for q in spec.qc:
+        qc.add(q.name, 1.0)
+    qc.omit("RAW RON", "no finite difference in a frame pair")
+    with caplog.at_level("WARNING", logger="soxs_core"):
+        for k in range(3):          # three products of one run carry the same QC
+            dfs_header(recipe="soxs_mbias", filename=f"p{k}.fits", raw_frames=[],
+                       product=ProductInfo(catg="MASTER_BIAS_VIS",
+                                           qc=context.declared_qc(qc)))
+    said = [r for r in caplog.records if "RAW RON not written" in r.getMessage()]
+    assert len(said) == 1
+    # another reason is news
+    qc.omit("RAW RON", "another reason")
+    assert context.declared_qc(qc)["RAW RON"].report_missing
+    # another run says it again
+    other = RecipeContext(spec=spec, arm=ARMS["soxs_vis"], params={}, raw={}, calib={},
+                          output_dir=tmp_path)
+    qc.omit("RAW RON", "no finite difference in a frame pair")
+    assert other.declared_qc(qc)["RAW RON"].report_missing
+
+
 def test_recipe_leaves_out_what_it_cannot_compute_and_says_why(tmp_path, monkeypatch):
     sim = DetectorSimulator(arm="soxs_vis", binning="2x2", readout="slow", seed=12)
     biases = sim.write_bias(tmp_path / "raw", n=3)

@@ -19,7 +19,7 @@ import re
 import textwrap
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -549,6 +549,8 @@ class RecipeContext:
     _plot_paths: dict[Path, int | None] = field(default_factory=dict)
     #: whether the recipe's acceptable QC ranges are checked (soxs_stare: standards only)
     apply_qc_ranges: bool = True
+    #: QC omissions already logged (name, reason): said once per run, not once per product
+    _omissions_logged: set[tuple[str, str]] = field(default_factory=set)
 
     def raw_frames(self, stem: str) -> list[RawFrame]:
         return self.raw.get(stem, [])
@@ -646,10 +648,18 @@ class RecipeContext:
             raise RuntimeError(f"{self.spec.name}: declared QC {', '.join(silent)} given "
                                "neither a value nor the reason it has none")
         ranges = self.qc_ranges() if self.apply_qc_ranges else {}
-        return {name: QcValue(value=qc.values.get(name), comment=q.header_comment,
-                              valid_range=ranges.get(name),
-                              missing_reason=qc.missing.get(name, ""))
-                for name, q in declared.items()}
+        values = {}
+        for name, q in declared.items():
+            value = QcValue(value=qc.values.get(name), comment=q.header_comment,
+                            valid_range=ranges.get(name),
+                            missing_reason=qc.missing.get(name, ""))
+            if not value.computed:
+                said = (name, value.missing_reason)
+                value = replace(value, report_missing=said not in
+                                            self._omissions_logged)
+                self._omissions_logged.add(said)
+            values[name] = value
+        return values
 
     def param_records(self) -> list[ParamRecord]:
         """The parameters as the product records them: CLI alias, value used, this arm's

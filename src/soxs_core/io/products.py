@@ -101,6 +101,8 @@ class QcValue:
     comment: str
     valid_range: tuple[float, float] | None = None
     missing_reason: str = ""
+    #: log the omission (False: the run has said it already, for an earlier product)
+    report_missing: bool = True
 
     @property
     def computed(self) -> bool:
@@ -394,8 +396,9 @@ def dfs_header(
     for name, qc in product.qc.items():
         if not qc.computed:
             # a QC is a number or absent: never a 'NaN' string that archive queries trip on
-            log.warning("QC %s not written: could not be computed (%s)", name,
-                        qc.missing_reason or f"its value is {qc.value}")
+            (log.warning if qc.report_missing else log.debug)(
+                "QC %s not written: could not be computed (%s)", name,
+                qc.missing_reason or f"its value is {qc.value}")
             continue
         value = qc.value
         if isinstance(value, (np.floating, float)):
