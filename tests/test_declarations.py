@@ -107,13 +107,20 @@ def test_a_comment_that_does_not_fit_is_refused_never_cut():
                    product=ProductInfo(catg="X", qc={"RAW RON": QcValue(1.5, "x" * 60)}))
 
 
-def test_qc_values_are_paired_with_their_declarations(tmp_path):
+def _mbias_context(tmp_path: Path) -> tuple[RecipeContext, QcMeasurements]:
+    """A soxs_mbias run's context and a value of 1 for each of its declared QC."""
     spec = RECIPES["soxs_mbias"].SPEC
     context = RecipeContext(spec=spec, arm=ARMS["soxs_vis"], params={}, raw={}, calib={},
                             output_dir=tmp_path)
     qc = QcMeasurements()
     for q in spec.qc:
         qc.add(q.name, 1.0)
+    return context, qc
+
+
+def test_qc_values_are_paired_with_their_declarations(tmp_path):
+    context, qc = _mbias_context(tmp_path)
+    spec = context.spec
     paired = context.declared_qc(qc)
     assert list(paired) == [q.name for q in spec.qc]
     assert paired["RAW RON"].comment == "raw bias read noise [e-]"
@@ -160,12 +167,7 @@ def test_non_finite_qc_is_left_out_and_logged(caplog):
 
 
 def test_an_omitted_qc_is_reported_once_per_run_not_once_per_product(tmp_path, caplog):
-    spec = RECIPES["soxs_mbias"].SPEC
-    context = RecipeContext(spec=spec, arm=ARMS["soxs_vis"], params={}, raw={}, calib={},
-                            output_dir=tmp_path)
-    qc = QcMeasurements()
-    for q in spec.qc:
-        qc.add(q.name, 1.0)
+    context, qc = _mbias_context(tmp_path)
     qc.omit("RAW RON", "no finite difference in a frame pair")
     with caplog.at_level("WARNING", logger="soxs_core"):
         for k in range(3):          # three products of one run carry the same QC
@@ -178,8 +180,7 @@ def test_an_omitted_qc_is_reported_once_per_run_not_once_per_product(tmp_path, c
     qc.omit("RAW RON", "another reason")
     assert context.declared_qc(qc)["RAW RON"].report_missing
     # another run says it again
-    other = RecipeContext(spec=spec, arm=ARMS["soxs_vis"], params={}, raw={}, calib={},
-                          output_dir=tmp_path)
+    other, _ = _mbias_context(tmp_path)
     qc.omit("RAW RON", "no finite difference in a frame pair")
     assert other.declared_qc(qc)["RAW RON"].report_missing
 
