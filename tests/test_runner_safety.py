@@ -284,10 +284,13 @@ def test_sigterm_at_any_moment_leaves_nothing_behind(night, tmp_path):
     _, arms = night
     sof, _ = arms["xsh_vis"]
     exe = str(EXE / "soxs-esorex")
-    started = time.monotonic()
-    subprocess.run([exe, "--output-dir", str(tmp_path / "full"), "soxs_mbias", str(sof)],
-                   check=True, capture_output=True)
-    duration = time.monotonic() - started
+    durations = []
+    for _ in range(2):  # a fresh install's first run compiles .pyc files: time a warm run
+        started = time.monotonic()
+        subprocess.run([exe, "--output-dir", str(tmp_path / "full"), "--overwrite",
+                        "soxs_mbias", str(sof)], check=True, capture_output=True)
+        durations.append(time.monotonic() - started)
+    duration = min(durations)
     interrupted = 0
     for i, fraction in enumerate((0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 0.97)):
         out = tmp_path / f"out{i}"
