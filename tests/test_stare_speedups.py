@@ -437,3 +437,27 @@ def test_slice_pixels_are_the_trace_slices_rows(tmp_path, arm: str, binning: str
     assert want.any()
     np.testing.assert_array_equal(view_g, want)
     assert 0.1 < got.sum() / max((order_img > 0).sum(), 1) < 0.9
+
+
+def test_orders_extracted_in_threads_equal_one_thread(tmp_path, monkeypatch) -> None:
+    """soxs_stare extracts its orders in threads: the tables equal a one-thread run's, bit for
+    bit, in the same order."""
+    from astropy.table import Table
+
+    from soxs_core.simulate import simulate_night
+    from soxs_recipes.cli import run
+
+    night = simulate_night(tmp_path / "night", "xsh_uvb", "2x2", n_bias=0, n_dark=0, n_flat=0,
+                           n_science=1, n_std=0, orders=(16, 17, 18, 19), seed=4)
+    tables = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("SOXS_NUM_THREADS", threads)
+        out = tmp_path / f"out{threads}"
+        assert run(["--output-dir", str(out), "soxs_stare",
+                    str(night.sofs["stare_truth"])]) == 0
+        tables.append(Table.read(out / "sci_slit_flux_uvb_extracted_orders.fits"))
+    one, many = tables
+    assert len(set(one["order"])) == 4
+    assert one.colnames == many.colnames
+    for name in one.colnames:
+        np.testing.assert_array_equal(one[name], many[name], err_msg=name)
