@@ -46,7 +46,12 @@ from soxs_core.io.products import (
     write_product_atomic,
     write_table_product_atomic,
 )
-from soxs_core.io.safety import find_same_file, remove_stale_scratch, remove_stale_temporaries
+from soxs_core.io.safety import (
+    find_same_file,
+    remove_stale_scratch,
+    remove_stale_temporaries,
+    thaw_collector,
+)
 
 from .compat import drs_id, ui
 
@@ -1018,6 +1023,7 @@ def execute(spec: RecipeSpec, frames: Iterable[tuple[str, str]], settings: Mappi
             for frame in group:
                 frame.close()
         scratch.cleanup()
+        thaw_collector()
 
 
 _FITS_MAGIC = b"SIMPLE  ="
