@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -426,6 +426,20 @@ def _divide_by_flat(image: DetectorImage, read_var: np.ndarray, k: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # The sequence
 # ---------------------------------------------------------------------------------------------
+def _add_model_variance(var: np.ndarray, poisson_scale: np.ndarray, light: np.ndarray,
+                        error_rows: Callable[[int, int], np.ndarray],
+                        band_rows: int = 256) -> None:
+    """``var += poisson_scale * max(light, 0) + error^2`` in place, in row bands (no
+    full-frame temporaries): the photon noise of a model's light, subtracted from the
+    frame, and the model's own error (``error_rows(r0, r1)``, rows ``r0:r1``)."""
+    for r0 in range(0, var.shape[0], band_rows):
+        r1 = min(r0 + band_rows, var.shape[0])
+        band = np.maximum(light[r0:r1], 0).astype(np.float32)
+        band *= poisson_scale[r0:r1]
+        band += np.square(error_rows(r0, r1), dtype=np.float32)
+        var[r0:r1] += band
+
+
 def _along(a: np.ndarray, axis: str) -> np.ndarray:
     return a if axis == "y" else a.T
 
@@ -573,8 +587,11 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
     image = det.image
     det.image = None
     shape = image.shape
-    base_model = np.zeros(shape, np.float32)  # photon-producing light that is not the object
-    model_var = np.zeros(shape, np.float32)   # variance of the models subtracted
+    # the variance of every pixel but the object's own photon noise (read noise and the
+    # calibrations' errors so far), to which each subtracted model adds its light's photon
+    # noise and its own error: one plane, no separate model and error planes to the end
+    base_var = det.read_var
+    det.read_var = None
     in_order = table.in_order_mask(shape, binx, biny)
 
     if params.subtract_background:
@@ -588,9 +605,7 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
                 plots["BKGROUND"], image.data, bkg, mask,
                 f"{arm.instrument} {arm.name}: scattered light of {first.path.name}")
         image = background.subtract_background(image, bkg, overwrite=True)
-        np.add(base_model, np.maximum(bkg.model, 0), out=base_model)
-        for r0 in range(0, shape[0], 256):      # in bands: no full-frame error plane
-            model_var[r0:r0 + 256] += bkg.uncertainty_rows(r0, r0 + 256).astype(np.float32) ** 2
+        _add_model_variance(base_var, det.poisson_scale, bkg.model, bkg.uncertainty_rows)
         del bkg, mask
 
     orders_on_map = [int(n) for n in table.orders if n in set(dm.orders.tolist())]
@@ -640,8 +655,8 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
         sky_model = fit_the_sky(image, obj_mask)
         del obj_mask
         skysub = sky.subtract_sky(image, sky_model)
-        base_model += np.maximum(sky_model.sky, 0).astype(np.float32)
-        model_var += np.asarray(sky_model.error, np.float32) ** 2
+        _add_model_variance(base_var, det.poisson_scale, sky_model.sky,
+                            lambda r0, r1: sky_model.error[r0:r1])
         for label, func in (("SKY MODEL QC PLOTS", sky.plot_sky_model),
                             ("SKY SUBTRACTION QUICKLOOK", sky.plot_sky_quicklook)):
             if label in plots and sky_model.fits:
@@ -663,9 +678,6 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
 
     # ---- extraction: the frame before the sky and the models' planes are done with
     del image
-    base_var = det.read_var + det.poisson_scale * base_model + model_var
-    del base_model, model_var
-    det.read_var = None
     data_t = _along(skysub.data, axis)
     var_t = _along(base_var, axis)
     k_t = _along(det.poisson_scale, axis)
