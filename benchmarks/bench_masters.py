@@ -68,10 +68,10 @@ def best(cmd: list[str], repeat: int, cwd: Path | None = None) -> tuple[float, f
 
 RECIPE_ONLY = """
 import sys, time
-from soxs_recipes.cli import _reuse_freed_memory, run
-_reuse_freed_memory()  # as the soxs-esorex entry point does
+from soxs_recipes.cli import run
+
 start = time.perf_counter()
-status = run(sys.argv[1:])
+status = run(sys.argv[1:], tune_memory=True)  # as the soxs-esorex entry point does
 print(time.perf_counter() - start)
 sys.exit(status)
 """

@@ -315,6 +315,30 @@ def test_sigterm_at_any_moment_leaves_nothing_behind(night, tmp_path):
     assert interrupted >= 3  # the handler really ran, not only the default action
 
 
+@pytest.mark.parametrize("declared", [True, False])
+def test_the_allocator_is_tuned_only_for_recipes_that_declare_it(night, tmp_path, monkeypatch,
+                                                                 declared):
+    """soxs-esorex keeps freed arrays in glibc's heap for the recipes whose spec asks for it
+    (the masters), not for soxs_stare (its peak would grow), nor in a caller's process."""
+    import dataclasses
+
+    from soxs_recipes import mbias, runner, stare
+
+    calls = []
+    monkeypatch.setattr(runner, "reuse_freed_memory", lambda: calls.append(True))
+    monkeypatch.setattr(mbias, "SPEC", dataclasses.replace(mbias.SPEC,
+                                                           reuse_freed_memory=declared))
+    _, arms = night
+    sof, _ = arms["xsh_vis"]
+    for tune, wanted in ((False, []), (True, [True] if declared else [])):
+        calls.clear()
+        assert esorex(["--output-dir", str(tmp_path / f"out{tune}"), "soxs_mbias", str(sof)],
+                      tune_memory=tune) == 0
+        assert calls == wanted, tune
+    assert mbias.SPEC.reuse_freed_memory is declared
+    assert stare.SPEC.reuse_freed_memory is False
+
+
 @pytest.mark.parametrize("program,extra", [
     ("soxs-simulate", ["--arm", "xsh_vis", "--binning", "2x2", "-q"]),
     ("soxs-demo", ["--arm", "xsh_vis", "--binning", "2x2"]),

@@ -31,35 +31,14 @@ def plugin_dir() -> Path:
     return Path(__file__).resolve().parent / "plugins"
 
 
-def run(argv: Sequence[str] | None = None) -> int:
+def run(argv: Sequence[str] | None = None, *, tune_memory: bool = False) -> int:
     """Run the runner with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
     See :func:`soxs_recipes.runner.run`.
     """
     from .runner import run as run_recipe
 
-    return run_recipe(argv)
-
-
-def _reuse_freed_memory() -> None:
-    """Let glibc serve large arrays from the heap and keep freed ones there for reuse.
-
-    A master is built from many short-lived arrays of tens of MB.  By default each one is a
-    fresh mapping whose pages the kernel faults in and zeroes again, about a fifth of a run's
-    time on a virtual machine.  Only this runner does this (one short process per recipe);
-    importing the package changes nothing.  Elsewhere than glibc the call is skipped.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 1 << 30)
-    mallopt(m_trim_threshold, 1 << 30)
+    return run_recipe(argv, tune_memory=tune_memory)
 
 
 def _single_threaded_blas() -> None:
@@ -74,8 +53,7 @@ def main() -> None:
     """Console-script entry point."""
     install_signal_handlers(PROGRAM)
     _single_threaded_blas()
-    _reuse_freed_memory()
-    status = run()
+    status = run(tune_memory=True)
     remove_tracked()
     # The interpreter's teardown (a garbage collection of every module) would add a tenth of
     # a second to each run; everything the run opened is closed by now, so flush and leave.

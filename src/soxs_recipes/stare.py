@@ -118,6 +118,8 @@ _RAW_DOC = ("Raw {} frames in stare mode (DPR TYPE {}, TECH ECHELLE,SLIT), one o
             "exposure time and slit.")
 
 SPEC = RecipeSpec(
+    # its frame-sized planes live long: the heap's kept free space would only add to the peak
+    reuse_freed_memory=False,
     name="soxs_stare",
     synopsis="Reduce stare-mode frames to a sky-subtracted, optimally extracted spectrum",
     description="""
