@@ -841,7 +841,8 @@ def extract_order(data_t: np.ndarray, base_variance_t: np.ndarray,
                   profile_clipping_iteration_count: int = 10, reject_sigma: float = 5.0,
                   use_kernel: bool = True, *, profile_error: float = 0.03,
                   min_profile_fraction: float = 0.5, knot_spacing: float = 0.5,
-                  threads: int | None = None) -> OrderExtraction:
+                  threads: int | None = None, sky_error_t: np.ndarray | None = None
+                  ) -> OrderExtraction:
     """Optimal and boxcar extraction of one order (see the module docstring).
 
     Parameters
@@ -878,6 +879,11 @@ def extract_order(data_t: np.ndarray, base_variance_t: np.ndarray,
         Profile knot spacing (binned px).
     threads : int, optional
         Kernel threads (default :func:`~soxs_core.combine.stacking.default_threads`).
+    sky_error_t : ndarray, optional
+        Along view of the sky model's error (e-), which ``base_variance_t`` holds pixel by
+        pixel.  The model's error is shared by the pixels of a row (one spline value at
+        one wavelength), so it adds to a row's sum coherently: the variances get the
+        difference (:func:`coherent_excess`).
 
     Returns
     -------
@@ -898,7 +904,8 @@ def extract_order(data_t: np.ndarray, base_variance_t: np.ndarray,
                             profile_clipping_sigma, profile_clipping_iteration_count,
                             reject_sigma, use_kernel, profile_error=profile_error,
                             min_profile_fraction=min_profile_fraction,
-                            knot_spacing=knot_spacing, threads=threads)
+                            knot_spacing=knot_spacing, threads=threads,
+                            sky_error_t=sky_error_t)
         return _expanded(sub, rows, centre, finite)
     if rows.size and (rows.min() < 0 or rows.max() >= data_t.shape[0]):
         raise ValueError("rows outside the frame")
@@ -924,6 +931,20 @@ def extract_order(data_t: np.ndarray, base_variance_t: np.ndarray,
     k = np.where(measured, k, 0.0)
     res = extract_rows(d, vb, k, p, a, state, reject_sigma, profile_error,
                        max_iter=ncol + 20, tol=1e-6, use_kernel=use_kernel, threads=threads)
+    if sky_error_t is not None:
+        se, _ = _gather(sky_error_t, rows, first, ncol)
+        se = np.where(measured & np.isfinite(se), se, 0.0)
+        kept = (state == 2) & ~res["rejected"].astype(bool) & (p > 0)
+        v = np.maximum(vb + k * np.maximum(res["flux_opt"][:, None] * p, 0.0), VAR_FLOOR)
+        w_opt = np.where(kept, p / v, 0.0)
+        with np.errstate(all="ignore"):
+            w_opt = w_opt / np.where(np.sum(w_opt * p, axis=1) > 0,
+                                     np.sum(w_opt * p, axis=1), 1.0)[:, None]
+            w_rob = np.where(kept, a, 0.0) / np.where(res["fraction"] > 0, res["fraction"],
+                                                      1.0)[:, None]
+        res["var_opt"] = res["var_opt"] + coherent_excess(w_opt, se)
+        res["var_box"] = res["var_box"] + coherent_excess(np.where(state > 0, a, 0.0), se)
+        res["var_rob"] = res["var_rob"] + coherent_excess(w_rob, se)
     if sky_t is None:
         sky = np.zeros(rows.size)
     else:
@@ -939,6 +960,13 @@ def extract_order(data_t: np.ndarray, base_variance_t: np.ndarray,
         flux_boxcar_robust=res["flux_rob"], var_boxcar_robust=res["var_rob"], sky=sky,
         n_rejected=res["n_rej"], qual=qual, profile_fraction=res["fraction"], first=first,
         rejected=res["rejected"].astype(bool), profile=profile)
+
+
+def coherent_excess(weights: np.ndarray, error: np.ndarray) -> np.ndarray:
+    """Variance a row's weighted sum ``sum w e`` gets from an error shared by its pixels
+    beyond what it gets from independent ones: ``(sum w e)^2 - sum (w e)^2`` per row."""
+    we = weights * error
+    return np.sum(we, axis=1) ** 2 - np.sum(we * we, axis=1)
 
 
 def _expanded(sub: OrderExtraction, rows: np.ndarray, centre: np.ndarray,

@@ -39,6 +39,14 @@ pixel grid does, so ``G`` can follow the sky lines at sub-pixel resolution.  Per
    wavelength and the knots may be as close as a third of a row's step; where it is not
    (SOXS VIS pseudo-orders) one row's step, so that each interval holds distinct
    wavelengths and the fit stays stable.
+7. **J under the object.**  The masked object's pixels hold no sky-only data, so there
+   ``J`` would be bridged by its prior alone and miss the illumination's real structure
+   (a 1-2 % ripple of the slit makes a few per cent of sky in the aperture).  In the final
+   fit the masked pixels' *line contrast* (data and ``G`` less their running means along
+   the wavelength, at one slit position) adds equations ``hp(d) = J(s) hp(G)``: the sky's
+   lines come and go where the object's continuum does not (:func:`_line_contrast`), with
+   the errors-in-variables correction for the noise of the fitted ``G``; slit positions
+   where the object outshines the sky, or that have no lines, are left to the prior.
 
 The model error is the posterior standard deviation of the fit at each pixel, from the band
 of the inverse normal matrix (Takahashi's recursion on the Cholesky factor) for ``G`` and
@@ -705,10 +713,12 @@ def _photon_scale(d: np.ndarray, var: np.ndarray) -> float:
 
 def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.ndarray,
                cand: np.ndarray, step: float, span: float, p: SkyParameters,
-               poisson_scale: np.ndarray | None = None
+               poisson_scale: np.ndarray | None = None, masked: np.ndarray | None = None
                ) -> tuple[OrderSkyFit, dict[str, np.ndarray]]:
     """Fit one order.  The arrays hold the order's pixels; returns the fit and, per pixel,
-    ``model``, ``error``, ``used``, ``rejected`` and ``object`` (aggressive masking)."""
+    ``model``, ``error``, ``used``, ``rejected`` and ``object`` (aggressive masking).
+    ``masked``: the valid pixels of the object mask, whose sky lines measure ``J`` there
+    (:func:`_line_contrast`)."""
     k = int(p.bspline_order)
     order = np.argsort(lam, kind="stable")
     lam_s, s_s, d_s, e_s = lam[order], s[order], d[order], err[order]
@@ -827,7 +837,7 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
                 hi_sky = g_used >= np.median(g_used)
                 uj = used[hi_sky]
                 cj = _fit_illumination(jv_all[uj], jf_all[uj], g_used[hi_sky], d_s[uj],
-                                       w[hi_sky], nj, prior_j)
+                                       w[hi_sky], np.zeros(uj.size), nj, prior_j)
                 cj, coef = _normalise_illumination(tj, ill_deg, cj, coef, s_lo, s_hi)
                 jv = _evaluate(jv_all, jf_all, cj)
         # during the iterations the model is needed at the sky points only
@@ -886,9 +896,31 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
     knots = _full_knots(breaks, k)
     bv, bf = _design(knots, k, lam_s[used])
     w = 1.0 / variance(used, model_s)
-    ab, rhs = _banded_normal(bv, bf, w, d_s[used], knots.size - k - 1, scale=jv[used])
+    nb = knots.size - k - 1
+    ab, rhs = _banded_normal(bv, bf, w, d_s[used], nb, scale=jv[used])
     coef, chol = _solve(ab, rhs)
     sinv = _banded_inverse_band(chol)
+    lines = None
+    if nj and masked is not None:
+        # under the object J is bridged by its prior alone, unless the sky lines there
+        # measure it: J from the sky pixels and the masked pixels' line contrast together,
+        # then G again with that J
+        lines = _line_contrast(knots, k, coef, sinv, jv_all, jf_all, jv, lam_s, s_s, d_s,
+                               var_data,
+                               np.flatnonzero(masked[order] & (s_s >= s_lo) & (s_s <= s_hi)),
+                               p.slit_illumination_knot_spacing)
+        if lines is not None:
+            g_used = _evaluate(bv, bf, coef)
+            hi_sky = g_used >= np.median(g_used)
+            uj = used[hi_sky]
+            sky_eq = (jv_all[uj], jf_all[uj], g_used[hi_sky], d_s[uj], w[hi_sky],
+                      np.zeros(uj.size))
+            cj = _fit_illumination(*_stack_equations(sky_eq, lines), nj, prior_j)
+            cj, coef = _normalise_illumination(tj, ill_deg, cj, coef, s_lo, s_hi)
+            jv = _evaluate(jv_all, jf_all, cj)
+            ab, rhs = _banded_normal(bv, bf, w, d_s[used], nb, scale=jv[used])
+            coef, chol = _solve(ab, rhs)
+            sinv = _banded_inverse_band(chol)
     bv_all, bf_all = _design(knots, k, np.clip(lam_s, knots[k], knots[-k - 1]))
     g_all = _evaluate(bv_all, bf_all, coef)
     var_g = _band_variance(bv_all, bf_all, sinv)
@@ -896,8 +928,10 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
     var_model = np.maximum(var_g, 0.0) * jv**2
     if nj:
         uj = used[g_all[used] >= np.median(g_all[used])]
-        var_j = _illumination_variance(jv_all, jf_all, g_all, uj, d_s,
-                                       1.0 / variance(uj, model_s), nj, prior_j)
+        sky_eq = (jv_all[uj], jf_all[uj], g_all[uj], d_s[uj], 1.0 / variance(uj, model_s),
+                  np.zeros(uj.size))
+        var_j = _illumination_variance(jv_all, jf_all, _stack_equations(sky_eq, lines), nj,
+                                       prior_j)
         var_model += g_all**2 * var_j
     chi2 = float(np.mean((d_s[used] - model_s[used]) ** 2 / variance(used, model_s)))
 
@@ -958,12 +992,13 @@ def _half_normal_quantile(percentile: float) -> float:
 
 
 def _illumination_normal(jv: np.ndarray, jf: np.ndarray, g: np.ndarray, d: np.ndarray,
-                         w: np.ndarray, nj: int, prior: np.ndarray
+                         w: np.ndarray, g_var: np.ndarray, nj: int, prior: np.ndarray
                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Normal equations of ``d ~ g * J(s)`` (small, dense), with the curvature prior on
-    ``J``'s coefficients when ``J`` has pieces: their second differences are taken as
-    a prior, which bridges slit ranges without data
-    (the masked object) and bounds what ``J`` can do there."""
+    """Normal equations of ``d ~ g * J(s)`` (small, dense), with the first-difference prior
+    on ``J``'s coefficients, which bridges slit ranges without data (the masked object)
+    and bounds what ``J`` can do there.  ``g_var``: the variance of each ``g`` (0 when
+    exact), taken off ``g^2``'s expectation so that a noisy ``g`` does not bias ``J``
+    towards 0 (the errors-in-variables correction)."""
     k1 = jv.shape[1]
     a = jv * g[:, None]
     n = np.zeros((nj, nj))
@@ -972,25 +1007,138 @@ def _illumination_normal(jv: np.ndarray, jf: np.ndarray, g: np.ndarray, d: np.nd
         rhs += np.bincount(jf + i, w * a[:, i] * d, minlength=nj)
         for j in range(k1):
             flat = (jf + i) * nj + (jf + j)
-            n += np.bincount(flat, w * a[:, i] * a[:, j], minlength=nj * nj).reshape(nj, nj)
+            n += np.bincount(flat, w * (a[:, i] * a[:, j] - jv[:, i] * jv[:, j] * g_var),
+                             minlength=nj * nj).reshape(nj, nj)
     n += prior
     n[np.diag_indices(nj)] += 1e-9 * max(float(np.max(np.diag(n))), 1e-30)
     return n, rhs
 
 
 def _fit_illumination(jv: np.ndarray, jf: np.ndarray, g: np.ndarray, d: np.ndarray,
-                      w: np.ndarray, nj: int, prior: np.ndarray) -> np.ndarray:
+                      w: np.ndarray, g_var: np.ndarray, nj: int, prior: np.ndarray
+                      ) -> np.ndarray:
     """Coefficients of ``J`` from ``d ~ g * J(s)``."""
-    n, rhs = _illumination_normal(jv, jf, g, d, w, nj, prior)
+    n, rhs = _illumination_normal(jv, jf, g, d, w, g_var, nj, prior)
     return np.linalg.solve(n, rhs)
 
 
-def _illumination_variance(jv_all: np.ndarray, jf_all: np.ndarray, g_all: np.ndarray,
-                           used: np.ndarray, d_s: np.ndarray, w: np.ndarray, nj: int,
-                           prior: np.ndarray) -> np.ndarray:
+#: equations of ``J``: its basis at each point (values, first index), ``g``, ``d``, weight
+#: and the variance of ``g``
+Equations = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def _stack_equations(first: Equations, second: Equations | None) -> Equations:
+    """Two sets of ``d ~ g * J(s)`` equations as one."""
+    if second is None:
+        return first
+    return tuple(np.concatenate([a, b]) for a, b in zip(first, second))  # type: ignore
+
+
+#: along-wavelength window (points of one slit-position bin) of the running mean that
+#: :func:`_line_contrast` subtracts: wider than a sky line, far narrower than the object's
+#: continuum changes
+LINE_CONTRAST_WINDOW = 21
+
+#: a point of the line contrast further than this many sigma from the model is left out
+#: (a cosmic ray or hot pixel nothing flagged)
+LINE_CONTRAST_CLIP = 5.0
+
+#: a slit-position bin's line contrast is used when at least this share of it is the
+#: sky's lines rather than the noise of the fitted G
+LINE_CONTRAST_MIN_SIGNAL = 0.5
+
+#: ... and when the object's light in it is at most this many times the sky's
+LINE_CONTRAST_MAX_OBJECT = 1.0
+
+
+def _running_mean(values: np.ndarray, start: np.ndarray, stop: np.ndarray,
+                  window: int) -> np.ndarray:
+    """Mean of ``values`` over ``window`` neighbours, each point's window cut to its group
+    ``[start, stop)`` (indices per point)."""
+    c = np.concatenate([[0.0], np.cumsum(values)])
+    i = np.arange(values.size)
+    lo = np.maximum(i - window // 2, start)
+    hi = np.minimum(i + window // 2 + 1, stop)
+    return (c[hi] - c[lo]) / (hi - lo)
+
+
+def _line_contrast(knots: np.ndarray, degree: int, coef: np.ndarray, sinv: np.ndarray,
+                   jv_all: np.ndarray, jf_all: np.ndarray, j_now: np.ndarray,
+                   lam: np.ndarray, s: np.ndarray, d: np.ndarray, var: np.ndarray,
+                   masked: np.ndarray, bin_width: float) -> Equations | None:
+    """Equations of ``J`` under the object from its pixels' sky lines.
+
+    Under the object a pixel holds ``G(lambda) J(s) + object``.  Along the wavelength at
+    one slit position the object's light changes slowly while the sky's lines come and go,
+    so a running mean taken out of both the data and ``G`` (the "line contrast", ``hp``)
+    leaves ``hp(d) = J(s) hp(G)`` plus noise and the object's own lines (uncorrelated with
+    the sky's).  Without these equations ``J`` would be bridged across the object by its
+    prior alone, which misses its real structure (a slit's ripple of 1-2 % makes a few
+    per cent of sky in the aperture).  Points are grouped in slit-position bins of
+    ``bin_width`` arcsec, and within each taken in wavelength order (the arrays' own).
+    ``G`` is itself a fit: its variance goes with the equations (see
+    :func:`_illumination_normal`), and a bin whose line contrast is mostly that noise
+    (a faint sky without lines) is left out.
+
+    Parameters
+    ----------
+    knots, degree, coef, sinv : ndarray, int, ndarray, ndarray
+        ``G``'s spline and the band of its normal matrix's inverse.
+    jv_all, jf_all : ndarray
+        ``J``'s basis at every point of the order.
+    j_now : ndarray
+        ``J`` so far at every point (the outlier clip's model).
+    lam, s, d, var : ndarray
+        The order's points sorted by wavelength: wavelength, slit position, data, variance.
+    masked : ndarray of int
+        Indices (into those arrays, increasing) of the object mask's valid points.
+    bin_width : float
+
+    Returns
+    -------
+    tuple or None
+        :data:`Equations` of the points kept, or None when none is left.
+    """
+    window = LINE_CONTRAST_WINDOW
+    if masked.size < 3 * window:
+        return None
+    width = bin_width if bin_width > 0 else 0.25
+    group = np.floor(s[masked] / width).astype(np.int64)
+    sort = np.argsort(group, kind="stable")                # by bin, wavelength within
+    idx, group = masked[sort], group[sort]
+    cut = np.flatnonzero(np.diff(group)) + 1
+    starts = np.concatenate([[0], cut])
+    stops = np.concatenate([cut, [idx.size]])
+    sizes = stops - starts
+    start, stop = np.repeat(starts, sizes), np.repeat(stops, sizes)
+    bv, bf = _design(knots, degree, np.clip(lam[idx], knots[degree], knots[-degree - 1]))
+    g = _evaluate(bv, bf, coef)
+    g_var = np.maximum(_band_variance(bv, bf, sinv), 0.0)
+    hg = g - _running_mean(g, start, stop, window)
+    hd = d[idx] - _running_mean(d[idx], start, stop, window)
+    # the running mean's own noise: hp(d) has (1 - 1/window) of a point's variance
+    w = 1.0 / (np.maximum(var[idx], 1e-30) * (1.0 - 1.0 / window))
+    ok = np.abs(hd - hg * j_now[idx]) * np.sqrt(w) < LINE_CONTRAST_CLIP
+    # per bin, the share of the line contrast that is the sky's rather than G's noise
+    bin_of = np.repeat(np.arange(sizes.size), sizes)
+    signal = np.bincount(bin_of, np.where(ok, w * (hg**2 - g_var), 0.0), sizes.size)
+    total = np.bincount(bin_of, np.where(ok, w * hg**2, 0.0), sizes.size)
+    # where the object outshines the sky, the object's own lines, a trace of which the sky
+    # pixels beyond the mask hold (its seeing wings) and so G, would pass for line contrast
+    sky_light = np.bincount(bin_of, g * j_now[idx], sizes.size)
+    object_light = np.bincount(bin_of, d[idx] - g * j_now[idx], sizes.size)
+    reliable = ((sizes >= 3 * window) & (signal >= LINE_CONTRAST_MIN_SIGNAL * total)
+                & (total > 0) & (object_light <= LINE_CONTRAST_MAX_OBJECT * sky_light))
+    ok &= reliable[bin_of]
+    if not ok.any():
+        return None
+    return jv_all[idx][ok], jf_all[idx][ok], hg[ok], hd[ok], w[ok], g_var[ok]
+
+
+def _illumination_variance(jv_all: np.ndarray, jf_all: np.ndarray, equations: Equations,
+                           nj: int, prior: np.ndarray) -> np.ndarray:
     """Variance of ``J`` at every pixel from the covariance of its coefficients."""
-    n, _ = _illumination_normal(jv_all[used], jf_all[used], g_all[used], d_s[used], w, nj,
-                                prior)
+    n, _ = _illumination_normal(*equations, nj, prior)
     cov = np.linalg.inv(n)
     k1 = jv_all.shape[1]
     out = np.zeros(jv_all.shape[0])
@@ -1113,8 +1261,10 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
         mview = member if axis == "y" else member.T
         wview = wavelength[box] if axis == "y" else wavelength[box].T
         step, span = _sampling(wview, mview)
+        masked = good & obj_in.ravel()[idx]
         try:
-            fit, out = _fit_order(int(n), lam, s, d, e, cand, step, span, p, scale)
+            fit, out = _fit_order(int(n), lam, s, d, e, cand, step, span, p, scale,
+                                  masked if masked.any() else None)
         except ValueError as exc:
             log.warning("sky not modelled: %s", exc)
             return

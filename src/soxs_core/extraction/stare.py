@@ -683,6 +683,7 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
     k_t = _along(det.poisson_scale, axis)
     qual_t = _along((skysub.qual & REJECT_BITS).astype(np.uint8), axis)
     sky_t = _along(sky_image.data, axis)
+    sky_err_t = _along(sky_image.error, axis)
     wave_t = _along(dm.wavelength, axis)
     n_along = data_t.shape[0]
     bin_along = biny if axis == "y" else binx
@@ -707,7 +708,8 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
             profile_poly_order=params.horne_extraction_profile_poly_order,
             profile_clipping_sigma=params.horne_extraction_profile_clipping_sigma,
             profile_clipping_iteration_count=params.
-            horne_extraction_profile_clipping_iteration_count, threads=1)
+            horne_extraction_profile_clipping_iteration_count, threads=1,
+            sky_error_t=sky_err_t)
         correction = None
         if apcor_var_t is not None and n in table.orders:
             b = to_unbinned(ext.rows, bin_along)
