@@ -46,7 +46,8 @@ pixel grid does, so ``G`` can follow the sky lines at sub-pixel resolution.  Per
    the wavelength, at one slit position) adds equations ``hp(d) = J(s) hp(G)``: the sky's
    lines come and go where the object's continuum does not (:func:`_line_contrast`), with
    the errors-in-variables correction for the noise of the fitted ``G``; slit positions
-   where the object outshines the sky, or that have no lines, are left to the prior.
+   where the object outshines the sky, that have few lines, or whose data show more line
+   contrast than the sky's lines explain (the object's own), are left to the prior.
 
 The model error is the posterior standard deviation of the fit at each pixel, from the band
 of the inverse normal matrix (Takahashi's recursion on the Cholesky factor) for ``G`` and
@@ -1045,10 +1046,14 @@ LINE_CONTRAST_CLIP = 5.0
 
 #: a slit-position bin's line contrast is used when at least this share of it is the
 #: sky's lines rather than the noise of the fitted G
-LINE_CONTRAST_MIN_SIGNAL = 0.5
+LINE_CONTRAST_MIN_SIGNAL = 0.8
 
 #: ... and when the object's light in it is at most this many times the sky's
 LINE_CONTRAST_MAX_OBJECT = 1.0
+
+#: ... and when the data's line contrast beyond the noise is at most this many times what
+#: the sky's lines explain
+LINE_CONTRAST_MAX_EXCESS = 1.5
 
 
 def _running_mean(values: np.ndarray, start: np.ndarray, stop: np.ndarray,
@@ -1127,8 +1132,17 @@ def _line_contrast(knots: np.ndarray, degree: int, coef: np.ndarray, sinv: np.nd
     # pixels beyond the mask hold (its seeing wings) and so G, would pass for line contrast
     sky_light = np.bincount(bin_of, g * j_now[idx], sizes.size)
     object_light = np.bincount(bin_of, d[idx] - g * j_now[idx], sizes.size)
+    # ... and where the data's line contrast beyond its noise is not the sky's: the
+    # object's own lines
+    n_ok = np.bincount(bin_of, ok.astype(float), sizes.size)
+    data_excess = np.bincount(bin_of, np.where(ok, w * hd**2, 0.0), sizes.size) - n_ok
+    sky_part = np.bincount(bin_of, np.where(ok, w * (hg**2 - g_var) * j_now[idx]**2, 0.0),
+                           sizes.size)
+    explained = data_excess <= (LINE_CONTRAST_MAX_EXCESS * np.maximum(sky_part, 0.0)
+                                + 3.0 * np.sqrt(2.0 * np.maximum(n_ok, 1.0)))
     reliable = ((sizes >= 3 * window) & (signal >= LINE_CONTRAST_MIN_SIGNAL * total)
-                & (total > 0) & (object_light <= LINE_CONTRAST_MAX_OBJECT * sky_light))
+                & (total > 0) & (object_light <= LINE_CONTRAST_MAX_OBJECT * sky_light)
+                & explained)
     ok &= reliable[bin_of]
     if not ok.any():
         return None
