@@ -41,11 +41,12 @@ PARAMS = (
           "order) of the aperture centred on the object trace: the optimal extraction's "
           "window and the boxcar's aperture.", minimum=3),
     Param("horne-extraction-aperture-correction", bool, "Scale each order's extracted "
-          "fluxes and errors by the ratio of the object's light within 3 half-apertures of "
-          "its trace to the light in the aperture, measured on the sky-subtracted frame "
-          "less the level left on the rest of the slit (the aperture misses "
-          "the seeing wings: about 1 % with the default aperture and 0.8\" seeing); "
-          "smoothed across the orders.  QC APCOR MEDIAN and APCOR O<N>."),
+          "fluxes and errors by the ratio of the object's whole light to its light in the "
+          "aperture, from a Moffat profile (plus a constant) fitted to the order's mean "
+          "spatial profile within 3 half-apertures of the trace on the sky-subtracted frame "
+          "(the aperture misses the seeing wings: about 0.5 % with the default aperture "
+          "and 0.8\" seeing on X-shooter VIS); smoothed across the orders.  QC APCOR "
+          "MEDIAN and APCOR O<N>."),
     Param("horne-extraction-profile-poly-order", int, "Degree along the dispersion of the "
           "smooth fit of the object's spatial profile.", minimum=0, maximum=15),
     Param("horne-extraction-profile-global-clipping-sigma", float, "Pixels further than this "

@@ -713,7 +713,7 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
         correction = None
         if apcor_var_t is not None and n in table.orders:
             b = to_unbinned(ext.rows, bin_along)
-            correction = horne.aperture_correction(
+            correction = horne.profile_aperture_correction(
                 data_t, apcor_var_t, qual_t, ext.centre, ext.rows,
                 params.horne_extraction_slit_length / bin_across,
                 to_binned(table.edge_low(float(n), b), bin_across),
