@@ -58,6 +58,7 @@ __all__ = [
     "BackgroundModel",
     "fit_background",
     "subtract_background",
+    "fit_readout_pattern",
     "plot_background",
     "in_order_mask_from_edges",
     "cell_statistics_reference",
@@ -1008,3 +1009,83 @@ def plot_background(path: str | os.PathLike, flux: np.ndarray, model: Background
     finally:
         if release:      # the pages' figures (see soxs_core.io.safety.save_figure)
             release_figures()
+
+
+#: lines (rows or columns) over which a readout pattern averages out: longer trends are the
+#: scattered-light model's
+READOUT_PATTERN_SCALE = 101
+
+#: the pattern is subtracted only when its offsets are this many times their noise (mean
+#: squared offset / mean squared error): a frame without one is left as it is
+READOUT_PATTERN_MIN_CHI2 = 2.0
+
+
+def _running_trend(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of ``values`` over ``window`` neighbours (fewer at the ends, where the window is
+    cut rather than padded: a padded end would copy the pattern's own end values), lines
+    more than 5 robust sigma from the median left out (a bad column)."""
+    centre = np.median(values)
+    scale = 1.4826 * np.median(np.abs(values - centre)) or 1.0
+    w = (np.abs(values - centre) <= 5 * scale).astype(float)
+    cw = np.concatenate([[0.0], np.cumsum(w)])
+    cv = np.concatenate([[0.0], np.cumsum(w * values)])
+    i = np.arange(values.size)
+    lo = np.maximum(i - window // 2, 0)
+    hi = np.minimum(i + window // 2 + 1, values.size)
+    n = cw[hi] - cw[lo]
+    return np.where(n > 0, (cv[hi] - cv[lo]) / np.maximum(n, 1.0), centre)
+
+
+def fit_readout_pattern(residual: np.ndarray, qual: np.ndarray, off_order: np.ndarray,
+                        varies_along: str, min_pixels: int = 20
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    """An offset per detector line that is the same along the whole line: a readout's
+    periodic (pick-up) pattern, different in every frame, which no master calibration
+    removes and which adds to every pixel of a line alike.  Summed across an order it adds
+    coherently, many times its per-pixel size.
+
+    Measured on the pixels outside the orders once the scattered light is subtracted: per
+    line the median of the unflagged ones, less its running mean over
+    :data:`READOUT_PATTERN_SCALE` lines (what varies slowly is the scattered light's).
+
+    Parameters
+    ----------
+    residual : ndarray
+        The frame less its scattered-light model (e-).
+    qual : ndarray of uint8
+        Pixels with any bit set are not used.
+    off_order : ndarray of bool
+        Pixels free of the orders' light.
+    varies_along : str
+        ``"x"``: one offset per column (constant along it); ``"y"``: one per row.
+    min_pixels : int
+        A line with fewer usable pixels gets no offset.
+
+    Returns
+    -------
+    (offset, error) or None
+        Per line (columns for ``"x"``, rows for ``"y"``); None when the offsets are not
+        significant (:data:`READOUT_PATTERN_MIN_CHI2`).
+    """
+    use = off_order & (qual == 0) & np.isfinite(residual)
+    values = np.where(use, residual, np.nan)
+    if varies_along == "y":
+        values, use = values.T, use.T
+    count = use.sum(axis=0)
+    ok = count >= min_pixels
+    if ok.sum() < 3 * READOUT_PATTERN_SCALE:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(values[:, ok], axis=0)
+        mad = np.nanmedian(np.abs(values[:, ok] - med), axis=0)
+    err_ok = 1.2533 * 1.4826 * mad / np.sqrt(count[ok])
+    offset = np.zeros(values.shape[1])
+    error = np.zeros(values.shape[1])
+    offset[ok] = med - _running_trend(med, READOUT_PATTERN_SCALE)
+    error[ok] = err_ok
+    good = ok & (error > 0)
+    if not good.any() or (np.mean(offset[good] ** 2) < READOUT_PATTERN_MIN_CHI2
+                          * np.mean(error[good] ** 2)):
+        return None
+    return offset, error

@@ -426,6 +426,24 @@ def _divide_by_flat(image: DetectorImage, read_var: np.ndarray, k: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # The sequence
 # ---------------------------------------------------------------------------------------------
+def _subtract_readout_pattern(image: DetectorImage, base_var: np.ndarray,
+                              off_order: np.ndarray, arm, name: str) -> None:
+    """Take the frame's readout pattern out, in place (:func:`background.fit_readout_pattern`):
+    an offset per raw column, the same down the whole column, which after the frame's
+    rotation is a prepared column (rotation by 0 or 180 degrees) or row."""
+    along = "y" if arm.rotation % 2 else "x"
+    pattern = background.fit_readout_pattern(image.data, image.qual, off_order, along)
+    if pattern is None:
+        return
+    offset, error = (v.astype(np.float32) for v in pattern)
+    shape = (1, -1) if along == "x" else (-1, 1)
+    image.data -= offset.reshape(shape)
+    base_var += (error**2).reshape(shape)
+    np.hypot(image.error, error.reshape(shape), out=image.error)
+    log.info("%s: readout pattern of %.3g e- rms taken out (one offset per %s)", name,
+             float(np.sqrt(np.mean(offset**2))), "column" if along == "x" else "row")
+
+
 def _add_model_variance(var: np.ndarray, poisson_scale: np.ndarray, light: np.ndarray,
                         error_rows: Callable[[int, int], np.ndarray],
                         band_rows: int = 256) -> None:
@@ -606,7 +624,9 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
                 f"{arm.instrument} {arm.name}: scattered light of {first.path.name}")
         image = background.subtract_background(image, bkg, overwrite=True)
         _add_model_variance(base_var, det.poisson_scale, bkg.model, bkg.uncertainty_rows)
-        del bkg, mask
+        del bkg
+        _subtract_readout_pattern(image, base_var, ~mask, arm, first.path.name)
+        del mask
 
     orders_on_map = [int(n) for n in table.orders if n in set(dm.orders.tolist())]
     sky_params = sky.SkyParameters.from_mapping(params.as_dict())
