@@ -10,8 +10,8 @@
   peak RSS (GNU time, as ``bench_masters.py``);
 * scores the EXTRACTED_ORDERS table against ``truth/object_truth.fits`` (the object's true
   electrons of every along-order pixel before the pixel response): median ratio of the optimal
-  counts to the truth and the MAD-sigma of the pulls, with the scorer
-  ``soxspipe_stare_runner.compare`` that scores soxspipe's table too;
+  counts to the truth and the MAD-sigma of the pulls, over all orders and per order, with the
+  scorer ``soxspipe_stare_runner.compare`` that scores soxspipe's table too;
 * with ``--soxspipe-venv V`` (soxspipe 0.17.4 and its dependencies installed in V), runs
   soxspipe's stare on the same SOF through its Python API,
   ``soxs_stare(log=..., settings=..., inputFrames=sof).produce_product()``, in a child of V's
@@ -76,7 +76,8 @@ def run_ours(night: Path, outdir: Path) -> dict:
     arm = next(outdir.glob("sci_slit_flux_*_extracted_orders.fits"))
     score = soxspipe_stare_runner.compare(arm, night / "truth" / "object_truth.fits")
     return dict(wall_s=wall, cpu_s=cpu, peak_rss_mib=rss, **{
-        k: score[k] for k in ("median_ratio", "pull_mad_sigma", "boxcar_median_ratio")})
+        k: score[k] for k in ("median_ratio", "pull_mad_sigma", "boxcar_median_ratio",
+                              "orders")})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:12}{r['wall_s']:9.1f}{r.get('cpu_s') or float('nan'):9.1f}"
                   f"{r['peak_rss_mib']:10.0f}{r['median_ratio']:11.4f}"
                   f"{r['boxcar_median_ratio']:11.4f}{r['pull_mad_sigma']:12.3f}")
+        for name, r in row.items():
+            # per true order: optimal / truth (median) and pull MAD-sigma
+            per_order = sorted((r.get("orders") or {}).items(), key=lambda kv: int(kv[0]))
+            if per_order:
+                print(f"{name} per order (n: opt/truth, pull MAD-s): " + ", ".join(
+                    f"{n}: {o['median_ratio']:.4f} {o['pull_mad_sigma']:.2f}"
+                    for n, o in per_order))
         if "soxspipe" in row:
             sp = row["soxspipe"]
             print(f"ratio soxspipe/soxs: time {sp['wall_s'] / ours['wall_s']:.1f}x, memory "
