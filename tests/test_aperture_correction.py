@@ -11,6 +11,18 @@ def _moffat_fraction(x0, x1, alpha, beta, n=4001):
     return x, (1 + (x / alpha) ** 2) ** (-beta)
 
 
+def _moffat_interval(alpha, beta, half_range, n):
+    """``frac(lo, hi)``: a Moffat's share between ``lo`` and ``hi``, normalised over
+    +-``half_range`` (a numerical CDF on ``n`` points)."""
+    fine, prof = _moffat_fraction(-half_range, half_range, alpha, beta, n)
+    cdf = np.cumsum(prof)
+    cdf /= cdf[-1]
+
+    def frac(lo, hi):
+        return np.interp(hi, fine, cdf) - np.interp(lo, fine, cdf)
+    return frac
+
+
 @pytest.mark.parametrize("level", [0.0, 0.3])
 def test_correction_is_the_true_wing_fraction(level):
     rng = np.random.default_rng(3)
@@ -18,12 +30,7 @@ def test_correction_is_the_true_wing_fraction(level):
     alpha, beta, total = 3.0, 2.5, 2000.0
     cols = np.arange(n_cols)
     # pixel-integrated Moffat, normalised over a very wide range
-    fine, prof = _moffat_fraction(-400, 400, alpha, beta, 400001)
-    cdf = np.cumsum(prof)
-    cdf /= cdf[-1]
-
-    def frac(lo, hi):
-        return np.interp(hi, fine, cdf) - np.interp(lo, fine, cdf)
+    frac = _moffat_interval(alpha, beta, 400, 400001)
 
     pix = frac(cols - 0.5 - centre0, cols + 0.5 - centre0)
     truth = total * pix[None, :] * np.ones((n_rows, 1))
@@ -51,12 +58,7 @@ def test_profile_correction_is_the_whole_slit_over_the_aperture(level):
     n_rows, n_cols, centre0 = 3000, 80, 40.3
     alpha, beta, total = 3.0, 2.5, 2000.0
     cols = np.arange(n_cols)
-    fine, prof = _moffat_fraction(-4000, 4000, alpha, beta, 4000001)
-    cdf = np.cumsum(prof)
-    cdf /= cdf[-1]
-
-    def frac(lo, hi):
-        return np.interp(hi, fine, cdf) - np.interp(lo, fine, cdf)
+    frac = _moffat_interval(alpha, beta, 4000, 4000001)
 
     truth = total * frac(cols - 0.5 - centre0, cols + 0.5 - centre0)[None, :] \
         * np.ones((n_rows, 1))

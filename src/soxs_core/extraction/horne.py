@@ -938,9 +938,9 @@ def extract_order(data_t: np.ndarray, base_variance_t: np.ndarray,
         kept = (state == 2) & ~res["rejected"].astype(bool) & (p > 0)
         v = np.maximum(vb + k * np.maximum(res["flux_opt"][:, None] * p, 0.0), VAR_FLOOR)
         w_opt = np.where(kept, p / v, 0.0)
+        norm = np.sum(w_opt * p, axis=1)
         with np.errstate(all="ignore"):
-            w_opt = w_opt / np.where(np.sum(w_opt * p, axis=1) > 0,
-                                     np.sum(w_opt * p, axis=1), 1.0)[:, None]
+            w_opt = w_opt / np.where(norm > 0, norm, 1.0)[:, None]
             w_rob = np.where(kept, a, 0.0) / np.where(res["fraction"] > 0, res["fraction"],
                                                       1.0)[:, None]
         res["var_opt"] = res["var_opt"] + coherent_excess(w_opt, se)
@@ -987,6 +987,47 @@ def moffat_fraction(lo: np.ndarray | float, hi: np.ndarray | float, centre: floa
 MOFFAT_BETA_RANGE = (1.05, 30.0)
 
 
+@dataclass
+class _SlitPixels:
+    """The usable slit pixels of an order's rows (:func:`_slit_pixels`)."""
+
+    centre: np.ndarray        # trace centre of each kept row
+    cols: np.ndarray          # (rows, width) across index, clipped to the frame
+    inside: np.ndarray        # within the row's edges
+    data: np.ndarray
+    var: np.ndarray
+    good: np.ndarray          # inside, finite and unflagged
+    complete: np.ndarray      # per row: every pixel inside is good
+
+
+def _slit_pixels(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.ndarray | None,
+                 centre: np.ndarray, rows: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+                 margin: float) -> _SlitPixels | None:
+    """Each row's pixels between ``lower + margin`` and ``upper - margin`` (the order's
+    edges, binned across px), for the rows whose edges lie on the frame and whose trace
+    centre is finite; None when there is none."""
+    rows = np.asarray(rows, np.int64)
+    centre = np.asarray(centre, float)
+    lo = np.ceil(np.asarray(lower, float) + margin).astype(np.int64)
+    hi = np.floor(np.asarray(upper, float) - margin).astype(np.int64)
+    n_across = data_t.shape[1]
+    ok = np.isfinite(centre) & (lo >= 0) & (hi < n_across) & (hi > lo)
+    if not ok.any():
+        return None
+    rows, centre, lo, hi = rows[ok], centre[ok], lo[ok], hi[ok]
+    width = int(np.max(hi - lo)) + 1
+    cols = lo[:, None] + np.arange(width)[None, :]
+    inside = cols <= hi[:, None]
+    cols = np.minimum(cols, n_across - 1)
+    d = data_t[rows[:, None], cols].astype(float)
+    v = variance_t[rows[:, None], cols].astype(float)
+    good = inside & np.isfinite(d) & np.isfinite(v)
+    if qual_t is not None:
+        good &= qual_t[rows[:, None], cols] == 0
+    complete = np.all(good | ~inside, axis=1)
+    return _SlitPixels(centre, cols, inside, d, v, good, complete)
+
+
 def profile_aperture_correction(data_t: np.ndarray, variance_t: np.ndarray,
                                 qual_t: np.ndarray | None, centre: np.ndarray,
                                 rows: np.ndarray, slit_length: float, lower: np.ndarray,
@@ -1020,26 +1061,12 @@ def profile_aperture_correction(data_t: np.ndarray, variance_t: np.ndarray,
     """
     from scipy.optimize import least_squares
 
-    rows = np.asarray(rows, np.int64)
-    centre = np.asarray(centre, float)
     half = 0.5 * float(slit_length)
-    lo = np.ceil(np.asarray(lower, float) + margin).astype(np.int64)
-    hi = np.floor(np.asarray(upper, float) - margin).astype(np.int64)
-    n_across = data_t.shape[1]
-    ok = np.isfinite(centre) & (lo >= 0) & (hi < n_across) & (hi > lo)
-    if ok.sum() < 10:
+    slit = _slit_pixels(data_t, variance_t, qual_t, centre, rows, lower, upper, margin)
+    if slit is None or slit.centre.size < 10:
         return 1.0, 0.0
-    rows, centre, lo, hi = rows[ok], centre[ok], lo[ok], hi[ok]
-    width = int(np.max(hi - lo)) + 1
-    cols = lo[:, None] + np.arange(width)[None, :]
-    inside = cols <= hi[:, None]
-    cols = np.minimum(cols, n_across - 1)
-    d = data_t[rows[:, None], cols].astype(float)
-    v = variance_t[rows[:, None], cols].astype(float)
-    good = inside & np.isfinite(d) & np.isfinite(v)
-    if qual_t is not None:
-        good &= qual_t[rows[:, None], cols] == 0
-    complete = np.all(good | ~inside, axis=1)
+    centre, cols, inside, d, v = slit.centre, slit.cols, slit.inside, slit.data, slit.var
+    good, complete = slit.good, slit.complete
     offset = cols - centre[:, None]
     a = np.clip(np.minimum(offset + 0.5, half) - np.maximum(offset - 0.5, -half), 0.0, 1.0)
     row_flux = np.sum(np.where(inside, a * np.where(good, d, 0.0), 0.0), axis=1)
@@ -1196,25 +1223,11 @@ def aperture_correction(data_t: np.ndarray, variance_t: np.ndarray, qual_t: np.n
     correction, error : float
         1 and 0 when no row can be measured or the light in the aperture is not positive.
     """
-    rows = np.asarray(rows, np.int64)
-    centre = np.asarray(centre, float)
-    lo = np.ceil(np.asarray(lower, float) + margin).astype(np.int64)
-    hi = np.floor(np.asarray(upper, float) - margin).astype(np.int64)
-    n_across = data_t.shape[1]
-    ok = np.isfinite(centre) & (lo >= 0) & (hi < n_across) & (hi > lo)
-    if not ok.any():
+    slit = _slit_pixels(data_t, variance_t, qual_t, centre, rows, lower, upper, margin)
+    if slit is None:
         return 1.0, 0.0
-    rows, centre, lo, hi = rows[ok], centre[ok], lo[ok], hi[ok]
-    width = int(np.max(hi - lo)) + 1
-    cols = lo[:, None] + np.arange(width)[None, :]
-    inside = cols <= hi[:, None]
-    cols = np.minimum(cols, n_across - 1)
-    d = data_t[rows[:, None], cols].astype(float)
-    v = variance_t[rows[:, None], cols].astype(float)
-    good = inside & np.isfinite(d) & np.isfinite(v)
-    if qual_t is not None:
-        good &= qual_t[rows[:, None], cols] == 0
-    complete = np.all(good | ~inside, axis=1)
+    centre, cols, inside, d, v = slit.centre, slit.cols, slit.inside, slit.data, slit.var
+    complete = slit.complete
     if not complete.any():
         return 1.0, 0.0
     half = 0.5 * float(slit_length)
