@@ -1006,10 +1006,8 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
     """
     import matplotlib
 
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
     from soxs_core.combine.qc import good_block_mean
+    from soxs_core.io.figures import few_ticks, new_figure
 
     table, s = trace.table, trace.samples
     binx, biny = trace.binx, trace.biny
@@ -1023,7 +1021,7 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
     good = np.asarray(image.qual) == 0
     extent = (-0.5, cols * binx - 0.5, -0.5, rows * biny - 0.5)
 
-    fig = Figure(figsize=(14, 10), dpi=100)
+    fig = new_figure(14, 10)
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.06, top=0.92, wspace=0.25, hspace=0.4)
     grid = fig.add_gridspec(3, 3, width_ratios=[1.1, 1.2, 1.2])
     ax_det = fig.add_subplot(grid[:, 0])
@@ -1071,7 +1069,7 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
         ax_det.plot([], [], " ", label="not traced: "
                     + ", ".join(str(n) for n in trace.dropped_orders))
     ax_det.legend(loc="upper right", fontsize=7, framealpha=0.85, markerscale=2)
-    ax_det.set_title("frame, detected cuts and the object trace", fontsize=10)
+    ax_det.set_title("frame, detected cuts and the object trace", fontsize=10, y=1.0)
 
     # straightened strips: each order resampled along its fitted trace
     strip_orders = list(table.orders)
@@ -1122,7 +1120,7 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
         ax_strip.set_yticks([])
         ax_strip.set_xlabel("fraction of the order's length")
     ax_strip.set_title(f"orders straightened along the fitted trace (±{half} px; dashed: "
-                       "the trace)", fontsize=10)
+                       "the trace)", fontsize=10, y=1.0)
 
     res_axis = "X" if along_y else "Y"
     res_b = trace.residuals / bin_across
@@ -1147,7 +1145,7 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
                f"({qc.get('SAMPLES DET FRAC', float('nan')):.0%}), clipped "
                f"{qc.get('SAMPLES CLIP NUM', 0)} "
                f"({qc.get('SAMPLES CLIP FRAC', float('nan')):.0%})")
-    ax_res.set_title(summary, fontsize=9)
+    ax_res.set_title(summary, fontsize=9, y=1.0)
     if clipped.any():
         ax_res.legend(loc="upper right", fontsize=7)
 
@@ -1168,7 +1166,7 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
     ax_ord.set_xlim(min(per_n) - 0.7, max(per_n) + 0.7)
     ax_ord.set_ylabel(f"residual [{res_axis}, frame px]")
     ax_ord.legend(loc="upper right", fontsize=7)
-    ax_ord.set_title(f"residuals per order ({qc.get('N ORDERS', 0)} traced)", fontsize=10)
+    ax_ord.set_title(f"residuals per order ({qc.get('N ORDERS', 0)} traced)", fontsize=10, y=1.0)
 
     for n in table.orders:
         mine = used & (s.order == n)
@@ -1181,12 +1179,15 @@ def render_object_trace(image: DetectorImage, trace: ObjectTrace, title: str = "
                         color=colours[int(n)])
     ax_sig.set_xlabel(f"along-order position {table.along} [unbinned px]")
     ax_sig.set_ylabel("Gaussian sigma [frame px]")
-    ax_sig.set_title("trace width: cuts and global fit", fontsize=10)
+    ax_sig.set_title("trace width: cuts and global fit", fontsize=10, y=1.0)
     if used.any():
         sv = s.sigma[used] / bin_across
         lo, hi = np.percentile(sv, [1, 99])
         ax_sig.set_ylim(max(0.0, lo - 0.3 * (hi - lo) - 0.1), hi + 0.3 * (hi - lo) + 0.1)
 
+    few_ticks(ax_det, ax_res, ax_sig, x=5, y=5, labelsize=8)
+    ax_strip.tick_params(labelsize=8)
+    ax_ord.tick_params(labelsize=8)
     head = "OBJECT TRACE RES"
     fig.suptitle(f"{head}: {title}" if title else head, fontsize=12)
     return fig

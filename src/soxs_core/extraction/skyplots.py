@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from soxs_core.io.figures import few_ticks, new_figure
 from soxs_core.io.image import DetectorImage
 from soxs_core.io.safety import save_figure
 
@@ -121,18 +122,14 @@ def plot_sky_model(path: str | Path, image: DetectorImage, model: Any, disp_map:
     -------
     Path
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     chosen = _pick_orders(orders or model.orders, max_orders)
     rng = np.random.default_rng(0)
-    fig, axes = plt.subplots(len(chosen) * 2, 3, figsize=(14, 3.3 * len(chosen) + 0.8),
-                             gridspec_kw=dict(width_ratios=[3.2, 1.2, 1.2],
-                                              height_ratios=[2, 1] * len(chosen)),
-                             squeeze=False)
+    fig = new_figure(14, 3.3 * len(chosen) + 0.8)
+    grid = fig.add_gridspec(len(chosen) * 2, 3, width_ratios=[3.2, 1.2, 1.2],
+                            height_ratios=[2, 1] * len(chosen))
+    axes = np.array([[fig.add_subplot(grid[r, c]) for c in range(3)]
+                     for r in range(len(chosen) * 2)])
     wave, slit = disp_map.wavelength, disp_map.slit
     order_img = np.asarray(disp_map.order)
     for row, n in enumerate(chosen):
@@ -166,7 +163,8 @@ def plot_sky_model(path: str | Path, image: DetectorImage, model: Any, disp_map:
         ax_d.set_ylim(*flux_range)
         ax_d.set_ylabel("e- / pixel")
         ax_d.set_title(f"order {n}: {fit.n_knots} breakpoints, {fit.n_used} pixels used, "
-                       f"{fit.n_rejected} rejected, χ²/pixel {fit.chi2:.2f}", fontsize=9)
+                       f"{fit.n_rejected} rejected, χ²/pixel {fit.chi2:.2f}", fontsize=9,
+                       y=1.0)
         ax_d.legend(fontsize=7, loc="upper left", markerscale=2)
         _density(ax_r, lam_u, res_u, lam_range, (-6, 6), (800, 60))
         for v in (-3, 3):
@@ -190,7 +188,7 @@ def plot_sky_model(path: str | Path, image: DetectorImage, model: Any, disp_map:
             br = np.unique(fit.knots)
             br = br[np.abs(br - peak) < width]
             ax_z.plot(br, fit.spectrum(br), "|", color="C1", ms=8, label="breakpoints")
-            ax_z.set_title(f"brightest line, {peak:.3f} nm", fontsize=9)
+            ax_z.set_title(f"brightest line, {peak:.3f} nm", fontsize=9, y=1.0)
             ax_z.legend(fontsize=7)
             ax_zr.plot(lam_u[zsel], res_u[zsel], ".", ms=1.5, color="0.3")
             ax_zr.axhline(0, color="C0", lw=0.6)
@@ -202,7 +200,7 @@ def plot_sky_model(path: str | Path, image: DetectorImage, model: Any, disp_map:
         if centres.size:
             ax_j.plot(centres, ratio, ".", color="0.3", label="data / G (binned)")
         ax_j.plot(s_grid, fit.illumination(s_grid), "-", color="C0", label="J(s)")
-        ax_j.set_title("slit illumination", fontsize=9)
+        ax_j.set_title("slit illumination", fontsize=9, y=1.0)
         ax_j.set_xlabel("slit position (arcsec)")
         ax_j.legend(fontsize=7)
         # residual against slit position: what the illumination leaves
@@ -210,6 +208,8 @@ def plot_sky_model(path: str | Path, image: DetectorImage, model: Any, disp_map:
         ax_x.axhline(0, color="C0", lw=0.6)
         ax_x.set_ylim(-6, 6)
         ax_x.set_xlabel("slit position (arcsec)")
+        few_ticks(ax_d, ax_r, ax_x, ax_j, x=6, y=4)
+        few_ticks(ax_z, ax_zr, x=3, y=4)
     fig.suptitle(title or "Sky model (B-spline in wavelength x slit illumination)",
                  fontsize=11, y=1 - 0.12 / fig.get_figheight())
     fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.75 / fig.get_figheight(),
@@ -284,11 +284,6 @@ def plot_sky_quicklook(path: str | Path, image: DetectorImage, model: Any, disp_
     -------
     Path
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     factor = max(1, int(np.ceil(max(image.data.shape) / max_pixels)))
     panels, sum_r2, n_r = _quicklook_panels(image, model, np.asarray(disp_map.order), factor)
@@ -304,16 +299,18 @@ def plot_sky_quicklook(path: str | Path, image: DetectorImage, model: Any, disp_
              (f"sky pixels: (frame - sky) / σ\nmean of {factor}x{factor} blocks",
               panels[3], "coolwarm", -scale, scale)]
     ratio = panels[0].shape[1] / panels[0].shape[0]
-    fig, axes = plt.subplots(1, 4, figsize=(4 * 2.9 * max(ratio, 0.35) + 2, 7.5),
-                             squeeze=False)
-    for ax, (label, arr, cmap, vmin, vmax) in zip(axes[0], specs):
+    fig = new_figure(4 * 2.9 * max(ratio, 0.35) + 2, 7.5)
+    axes = [fig.add_subplot(1, 4, k + 1) for k in range(4)]
+    for ax, (label, arr, cmap, vmin, vmax) in zip(axes, specs):
         im = ax.imshow(arr, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax,
                        interpolation="nearest", aspect="auto",
                        extent=(0, image.data.shape[1], 0, image.data.shape[0]))
-        ax.set_title(label, fontsize=9)
+        ax.set_title(label, fontsize=9, y=1.0)
         ax.set_xlabel("x (px)")
-        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
-    axes[0, 0].set_ylabel("y (px)")
+        few_ticks(ax, x=3, y=6, labelsize=8)
+        bar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
+        few_ticks(bar.ax, x=2, y=6, labelsize=8)
+    axes[0].set_ylabel("y (px)")
     rms = float(np.sqrt(sum_r2 / n_r)) if n_r else float("nan")
     fig.suptitle((title or "Sky subtraction quicklook")
                  + f" — sky pixels' residual rms {rms:.3f} σ", fontsize=11)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
+from soxs_core.io.figures import few_ticks, new_figure
 from soxs_core.io.safety import save_figure
 from soxs_core.spectrum.fluxcal import TELLURIC_BANDS_NM, Response
 
@@ -26,14 +27,10 @@ MAX_POINTS = 6000
 
 
 def _figure(height: float, nrows: int):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(11, height), dpi=100)
+    fig = new_figure(11, height)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.06, top=0.93, hspace=0.32)
     axes = [fig.add_subplot(nrows, 1, k + 1) for k in range(nrows)]
+    few_ticks(*axes, x=10, y=5, labelsize=8)
     return fig, axes
 
 
@@ -108,7 +105,8 @@ def render_extracted_orders(orders_table: Table, title: str = ""):
         if lim:
             ax_f.set_ylim(min(lim[0], 0.0), lim[1])
     ax_f.set_ylabel("object (e- per pixel)")
-    ax_f.set_title("optimal extraction (colours, order numbers), boxcar (grey)", fontsize=9)
+    ax_f.set_title("optimal extraction (colours, order numbers), boxcar (grey)", fontsize=9,
+                   y=1.0)
     ax_s.set_ylabel("SNR per pixel")
     ax_s.set_ylim(bottom=0)
     ax_k.set_ylabel("sky under the window (e-)")
@@ -271,14 +269,15 @@ def render_response(response: Response, efficiency_table: Table | None = None,
     ax_r.set_ylabel("response R (erg cm$^{-2}$ e$^{-1}$)")
     std = f" of {response.standard}" if response.standard else ""
     ax_r.set_title(f"per-order response{std}: rows (grey masked, red clipped) and fits "
-                   "(* = fitted through telluric bands)", fontsize=9)
+                   "(* = fitted through telluric bands)", fontsize=9, y=1.0)
     ax_res.axhline(1.0, color="k", lw=0.6)
     if resid_all:
         rr = np.concatenate(resid_all)
         spread = 1.4826 * np.median(np.abs(rr - np.median(rr))) if rr.size else 0.05
         half = min(max(6 * spread, 0.02), 0.5)
         ax_res.set_ylim(1 - half, 1 + half)
-        ax_res.set_title(f"rows / fit (robust scatter {100 * spread:.2f} %)", fontsize=9)
+        ax_res.set_title(f"rows / fit (robust scatter {100 * spread:.2f} %)", fontsize=9,
+                         y=1.0)
     ax_res.set_ylabel("measured / fitted R")
     if ax_eff is not None:
         eff = efficiency_table
@@ -310,7 +309,7 @@ def render_response(response: Response, efficiency_table: Table | None = None,
             ax_eff.set_ylim(0, min(1.0, np.percentile(allv, 99.5) * 1.3))
         ax_eff.set_ylabel("efficiency (e- / photon)")
         ax_eff.set_title("end-to-end efficiency above the atmosphere (telescope, instrument, "
-                         "detector; blaze and slit losses included)", fontsize=9)
+                         "detector; blaze and slit losses included)", fontsize=9, y=1.0)
     mf = response.merged_fit
     if mf:
         ax_sx.scatter(*_thin(mf["wave"], mf["measured"], limit=3000), s=1, c="tab:blue",
@@ -323,7 +322,7 @@ def render_response(response: Response, efficiency_table: Table | None = None,
             ax_sx.set_ylim(*lim)
     ax_sx.set_ylabel("soxspipe R (1e-17 cgs per e-/s/px)")
     ax_sx.set_title("RESP_TAB HDU 1 (soxspipe's one-polynomial response, merged spectrum)",
-                    fontsize=9)
+                    fontsize=9, y=1.0)
     ax_sx.set_xlabel("wavelength (nm)")
     head = "RESPONSE"
     fig.suptitle(f"{head}: {title}" if title else head, fontsize=12)
