@@ -147,6 +147,38 @@ def test_overlap_combination_flat_fielded():
     assert 0.98 < np.median(np.asarray(m["ERR_COUNTS"])[ovl] / optimal) < 1.03
 
 
+def _largest_step(merged) -> float:
+    """Largest relative change between neighbouring good bins of the merged density."""
+    d = np.asarray(merged["FLUX_DENSITY_COUNTS"])
+    good = np.asarray(merged["QUAL"]) == 0
+    both = good[1:] & good[:-1]
+    return float(np.max(np.abs(np.diff(d))[both] / np.minimum(d[1:], d[:-1])[both]))
+
+
+def test_orders_of_different_throughput_join_smoothly(vis_std_exact):
+    """Before flux calibration each order records the star through its own blaze, so two
+    orders' counts differ by up to several times where they overlap.  The merged counts
+    must still pass continuously from one order to the next (no step where an order's
+    faint end begins, no bin-to-bin alternation between the orders' values): the largest
+    bin-to-bin change in the overlaps is that of the single orders, within 30 %."""
+    table, _ = vis_std_exact
+    m = merge_orders(table, "VIS")
+    single = max(_largest_step(merge_orders(table[np.asarray(table["order"]) == n], "VIS"))
+                 for n in VIS_ORDERS)
+    two = np.asarray(m["NORDERS"]) == 2
+    assert two.sum() > 500
+    # the orders really differ in the overlaps (else the test shows nothing)
+    lo19, hi19 = _edges(table, 19)
+    lo18, hi18 = _edges(table, 18)
+    s18 = merge_orders(table[np.asarray(table["order"]) == 18], "VIS")
+    s19 = merge_orders(table[np.asarray(table["order"]) == 19], "VIS")
+    w = 0.5 * (lo18 + hi19)
+    ratio = (np.interp(w, s18["WAVE"], s18["FLUX_DENSITY_COUNTS"])
+             / np.interp(w, s19["WAVE"], s19["FLUX_DENSITY_COUNTS"]))
+    assert not 0.8 < ratio < 1.25
+    assert _largest_step(m) < 1.3 * single
+
+
 def test_masked_rows_left_out(vis_std):
     """Rows with qual != 0 (here given absurd values) do not enter the merge; bins they
     alone covered are NO_DATA or PARTIAL."""

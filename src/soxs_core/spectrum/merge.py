@@ -5,14 +5,21 @@ Every extracted along-order pixel is a wavelength bin ``[λ - Δλ/2, λ + Δλ/
 fraction — the counts a grid bin receives are the sum of the pixel counts times the fraction
 of each pixel inside the bin, the variances are summed with the squared fractions — so the
 counts are conserved exactly.  The orders are then combined bin by bin as flux *densities*
-(e-/nm: counts over the covered width), weighted by their inverse variances: the blaze and the
-pixel scale change how many counts an order puts into a bin, not its density, so the weighting
-favours the better-exposed order without biasing the result.
+(e-/nm: counts over the covered width), weighted by their signal-to-noise ratio squared,
+``level^2 / variance``, ``level`` the order's own smoothed density (object and sky).  For
+orders in the same units (flux-calibrated, or flat-fielded by the blaze) ``level`` is the same
+in every order and the weights are the inverse variances.  Before flux calibration an order
+records the source through its own throughput (the blaze): there inverse variances would
+favour the order whose blaze is lowest (fewest counts, so the smallest variance), and the
+merged counts would jump where an order's faint end begins to overlap; the relative-precision
+weights fall towards zero at an order's faint end, and a taper takes them to zero at its
+last bins, so that the merged counts pass smoothly from one order to the next, each bin taken
+mostly from the order that measures it best.
 
-The weights come from a running median of each order's variance along the grid, not from the
-variance of the bin itself: weights taken from the noisy variance of Poisson data would favour
-the bins that fluctuated low.  The variance of the combination is propagated exactly for the
-weights used.  Adjacent grid bins share input pixels, so their errors are correlated; the
+The weights come from running medians of each order's variance and level along the grid, not
+from the bin itself: weights taken from the noisy values of Poisson data would favour the bins
+that fluctuated low.  The variance of the combination is propagated exactly for the weights
+used.  Adjacent grid bins share input pixels, so their errors are correlated; the
 ``VARIANCE`` column is the diagonal of that covariance.
 """
 
@@ -36,6 +43,18 @@ MERGE_STEP_NM = {"UVB": 0.02, "VIS": 0.02, "NIR": 0.06}
 
 #: Width (grid bins) of the running median that smooths each order's variance into weights.
 WEIGHT_SMOOTHING_BINS = 15
+
+#: Width (grid bins) of the running median of each order's density (object + sky) that sets
+#: the weights' level: wide, so that a bin's own noise hardly moves its weight, and narrow
+#: beside the blaze's change along an order (about 1 nm at the optical steps)
+LEVEL_SMOOTHING_BINS = 51
+
+#: Bins over which an order's weight rises from zero at its ends (see :func:`_taper`).
+END_TAPER_BINS = 51
+
+#: an order's level is floored at this fraction of its median (a faint order's noisy level
+#: would otherwise give some bins no weight at all)
+LEVEL_FLOOR = 0.02
 
 
 class MergedQual:
@@ -149,6 +168,37 @@ def _running_median(values: np.ndarray, width: int) -> np.ndarray:
     return np.where(np.isfinite(out), out, values)
 
 
+def _running_mean(values: np.ndarray, width: int) -> np.ndarray:
+    """Running mean over ``width`` samples (NaN ignored, edges shrink the window)."""
+    finite = np.isfinite(values)
+    half = width // 2
+    kernel = np.ones(2 * half + 1)
+    total = np.convolve(np.where(finite, values, 0.0), kernel, mode="same")
+    count = np.convolve(finite.astype(float), kernel, mode="same")
+    return np.divide(total, count, out=np.full(values.size, np.nan), where=count > 0)
+
+
+def _level(density: np.ndarray) -> np.ndarray:
+    """An order's smoothed density (NaN: not covered), floored at :data:`LEVEL_FLOOR` of its
+    median so that every covered bin keeps some weight."""
+    level = _running_median(density, LEVEL_SMOOTHING_BINS)
+    positive = level[np.isfinite(level) & (level > 0)]
+    floor = LEVEL_FLOOR * float(np.median(positive)) if positive.size else 1.0
+    return np.where(np.isfinite(level), np.maximum(level, floor), floor)
+
+
+def _taper(has: np.ndarray) -> np.ndarray:
+    """Weight factor rising linearly from 0 at an order's first and last covered bins to 1
+    :data:`END_TAPER_BINS` bins inside: an order that begins (or ends) inside another joins
+    the combination gradually, whatever the ratio of the two orders' counts there."""
+    k = np.flatnonzero(has)
+    if k.size == 0:
+        return np.zeros(has.size)
+    i = np.arange(has.size)
+    inside = np.minimum(i - k[0], k[-1] - i) + 1.0
+    return np.clip(inside / END_TAPER_BINS, 0.0, 1.0)
+
+
 def _rebin_order(lo: np.ndarray, hi: np.ndarray, grid_lo: float, step: float, nbins: int,
                  *values: tuple[np.ndarray, int]) -> tuple[int, np.ndarray, list[np.ndarray]]:
     """Rebin one order's pixel bins ``[lo, hi]`` onto the grid by overlap fraction.
@@ -244,15 +294,27 @@ def merge_values(order: np.ndarray, wave: np.ndarray, pixel_scale: np.ndarray,
         w_n, p_n = wave[sel][srt], pixel_scale[sel][srt]
         lo, hi = _pixel_edges(w_n, p_n, along[sel][srt])
         # (p * width) rebinned by fraction = sum(overlap * p): the overlap-weighted pixel width
-        k0, covered, (cnt, var, skyc, pix) = _rebin_order(
+        k0, covered, (cnt, var, skyc, pix, width2) = _rebin_order(
             lo, hi, grid_lo, step, nbins, (value[sel][srt], 1), (variance[sel][srt], 2),
-            (sky_arr[sel][srt], 1), (p_n * (hi - lo), 1))
+            (sky_arr[sel][srt], 1), (p_n * (hi - lo), 1), (hi - lo, 2))
         has = covered > 1e-6 * step
         cov_safe = np.where(has, covered, 1.0)
         dens = cnt / cov_safe
         var_d = var / cov_safe**2
-        smooth = _running_median(np.where(has, var_d, np.nan), WEIGHT_SMOOTHING_BINS)
-        weight = np.where(has & (smooth > 0), 1.0 / np.where(smooth > 0, smooth, 1.0), 0.0)
+        # a bin's variance is the pixels' variance per nm times a factor of how the pixels
+        # fall into it (sum of width x fraction^2 over the covered width^2), which alternates
+        # from bin to bin by up to 2x, differently in each order: a running median of the
+        # product would flip between its two values, and per-bin weights would make the
+        # merged counts of two orders of different throughput alternate between theirs.
+        # The weights take the median of the first and the mean of the second.
+        geometry = np.where(has, width2 / cov_safe**2, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rate = _running_median(np.where(has & (geometry > 0), var_d / geometry, np.nan),
+                                   WEIGHT_SMOOTHING_BINS)
+        smooth = np.where(has, rate * _running_mean(geometry, WEIGHT_SMOOTHING_BINS), 0.0)
+        level = _level(np.where(has, (cnt + skyc) / cov_safe, np.nan))
+        ok_w = has & np.isfinite(smooth) & (smooth > 0)
+        weight = np.where(ok_w, level**2 / np.where(ok_w, smooth, 1.0), 0.0) * _taper(has)
         sl = slice(k0, k0 + covered.size)
         sum_w[sl] += weight
         sum_wd[sl] += weight * dens
@@ -352,7 +414,8 @@ def merged_table(m: MergedArrays, meta: dict | None = None) -> Table:
     out["SNR"].description = "FLUX_COUNTS / sqrt(VARIANCE)"
     out["FLUX_DENSITY_COUNTS"] = m.density
     out["FLUX_DENSITY_COUNTS"].unit = "electron/nm"
-    out["FLUX_DENSITY_COUNTS"].description = "e- per nm (orders combined by inverse variance)"
+    out["FLUX_DENSITY_COUNTS"].description = ("e- per nm (orders combined by their "
+                                              "signal-to-noise ratio squared)")
     out["ERR_COUNTS"] = np.sqrt(variance)
     out["ERR_COUNTS"].unit = "electron"
     out["ERR_COUNTS"].description = "1-sigma error of FLUX_COUNTS"
