@@ -43,6 +43,8 @@ CASES = {
     "xsh_nir": ("xsh_nir", "1x1", [15], {}),
     "soxs_vis": ("soxs_vis", "1x1", [4], {}),
     "soxs_nir": ("soxs_nir", "1x1", [15], {}),
+    # the K band's thermal order 11 (no sky lines) beside three orders with lines
+    "xsh_nir_k": ("xsh_nir", "1x1", [11, 12, 13, 14], {}),
     # a target 2 mag brighter than the default, far off the slit centre
     "bright_offset": ("xsh_vis", "2x2", [21], dict(object_mag=15.0, object_position=-2.5)),
 }
@@ -228,6 +230,58 @@ def test_sky_under_the_object_follows_the_slit_illumination(case):
         assert dev.size >= 8, dev.size
         assert abs(dev.mean()) < 0.3 * ripple, (n, dev.mean(), ripple)
         assert np.sqrt(np.mean(dev**2)) < 0.7 * ripple, (n, np.sqrt(np.mean(dev**2)), ripple)
+
+
+def _deviation_under(c: Case, model: S.SkyModel, n: int, mask: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Relative deviation of the sky model from the true sky, and the model's quoted
+    relative error, in 0.5" slit-position bins under ``mask`` in order ``n``."""
+    under = c.inner(n) & mask & (c.qual == 0) & ~c.cosmic
+    s = c.slit[under]
+    edges = np.arange(np.floor(2 * s.min()) / 2, s.max() + 0.5, 0.5)
+    b = np.digitize(s, edges)
+    sky, true, err = model.sky[under], c.true_sky[under], model.error[under]
+    bins = [j for j in np.unique(b) if np.count_nonzero(b == j) >= 500]
+    dev = np.array([(sky[b == j] - true[b == j]).sum() / true[b == j].sum() for j in bins])
+    rel = np.array([err[b == j].mean() / true[b == j].mean() for j in bins])
+    return dev, rel
+
+
+def test_an_order_without_sky_lines_takes_the_others_illumination(case):
+    """X-shooter NIR's order 11 (K band) has a bright thermal sky and no lines to measure J
+    under the object: the orders whose lines measure it lend it theirs (the slit is the same
+    for every order; ``sky.SharedIllumination``).  Against the truth, in 0.5" slit bins under
+    the mask of the true trace, the deviation of the sky has a mean below 0.3 r and an RMS
+    below 0.35 r (r the ripple of the true illumination, 1.5 %; measured 0.05 r and
+    0.15 r); and the quoted error covers it without being many times too large (RMS of
+    deviation / error within 0.25-1.5; measured 0.40).  Bridged by J's prior alone
+    (``share_illumination=False``) the RMS is 0.67 r, and the quoted error ten times the
+    deviation."""
+    c = case("xsh_nir_k")
+    mask = _true_trace_mask(c, half_width=10.0)
+    ripple = c.sim.illumination.ripple
+
+    def fit(share: bool) -> S.SkyModel:
+        return S.fit_sky(c.data, c.error, c.qual, c.wave, c.slit, c.order, c.orders,
+                         object_mask=mask, params=c.params, share_illumination=share)
+
+    shared, alone = fit(True), fit(False)
+    assert [n for n, f in shared.fits.items() if f.illumination_under_object == "lines"] \
+        == [12, 13, 14]
+    assert shared.fits[11].illumination_under_object == "shared"
+    assert alone.fits[11].illumination_under_object == "prior"
+    dev, rel = _deviation_under(c, shared, 11, mask)
+    assert dev.size >= 8, dev.size
+    assert abs(dev.mean()) < 0.3 * ripple, (dev.mean(), ripple)
+    assert np.sqrt(np.mean(dev**2)) < 0.35 * ripple, (np.sqrt(np.mean(dev**2)), ripple)
+    assert 0.25 < np.sqrt(np.mean((dev / rel) ** 2)) < 1.5, dev / rel
+    # the orders with lines are fitted as before
+    for n in (12, 13, 14):
+        assert np.array_equal(shared.sky[c.order == n], alone.sky[c.order == n])
+    # the test tells the two apart
+    dev_alone, rel_alone = _deviation_under(c, alone, 11, mask)
+    assert np.sqrt(np.mean(dev_alone**2)) > 0.5 * ripple
+    assert np.sqrt(np.mean((dev_alone / rel_alone) ** 2)) < 0.25
 
 
 def _true_trace_mask(c: Case, half_width: float) -> np.ndarray:

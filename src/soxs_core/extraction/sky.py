@@ -57,6 +57,7 @@ the small covariance of ``J``, combined in quadrature.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -226,6 +227,11 @@ class OrderSkyFit:
     noise_floor : float
         The residual floor (1 when the errors are right).
     iterations : int
+    illumination_under_object : str
+        How ``J`` under the object mask was found: ``"lines"`` (the sky lines there, see
+        :func:`_line_contrast`), ``"shared"`` (the other orders' ``J``, see
+        :func:`shared_illumination`), ``"prior"`` (bridged by its prior alone) or ``""``
+        (no object mask).
     """
 
     order: int
@@ -241,6 +247,7 @@ class OrderSkyFit:
     chi2: float
     noise_floor: float
     iterations: int
+    illumination_under_object: str = ""
 
     @property
     def n_knots(self) -> int:
@@ -260,6 +267,94 @@ class OrderSkyFit:
         lo, hi = self.slit_range
         return _spline_eval(self.illumination_knots, self.illumination_coefficients,
                             self.illumination_degree, np.clip(s, lo, hi))
+
+
+#: fewest orders whose sky lines measured ``J`` under the object for a shared ``J``
+SHARED_ILLUMINATION_MIN_ORDERS = 3
+
+#: floor of the shared ``J``'s error (its scatter between the orders), relative: the
+#: orders' own measurements of ``J`` under the object are good to a few tenths of a per cent
+SHARED_ILLUMINATION_FLOOR = 0.003
+
+
+@dataclass
+class SharedIllumination:
+    """The slit illumination ``J(s)`` that the orders with sky lines under the object agree
+    on: the median of their ``J`` (each of mean 1 over its slit) and its scatter between
+    them, on a grid of slit positions (NaN where fewer than
+    :data:`SHARED_ILLUMINATION_MIN_ORDERS` orders reach).
+
+    The slit is the same for every order, so an order without sky lines under the object
+    (a thermal K-band order, or one where the object outshines the sky) takes its ``J``
+    there from the others instead of bridging the mask with its prior: a ripple of 1-2 %
+    that the prior misses is several times a faint object's light under a bright sky.
+    """
+
+    slit: np.ndarray
+    value: np.ndarray
+    sigma: np.ndarray
+    n_orders: int
+
+    def equations(self, knots: np.ndarray, degree: int, coefficients: np.ndarray,
+                  masked_slit: np.ndarray, slit_range: tuple[float, float]
+                  ) -> Equations | None:
+        """Equations ``J(x) = a J_shared(x) +- a sigma`` at the abscissae of ``J``'s
+        coefficients within the slit range of ``masked_slit`` (the masked pixels' slit
+        positions); None when there are none.
+
+        Only the shape of the shared ``J`` carries over: ``a`` is the median ratio of the
+        order's own ``J`` so far (``coefficients``) to the shared one at the abscissae
+        outside the mask, where the order's sky measures it.  (``J``'s level is shared with
+        ``G`` and so fixed only by its normalisation: the ratio of ``J`` under the mask to
+        ``J`` beside it is what sets the sky under the object.)
+        """
+        if masked_slit.size == 0:
+            return None
+        x_all = _abscissae(knots, degree)
+        lo, hi = masked_slit.min(), masked_slit.max()
+        inside = (x_all >= lo) & (x_all <= hi)
+        beside = ~inside & (x_all >= slit_range[0]) & (x_all <= slit_range[1])
+        shared = np.interp(x_all, self.slit, self.value, left=np.nan, right=np.nan)
+        own = _spline_eval(knots, coefficients, degree, x_all)
+        ratio = own[beside] / shared[beside]
+        ratio = ratio[np.isfinite(ratio) & (ratio > 0)]
+        if ratio.size == 0:
+            return None
+        a = float(np.median(ratio))
+        x = x_all[inside]
+        value = a * shared[inside]
+        sigma = a * np.interp(x, self.slit, self.sigma, left=np.nan, right=np.nan)
+        ok = np.isfinite(value) & np.isfinite(sigma) & (sigma > 0)
+        if not ok.any():
+            return None
+        x, value, sigma = x[ok], value[ok], sigma[ok]
+        jv, jf = _design(knots, degree, x)
+        return jv, jf, np.ones(x.size), value, 1.0 / sigma**2, np.zeros(x.size)
+
+
+def shared_illumination(fits: Mapping[int, OrderSkyFit]) -> SharedIllumination | None:
+    """:class:`SharedIllumination` of the orders whose ``J`` under the object came from
+    their sky lines (None when fewer than :data:`SHARED_ILLUMINATION_MIN_ORDERS`)."""
+    measured = [f for f in fits.values() if f.illumination_under_object == "lines"
+                and f.illumination_coefficients.size]
+    if len(measured) < SHARED_ILLUMINATION_MIN_ORDERS:
+        return None
+    lo = min(f.slit_range[0] for f in measured)
+    hi = max(f.slit_range[1] for f in measured)
+    grid = np.linspace(lo, hi, 241)
+    values = np.full((len(measured), grid.size), np.nan)
+    for i, f in enumerate(measured):
+        inside = (grid >= f.slit_range[0]) & (grid <= f.slit_range[1])
+        values[i, inside] = f.illumination(grid[inside])
+    count = np.isfinite(values).sum(axis=0)
+    enough = count >= SHARED_ILLUMINATION_MIN_ORDERS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value = np.nanmedian(values, axis=0)
+        scatter = 1.4826 * np.nanmedian(np.abs(values - value), axis=0)
+    sigma = np.maximum(scatter, SHARED_ILLUMINATION_FLOOR * np.abs(value))
+    return SharedIllumination(slit=grid, value=np.where(enough, value, np.nan),
+                              sigma=np.where(enough, sigma, np.nan), n_orders=len(measured))
 
 
 @dataclass
@@ -590,6 +685,13 @@ def _illumination_knots(lo: float, hi: float, degree: int, spacing: float) -> np
     return _full_knots(breaks, degree)
 
 
+def _abscissae(knots: np.ndarray, degree: int) -> np.ndarray:
+    """Greville abscissae of a B-spline basis: where each coefficient acts most."""
+    nj = knots.size - degree - 1
+    return np.array([np.mean(knots[j + 1:j + degree + 1]) if degree > 0
+                     else 0.5 * (knots[j] + knots[j + 1]) for j in range(nj)])
+
+
 def _illumination_prior(knots: np.ndarray, degree: int, lo: float, hi: float) -> np.ndarray:
     """Inverse covariance of the prior on ``J``'s coefficients: each first difference
     ``N(0, ILLUMINATION_SLOPE * h)`` (``h`` the distance of the coefficients' abscissae),
@@ -600,8 +702,7 @@ def _illumination_prior(knots: np.ndarray, degree: int, lo: float, hi: float) ->
     nj = knots.size - degree - 1
     if nj < 2:
         return np.zeros((nj, nj))
-    g = np.array([np.mean(knots[j + 1:j + degree + 1]) if degree > 0
-                  else 0.5 * (knots[j] + knots[j + 1]) for j in range(nj)])
+    g = _abscissae(knots, degree)
     d1 = np.diff(np.eye(nj), 1, axis=0)
     h = np.maximum(np.diff(g), 1e-6)
     sigma = ILLUMINATION_SLOPE * h
@@ -714,12 +815,14 @@ def _photon_scale(d: np.ndarray, var: np.ndarray) -> float:
 
 def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.ndarray,
                cand: np.ndarray, step: float, span: float, p: SkyParameters,
-               poisson_scale: np.ndarray | None = None, masked: np.ndarray | None = None
+               poisson_scale: np.ndarray | None = None, masked: np.ndarray | None = None,
+               j_reference: SharedIllumination | None = None
                ) -> tuple[OrderSkyFit, dict[str, np.ndarray]]:
     """Fit one order.  The arrays hold the order's pixels; returns the fit and, per pixel,
     ``model``, ``error``, ``used``, ``rejected`` and ``object`` (aggressive masking).
     ``masked``: the valid pixels of the object mask, whose sky lines measure ``J`` there
-    (:func:`_line_contrast`)."""
+    (:func:`_line_contrast`); where they cannot, ``j_reference`` (the other orders' ``J``)
+    does, if given."""
     k = int(p.bspline_order)
     order = np.argsort(lam, kind="stable")
     lam_s, s_s, d_s, e_s = lam[order], s[order], d[order], err[order]
@@ -902,6 +1005,7 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
     coef, chol = _solve(ab, rhs)
     sinv = _banded_inverse_band(chol)
     lines = None
+    how = ""
     if nj and masked is not None:
         # under the object J is bridged by its prior alone, unless the sky lines there
         # measure it: J from the sky pixels and the masked pixels' line contrast together,
@@ -910,6 +1014,12 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
                                var_data,
                                np.flatnonzero(masked[order] & (s_s >= s_lo) & (s_s <= s_hi)),
                                p.slit_illumination_knot_spacing)
+        how = "lines" if lines is not None else "prior"
+        if lines is None and j_reference is not None:
+            lines = j_reference.equations(
+                tj, ill_deg, cj, s_s[masked[order] & (s_s >= s_lo) & (s_s <= s_hi)],
+                (s_lo, s_hi))
+            how = "shared" if lines is not None else how
         if lines is not None:
             g_used = _evaluate(bv, bf, coef)
             hi_sky = g_used >= np.median(g_used)
@@ -950,7 +1060,8 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
                       illumination_knots=tj, illumination_coefficients=cj,
                       illumination_degree=max(ill_deg, 0), slit_range=(s_lo, s_hi),
                       n_used=int(used.size), n_rejected=int(rejected.sum()), chi2=chi2,
-                      noise_floor=float(floor), iterations=iterations)
+                      noise_floor=float(floor), iterations=iterations,
+                      illumination_under_object=how if nj and masked is not None else "")
     return fit, dict(model=unsort(model_s), error=unsort(np.sqrt(var_model)),
                      used=unsort(used_mask), rejected=unsort(rejected),
                      object=unsort(aggressive))
@@ -1177,8 +1288,8 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
             slit: np.ndarray, order_image: np.ndarray, orders: Sequence[int],
             object_mask: np.ndarray | None = None, params: SkyParameters | None = None, *,
             reject_bits: int = DEFAULT_REJECT_BITS, dispersion_axis: str | None = None,
-            threads: int | None = None, poisson_scale: np.ndarray | float | None = None
-            ) -> SkyModel:
+            threads: int | None = None, poisson_scale: np.ndarray | float | None = None,
+            share_illumination: bool = True) -> SkyModel:
     """Model the sky of a frame, order by order.
 
     Parameters
@@ -1208,6 +1319,10 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
         Variance of the data per electron of signal, per pixel (1 for a frame in
         electrons, 1 / flat after flat-fielding): the fit's weights come from the model
         through it.  Measured from ``error`` against ``data`` when not given.
+    share_illumination : bool
+        Refit the orders whose ``J`` under the object could only be bridged by its prior
+        with the ``J`` of the orders whose sky lines measured it
+        (:class:`SharedIllumination`).
 
     Returns
     -------
@@ -1251,7 +1366,7 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
     fits_out: dict[int, OrderSkyFit] = {}
     obj_in = obj_out.copy()
 
-    def one(n: int) -> None:
+    def one(n: int, j_reference: SharedIllumination | None = None) -> None:
         idx = pixels_of[int(n)]
         if idx.size == 0:
             return
@@ -1278,7 +1393,7 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
         masked = good & obj_in.ravel()[idx]
         try:
             fit, out = _fit_order(int(n), lam, s, d, e, cand, step, span, p, scale,
-                                  masked if masked.any() else None)
+                                  masked if masked.any() else None, j_reference)
         except ValueError as exc:
             log.warning("sky not modelled: %s", exc)
             return
@@ -1290,17 +1405,28 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
         obj_out.ravel()[idx] |= out["object"]
         fits_out[int(n)] = fit
 
+    from concurrent.futures import ThreadPoolExecutor
+
     from soxs_core.combine.stacking import default_threads
 
     workers = min(default_threads(threads), max(1, len(orders)))
     if workers > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(workers) as pool:
             list(pool.map(one, [int(n) for n in orders]))
     else:
         for n in orders:
             one(int(n))
+    bridged = [n for n, f in fits_out.items() if f.illumination_under_object == "prior"]
+    shared = shared_illumination(fits_out) if share_illumination and bridged else None
+    if shared is not None:
+        log.info("sky: J under the object of order(s) %s from the %d orders whose sky lines "
+                 "measure it", ", ".join(map(str, sorted(bridged))), shared.n_orders)
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(lambda n: one(n, shared), bridged))
+        else:
+            for n in bridged:
+                one(n, shared)
     fits_out = dict(sorted(fits_out.items()))
     return SkyModel(sky=sky, error=err_out, used=used, rejected=rejected,
                     object_mask=obj_out, fits=fits_out)

@@ -636,11 +636,12 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
     trace_params = objecttrace.TraceParameters.from_mapping(params.as_dict())
     half_aperture = 0.5 * params.horne_extraction_slit_length / bin_across
 
-    def fit_the_sky(frame, object_mask, params=sky_params):
+    def fit_the_sky(frame, object_mask, params=sky_params, share_illumination=True):
         model = sky.fit_sky(frame.data, frame.error, frame.qual, dm.wavelength, dm.slit,
                             dm.order, orders_on_map, object_mask=object_mask,
                             params=params, dispersion_axis=axis,
-                            poisson_scale=det.poisson_scale)
+                            poisson_scale=det.poisson_scale,
+                            share_illumination=share_illumination)
         missing = sorted(set(orders_on_map) - set(model.fits))
         if missing:
             msg = (f"{first.path.name}: no sky model in order(s) "
@@ -658,7 +659,8 @@ def reduce_stare(inputs: StareInputs, params: StareParameters,
                                           TRACE_SKY_MARGIN)
         sky_model = fit_the_sky(image, ~beside, dataclasses.replace(
             sky_params, bspline_iteration_limit=min(sky_params.bspline_iteration_limit,
-                                                    TRACE_SKY_ITERATIONS)))
+                                                    TRACE_SKY_ITERATIONS)),
+            share_illumination=False)
         del beside
         skysub = sky.subtract_sky(image, sky_model)
     else:
