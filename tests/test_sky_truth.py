@@ -43,6 +43,8 @@ CASES = {
     "xsh_nir": ("xsh_nir", "1x1", [15], {}),
     "soxs_vis": ("soxs_vis", "1x1", [4], {}),
     "soxs_nir": ("soxs_nir", "1x1", [15], {}),
+    # two J-band orders, where the 17 mag target outshines the sky's continuum 2.5 times
+    "xsh_nir_j": ("xsh_nir", "1x1", [21, 22], {}),
     # the K band's thermal order 11 (no sky lines) beside three orders with lines
     "xsh_nir_k": ("xsh_nir", "1x1", [11, 12, 13, 14], {}),
     # a target 2 mag brighter than the default, far off the slit centre
@@ -245,6 +247,31 @@ def _deviation_under(c: Case, model: S.SkyModel, n: int, mask: np.ndarray
     dev = np.array([(sky[b == j] - true[b == j]).sum() / true[b == j].sum() for j in bins])
     rel = np.array([err[b == j].mean() / true[b == j].mean() for j in bins])
     return dev, rel
+
+
+def test_sky_under_a_bright_object_core(case):
+    """X-shooter NIR's J band: the target outshines the sky between the lines at the core of
+    its profile, but the sky's lines still measure J there (a smooth continuum adds noise
+    to the line contrast, not bias).  Against the truth, under the mask of the true trace:
+    the sky summed over the mask within 0.3 % of the true sky (measured -0.05 %, +0.09 %),
+    in 0.5" slit bins an RMS below 0.5 r and no bin beyond r (r the illumination's ripple,
+    1.5 %; measured 0.3 r and 0.9 r).  With the core left to the prior (the object's light
+    at most the sky's in a usable bin, as until 2026-12-06) the sum was 1.5 % low and the
+    bins 1.9 r RMS, 4 r at worst, which puts the rows of bright OH lines 4.7 sigma high in
+    the extraction."""
+    c = case("xsh_nir_j")
+    mask = _true_trace_mask(c, half_width=10.0)
+    ripple = c.sim.illumination.ripple
+    model = c.fit(mask)
+    for n in c.orders:
+        assert model.fits[n].illumination_under_object == "lines"
+        under = c.inner(n) & mask & (c.qual == 0) & ~c.cosmic
+        total = (model.sky[under] - c.true_sky[under]).sum() / c.true_sky[under].sum()
+        assert abs(total) < 0.003, (n, total)
+        dev, _ = _deviation_under(c, model, n, mask)
+        assert dev.size >= 8, dev.size
+        assert np.sqrt(np.mean(dev**2)) < 0.5 * ripple, (n, np.sqrt(np.mean(dev**2)), ripple)
+        assert np.max(np.abs(dev)) < ripple, (n, np.max(np.abs(dev)), ripple)
 
 
 def test_an_order_without_sky_lines_takes_the_others_illumination(case):
