@@ -1012,15 +1012,12 @@ def _fit_order(n: int, lam: np.ndarray, s: np.ndarray, d: np.ndarray, err: np.nd
         # under the object J is bridged by its prior alone, unless the sky lines there
         # measure it: J from the sky pixels and the masked pixels' line contrast together,
         # then G again with that J
+        under = np.flatnonzero(masked[order] & (s_s >= s_lo) & (s_s <= s_hi))
         lines = _line_contrast(knots, k, coef, sinv, jv_all, jf_all, jv, lam_s, s_s, d_s,
-                               var_data,
-                               np.flatnonzero(masked[order] & (s_s >= s_lo) & (s_s <= s_hi)),
-                               p.slit_illumination_knot_spacing)
+                               var_data, under, p.slit_illumination_knot_spacing)
         how = "lines" if lines is not None else "prior"
         if lines is None and j_reference is not None:
-            lines = j_reference.equations(
-                tj, ill_deg, cj, s_s[masked[order] & (s_s >= s_lo) & (s_s <= s_hi)],
-                (s_lo, s_hi))
+            lines = j_reference.equations(tj, ill_deg, cj, s_s[under], (s_lo, s_hi))
             how = "shared" if lines is not None else how
         if lines is not None:
             g_used = _evaluate(bv, bf, coef)
@@ -1417,23 +1414,22 @@ def fit_sky(data: np.ndarray, error: np.ndarray, qual: np.ndarray, wavelength: n
     from soxs_core.combine.stacking import default_threads
 
     workers = min(default_threads(threads), max(1, len(orders)))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(one, [int(n) for n in orders]))
-    else:
-        for n in orders:
-            one(int(n))
+
+    def fit_each(numbers: list[int], reference: SharedIllumination | None = None) -> None:
+        if workers > 1:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(lambda n: one(n, reference), numbers))
+        else:
+            for n in numbers:
+                one(n, reference)
+
+    fit_each([int(n) for n in orders])
     bridged = [n for n, f in fits_out.items() if f.illumination_under_object == "prior"]
     shared = shared_illumination(fits_out) if share_illumination and bridged else None
     if shared is not None:
         log.info("sky: J under the object of order(s) %s from the %d orders whose sky lines "
                  "measure it", ", ".join(map(str, sorted(bridged))), shared.n_orders)
-        if workers > 1:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(lambda n: one(n, shared), bridged))
-        else:
-            for n in bridged:
-                one(n, shared)
+        fit_each(bridged, shared)
     fits_out = dict(sorted(fits_out.items()))
     return SkyModel(sky=sky, error=err_out, used=used, rejected=rejected,
                     object_mask=obj_out, fits=fits_out)

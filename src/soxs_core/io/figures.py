@@ -39,4 +39,3 @@ def few_ticks(*axes: Any, x: int = 4, y: int = 4, labelsize: float = 7) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(x))
         ax.yaxis.set_major_locator(MaxNLocator(y))
         ax.tick_params(labelsize=labelsize)
-
