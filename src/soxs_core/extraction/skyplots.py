@@ -284,6 +284,8 @@ def plot_sky_quicklook(path: str | Path, image: DetectorImage, model: Any, disp_
     -------
     Path
     """
+    from matplotlib.ticker import MaxNLocator
+
     path = Path(path)
     factor = max(1, int(np.ceil(max(image.data.shape) / max_pixels)))
     panels, sum_r2, n_r = _quicklook_panels(image, model, np.asarray(disp_map.order), factor)
@@ -299,7 +301,7 @@ def plot_sky_quicklook(path: str | Path, image: DetectorImage, model: Any, disp_
              (f"sky pixels: (frame - sky) / σ\nmean of {factor}x{factor} blocks",
               panels[3], "coolwarm", -scale, scale)]
     ratio = panels[0].shape[1] / panels[0].shape[0]
-    fig = new_figure(4 * 2.9 * max(ratio, 0.35) + 2, 7.5)
+    fig = new_figure(4 * 2.9 * max(ratio, 0.6) + 2, 7.5)
     axes = [fig.add_subplot(1, 4, k + 1) for k in range(4)]
     for ax, (label, arr, cmap, vmin, vmax) in zip(axes, specs):
         im = ax.imshow(arr, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax,
@@ -309,11 +311,12 @@ def plot_sky_quicklook(path: str | Path, image: DetectorImage, model: Any, disp_
         ax.set_xlabel("x (px)")
         few_ticks(ax, x=3, y=6, labelsize=8)
         bar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02)
-        few_ticks(bar.ax, x=2, y=6, labelsize=8)
+        bar.locator = MaxNLocator(6)     # the bar's long axis only: its short one has none
+        bar.ax.tick_params(labelsize=8)
     axes[0].set_ylabel("y (px)")
     rms = float(np.sqrt(sum_r2 / n_r)) if n_r else float("nan")
     fig.suptitle((title or "Sky subtraction quicklook")
                  + f" — sky pixels' residual rms {rms:.3f} σ", fontsize=11)
-    fig.subplots_adjust(left=0.06, right=0.97, top=0.9, bottom=0.08, wspace=0.35)
+    fig.subplots_adjust(left=0.06, right=0.95, top=0.88, bottom=0.08, wspace=0.55)
     path.parent.mkdir(parents=True, exist_ok=True)
     return save_figure(fig, path, format="pdf", dpi=100)
